@@ -1,0 +1,160 @@
+"""Write a self-contained bundle directory from a Hugging Face checkpoint.
+
+Layout::
+
+    OUT/
+      manifest.json            graph inputs/outputs, dtypes, precision, parsed config, versions
+      vision.onnx(.data)       patches -> merged image embeddings + DeepStack features
+      decoder.onnx(.data)      embeddings + MRoPE positions + KV cache -> logits
+      embed_tokens.npy         token embedding table (memory-mapped at run time)
+      tokenizer.json, chat template, preprocessor/video/generation configs, config.json (copied)
+
+Everything is written to a temporary sibling directory that is renamed to OUT only once complete,
+so an interrupted export leaves nothing that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from ..config import Qwen3VLConfig, weight_shapes
+from ..errors import UserError
+from .graph import OPSET, Graph
+from .text import build_decoder
+from .vision import build_vision
+from .weights import Checkpoint
+
+COPIED_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
+PRECISIONS = {"fp32": np.float32, "fp16": np.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id downloaded to the local cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path}: checkpoint must be a directory")
+        return path
+    if not _HUB_ID.match(str(source)) or str(source).startswith((".", "/")):
+        raise UserError(f"{path}: checkpoint directory not found")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"{source}: not a local directory, and huggingface_hub is not installed to download it") from None
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=patterns))
+    except Exception as e:  # network, auth, missing repo: all reported the same way
+        raise UserError(f"{source}: not a local directory and download failed ({type(e).__name__})") from None
+
+
+def _io(values: list[onnx.ValueInfoProto]) -> dict[str, dict]:
+    out = {}
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        out[v.name] = {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+    return out
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety, never a requirement
+        return None, lambda: None
+    bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=None)
+    return bar.update, bar.close
+
+
+def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False) -> Path:
+    """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path."""
+    t0 = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists (use --force to replace it)")
+    src = resolve_checkpoint(checkpoint)
+    cfg = Qwen3VLConfig.from_file(src / "config.json")
+    if not (src / "tokenizer.json").is_file():
+        raise UserError(f"{src}: tokenizer.json is missing")
+    weights = Checkpoint(src)
+    weights.check(weight_shapes(cfg))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        dtype = PRECISIONS[precision]
+        update, close = _progress(cfg.vision.depth, "vision ")
+        vg = Graph("qwen3vl_vision", tmp / "vision.onnx", dtype)
+        build_vision(vg, cfg.vision, weights, update)
+        vg.save()
+        close()
+        update, close = _progress(cfg.text.num_hidden_layers, "decoder")
+        dg = Graph("qwen3vl_decoder", tmp / "decoder.onnx", dtype)
+        build_decoder(dg, cfg.text, weights, cfg.tie_word_embeddings, len(cfg.vision.deepstack_visual_indexes), update)
+        dg.save()
+        close()
+        embed = weights["model.language_model.embed_tokens.weight"].astype(dtype)
+        np.save(tmp / "embed_tokens.npy", embed)
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        manifest = {
+            "format": "qwen3vl-onnx-bundle",
+            "format_version": 1,
+            "precision": precision,
+            "config": cfg.to_dict(),
+            "graphs": {
+                "vision": {"file": "vision.onnx", "inputs": _io(vg.inputs), "outputs": _io(vg.outputs)},
+                "decoder": {"file": "decoder.onnx", "inputs": _io(dg.inputs), "outputs": _io(dg.outputs)},
+            },
+            "embed_tokens": {"file": "embed_tokens.npy", "dtype": embed.dtype.name, "shape": list(embed.shape)},
+            "files": sorted(p.name for p in tmp.iterdir()),
+            "versions": {
+                "qwen3vl_onnx": __version__,
+                "onnx": onnx.__version__,
+                "opset": OPSET,
+                "checkpoint_transformers": cfg.raw.get("transformers_version"),
+            },
+            "source": str(checkpoint),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+        }
+        del embed
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():  # --force: swap only once the new bundle is complete
+            old = out.with_name(f".{out.name}.old")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,152 @@
+"""A small ONNX graph writer: ops by name, weights streamed straight to an external-data file.
+
+Graph modules call ``g.op("MatMul", x, w)`` and get the output name back, so a layer reads like
+its maths. Weights go to disk the moment they are added (page-aligned so ONNX Runtime can map
+them), which is what lets an 8B checkpoint export without holding the model in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 23
+MS_DOMAIN = "com.microsoft"
+_ALIGN = 4096
+
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+
+Shape = list[int | str]
+
+
+class Graph:
+    """Collects nodes, inputs, outputs and initializers of one ONNX model."""
+
+    def __init__(self, name: str, path: Path, weight_dtype: type = np.float32):
+        self.name = name
+        self.path = path
+        self.weight_dtype = np.dtype(weight_dtype)
+        self.data_name = path.name + ".data"
+        self._data = open(path.parent / self.data_name, "wb")
+        self._offset = 0
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+        self.uses_ms_domain = False
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, elem_type: int, shape: Shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: Shape) -> None:
+        """Expose ``value`` as graph output ``name`` (renaming through Identity when needed)."""
+        if value != name:
+            self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, name: str | None = None, **attrs) -> str | list[str]:
+        """Append a node; returns its output name (or names when ``n_out`` > 1)."""
+        domain = attrs.pop("domain", "")
+        if domain == MS_DOMAIN:
+            self.uses_ms_domain = True
+        base = name or self._fresh(op_type.lower())
+        outs = [base] if n_out == 1 else [f"{base}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype: type = np.int64) -> str:
+        """A small inline constant (shapes, axes, scalars); identical constants are shared."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self._fresh("const")
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def weight(self, name: str, arr: np.ndarray, dtype: type | None = None) -> str:
+        """Write a tensor to the external-data file now and reference it from the graph.
+
+        Stored in ``dtype`` (default: the graph's weight dtype); a float16 weight is cast back to
+        float32 in the graph so CPU kernels compute in fp32 while the file stays half size.
+        """
+        dt = np.dtype(dtype) if dtype is not None else self.weight_dtype
+        data = np.ascontiguousarray(arr, dtype=dt)
+        stored = name if dt == np.float32 or dt.kind != "f" else name + "_fp16"
+        pad = -self._offset % _ALIGN
+        if pad:
+            self._data.write(b"\0" * pad)
+            self._offset += pad
+        blob = data.tobytes()
+        self._data.write(blob)
+        t = onnx.TensorProto()
+        t.name = stored
+        t.data_type = helper.np_dtype_to_tensor_dtype(data.dtype)
+        t.dims.extend(data.shape)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(len(blob)))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self._offset += len(blob)
+        self.initializers.append(t)
+        if stored != name:
+            return self.op("Cast", stored, to=FLOAT, name=name)
+        return name
+
+    def save(self) -> None:
+        """Write the .onnx file (the data file has been written as weights arrived)."""
+        self._data.close()
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.uses_ms_domain:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen3vl-onnx")
+        model.ir_version = 10
+        onnx.save_model(model, str(self.path))
+
+    # ---- building blocks shared by the vision and text graphs ----
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        """x @ W^T + b for a torch ``nn.Linear`` weight of shape (out, in)."""
+        y = self.op("MatMul", x, self.weight(name + ".weight", w.T))
+        if b is not None:
+            y = self.op("Add", y, self.weight(name + ".bias", b, np.float32))
+        return y
+
+    def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, name: str, eps: float = 1e-6) -> str:
+        return self.op(
+            "LayerNormalization",
+            x,
+            self.weight(name + ".weight", w, np.float32),
+            self.weight(name + ".bias", b, np.float32),
+            axis=-1,
+            epsilon=eps,
+        )
+
+    def rms_norm(self, x: str, w: np.ndarray, name: str, eps: float) -> str:
+        """weight * x / sqrt(mean(x^2) + eps) over the last axis, in fp32 as transformers does."""
+        return self.op(
+            "RMSNormalization", x, self.weight(name + ".weight", w, np.float32), axis=-1, epsilon=eps
+        )
+
+    def rotate_half(self, x: str) -> str:
+        """cat(-x2, x1) along the last axis."""
+        x1, x2 = self.op("Split", x, axis=-1, num_outputs=2, n_out=2)
+        return self.op("Concat", self.op("Neg", x2), x1, axis=-1)
+
+    def rotary(self, x: str, cos: str, sin: str) -> str:
+        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", self.rotate_half(x), sin))
+
+    def gelu(self, x: str, approximate: str) -> str:
+        return self.op("Gelu", x, approximate=approximate)

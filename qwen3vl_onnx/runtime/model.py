@@ -1,0 +1,130 @@
+"""Load a bundle and run its graphs: vision encode, embedding lookup, decoder steps with a KV cache.
+
+This layer knows tensors, not chat: it is what ``verify`` and the parity tests drive directly, and
+what :mod:`qwen3vl_onnx.runtime.generate` builds the user-facing pipeline on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..config import Qwen3VLConfig
+from ..errors import UserError
+from .vision_geometry import Grid, vision_inputs
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value arrays (batch, kv_heads, length, head_dim) and the MRoPE decode delta."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    rope_delta: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    avail = ort.get_available_providers()
+    chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    except Exception as e:
+        raise UserError(f"{path}: cannot load graph ({str(e).splitlines()[0][:200]})") from None
+
+
+class BundleModel:
+    """The graphs and embedding table of one bundle directory."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.is_file():
+            raise UserError(f"{self.path}: not a bundle (manifest.json is missing)")
+        self.manifest = json.loads(mpath.read_text())
+        self.config = Qwen3VLConfig.from_manifest(self.manifest["config"])
+        files = [g["file"] for g in self.manifest["graphs"].values()] + [self.manifest["embed_tokens"]["file"]]
+        for f in files:
+            if not (self.path / f).is_file():
+                raise UserError(f"{self.path}: bundle is incomplete, {f} is missing")
+        self.vision = _session(self.path / "vision.onnx", providers, threads)
+        self.decoder = _session(self.path / "decoder.onnx", providers, threads)
+        self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
+        self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
+
+    def encode_images(self, pixel_values: np.ndarray, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
+        """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images."""
+        embeds, deepstack = self.vision.run(None, vision_inputs(self.config.vision, pixel_values, grids))
+        return embeds, deepstack
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        t = self.config.text
+        empty = lambda: np.zeros((batch, t.num_key_value_heads, 0, t.head_dim), np.float32)  # noqa: E731
+        n = t.num_hidden_layers
+        return KVCache([empty() for _ in range(n)], [empty() for _ in range(n)])
+
+    def forward(
+        self,
+        embeds: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+        visual_index: np.ndarray | None = None,
+        deepstack: np.ndarray | None = None,
+        logits_to_keep: int = 1,
+    ) -> np.ndarray:
+        """Run the decoder on (B, S, D) embeddings; appends to ``cache`` and returns logits."""
+        d = self.config.text.hidden_size
+        if visual_index is None:
+            visual_index = np.zeros((0, 2), np.int64)
+            deepstack = np.zeros((self.num_deepstack, 0, d), np.float32)
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "visual_index": visual_index,
+            "deepstack_embeds": deepstack,
+            "logits_to_keep": np.array([logits_to_keep], np.int64),
+        }
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            feeds[f"past_key.{i}"] = k
+            feeds[f"past_value.{i}"] = v
+        out = self.decoder.run(None, feeds)
+        n = self.config.text.num_hidden_layers
+        names = [o.name for o in self.decoder.get_outputs()]
+        res = dict(zip(names, out))
+        cache.keys = [res[f"present_key.{i}"] for i in range(n)]
+        cache.values = [res[f"present_value.{i}"] for i in range(n)]
+        return res["logits"]
+
+    def prefill_inputs(
+        self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Embeddings with image features in the image/video-pad rows, plus DeepStack row indices."""
+        cfg = self.config
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        embeds = self.embed(ids_arr)
+        pads = np.flatnonzero((ids_arr == cfg.image_token_id) | (ids_arr == cfg.video_token_id))
+        if image_embeds is None:
+            if len(pads):
+                raise UserError(f"prompt has {len(pads)} image pad tokens but no images were given")
+            return embeds[None], None, None
+        if len(pads) != len(image_embeds):
+            raise UserError(f"prompt has {len(pads)} image pad tokens but the images give {len(image_embeds)} features")
+        embeds[pads] = image_embeds
+        visual_index = np.stack([np.zeros_like(pads), pads], axis=1)
+        return embeds[None], visual_index, deepstack

@@ -1,0 +1,102 @@
+"""Everything about the vision tower that depends on grid sizes, computed in numpy on the host.
+
+The vision graph has only dynamic lengths; these arrays tell it, per patch, which position-table
+rows to blend, how to rotate, and which image (or video frame) it may attend to. Patch order is the
+processor's: per frame, 2x2 merge blocks in raster order, each block's 4 patches in raster order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..config import VisionConfig
+
+Grid = tuple[int, int, int]  # (t, h, w) in patches
+
+
+def patch_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each patch of one frame, in merge-block order."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    shape = (h // merge, merge, w // merge, merge)
+    return rows.reshape(shape).transpose(0, 2, 1, 3).ravel(), cols.reshape(shape).transpose(0, 2, 1, 3).ravel()
+
+
+def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear taps (floor, floor+1) and weights for align_corners=True resampling to ``size``."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    lo = np.floor(src)
+    taps = np.stack([lo, lo + 1], axis=1).astype(np.int64).clip(0, side - 1)
+    frac = src - lo
+    return taps, np.stack([1 - frac, frac], axis=1).astype(np.float32)
+
+
+def position_taps(cfg: VisionConfig, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) rows of the learned position table and their bilinear weights, per patch."""
+    side = cfg.num_grid_per_side
+    idx, wts = [], []
+    for t, h, w in grids:
+        rows, cols = patch_rows_cols(h, w, cfg.spatial_merge_size)
+        ht, hw = _axis_taps(rows, h, side)
+        wt, ww = _axis_taps(cols, w, side)
+        i = (ht[:, :, None] * side + wt[:, None, :]).reshape(-1, 4)
+        v = (hw[:, :, None] * ww[:, None, :]).reshape(-1, 4)
+        idx.append(np.tile(i, (t, 1)))
+        wts.append(np.tile(v, (t, 1)))
+    return np.concatenate(idx), np.concatenate(wts)
+
+
+def rotary(cfg: VisionConfig, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, head_dim) cos and sin of the 2-D rotary: row angles then column angles, twice."""
+    quarter = cfg.head_dim // 2
+    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, quarter, 2, dtype=np.float32) / quarter))).astype(np.float32)
+    ang = []
+    for t, h, w in grids:
+        rows, cols = patch_rows_cols(h, w, cfg.spatial_merge_size)
+        a = np.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=1).astype(np.float32)
+        ang.append(np.tile(a, (t, 1)))
+    a = np.concatenate(ang)
+    a = np.concatenate([a, a], axis=1)
+    return np.cos(a), np.sin(a)
+
+
+def attention_blocks(grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gather indices (B, L), additive key mask (B, L) and scatter indices (N,) for block attention.
+
+    Each frame of each image attends only to itself (transformers' ``cu_seqlens``). Blocks are padded
+    to the longest one; padded slots repeat patch 0 and are masked out as keys and dropped as queries.
+    """
+    lengths = [h * w for t, h, w in grids for _ in range(t)]
+    longest = max(lengths)
+    gather = np.zeros((len(lengths), longest), dtype=np.int64)
+    mask = np.full((len(lengths), longest), np.finfo(np.float32).min, dtype=np.float32)
+    scatter = np.empty(sum(lengths), dtype=np.int64)
+    start = 0
+    for b, n in enumerate(lengths):
+        gather[b, :n] = np.arange(start, start + n)
+        mask[b, :n] = 0.0
+        scatter[start : start + n] = b * longest + np.arange(n)
+        start += n
+    return gather, mask, scatter
+
+
+def vision_inputs(cfg: VisionConfig, pixel_values: np.ndarray, grids: Sequence[Grid]) -> dict[str, np.ndarray]:
+    """All inputs of the vision graph for a batch of images/videos already patchified."""
+    grids = [tuple(int(x) for x in g) for g in grids]
+    expected = sum(t * h * w for t, h, w in grids)
+    if pixel_values.shape != (expected, cfg.patch_dim):
+        raise ValueError(f"pixel_values has shape {pixel_values.shape}, grids need ({expected}, {cfg.patch_dim})")
+    idx, wts = position_taps(cfg, grids)
+    cos, sin = rotary(cfg, grids)
+    gather, mask, scatter = attention_blocks(grids)
+    return {
+        "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
+        "pos_indices": idx,
+        "pos_weights": wts,
+        "rotary_cos": cos,
+        "rotary_sin": sin,
+        "attn_gather": gather,
+        "attn_mask": mask,
+        "attn_scatter": scatter,
+    }
