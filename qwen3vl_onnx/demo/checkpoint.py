@@ -1,0 +1,130 @@
+"""A small random-weight Qwen3-VL checkpoint of the real architecture, built without PyTorch.
+
+No weights can be downloaded here, so the demo makes its own: the released layout (config.json in
+the transformers 4.57 form, bf16 safetensors, the real Qwen tokenizer, a Qwen3-VL chat template and
+processor configs) with random values. Its answers are meaningless; everything else is real.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Qwen3VLConfig, weight_shapes
+from ..export.weights import save_safetensors
+from .tokenizer import write_tokenizer_files
+
+DEMO_CONFIG = {
+    "architectures": ["Qwen3VLForConditionalGeneration"],
+    "model_type": "qwen3_vl",
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "text_config": {
+        "model_type": "qwen3_vl_text",
+        "vocab_size": 151936,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 262144,
+        "rope_theta": 5000000,
+        "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+    "vision_config": {
+        "model_type": "qwen3_vl",
+        "depth": 4,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 4,
+        "out_hidden_size": 128,
+        "deepstack_visual_indexes": [1, 2],
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "initializer_range": 0.02,
+    },
+}
+PREPROCESSOR = {
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_resize": True,
+    "do_convert_rgb": True,
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "processor_class": "Qwen3VLProcessor",
+}
+VIDEO_PREPROCESSOR = {
+    **PREPROCESSOR,
+    "size": {"shortest_edge": 4096, "longest_edge": 25165824},
+    "fps": 2,
+    "video_processor_type": "Qwen3VLVideoProcessor",
+}
+GENERATION = {
+    "bos_token_id": 151643,
+    "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+}
+
+
+def chat_template() -> str:
+    return resources.files(__package__).joinpath("chat_template.jinja").read_text()
+
+
+def sample_image_path() -> Path:
+    return Path(str(resources.files(__package__).joinpath("sample.png")))
+
+
+def random_weights(cfg: Qwen3VLConfig, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint: norms at one, biases at zero, the rest N(0, std)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in weight_shapes(cfg).items():
+        if "norm" in name and name.endswith("weight"):
+            out[name] = np.ones(shape, np.float32)
+        elif name.endswith("bias"):
+            out[name] = np.zeros(shape, np.float32)
+        else:
+            out[name] = rng.standard_normal(shape, dtype=np.float32) * std
+    return out
+
+
+def write_checkpoint(directory: Path, config: dict | None = None, seed: int = 0) -> Path:
+    """Write a complete Hugging Face-layout checkpoint directory."""
+    config = config or DEMO_CONFIG
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = Qwen3VLConfig.from_dict(config)
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    save_safetensors(directory / "model.safetensors", random_weights(cfg, seed), bf16=True)
+    write_tokenizer_files(directory, chat_template())
+    (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
+    (directory / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=1))
+    (directory / "generation_config.json").write_text(json.dumps(GENERATION, indent=1))
+    return directory

@@ -1,0 +1,95 @@
+"""OpenAI-style messages -> the checkpoint's own chat template -> prompt text plus images in order.
+
+The template is the one shipped with the checkpoint (``chat_template.jinja``, ``chat_template.json``
+or ``tokenizer_config.json``), rendered with the same Jinja settings transformers uses, so a
+Thinking or Instruct checkpoint formats prompts the way it was trained.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from PIL import Image
+
+from ..errors import UserError
+from .preprocess import ImageLike
+
+
+def load_chat_template(directory: Path) -> str:
+    """Find the chat template in a checkpoint or bundle directory."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        p = directory / name
+        if p.is_file():
+            tpl = json.loads(p.read_text()).get("chat_template")
+            if isinstance(tpl, list):  # named templates: take the default one
+                tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+            if tpl:
+                return tpl
+    raise UserError(f"{directory}: no chat template found (chat_template.jinja/json or tokenizer_config.json)")
+
+
+def _raise(message: str) -> None:
+    raise UserError(f"chat template: {message}")
+
+
+def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    except jinja2.TemplateError as e:
+        raise UserError(f"chat template failed to render: {e}") from None
+
+
+def _image_from_url(url: str) -> ImageLike:
+    if url.startswith("data:"):
+        try:
+            return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        except Exception:
+            raise UserError("image data URL could not be decoded") from None
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    if url.startswith(("http://", "https://")):
+        raise UserError(f"{url}: remote image URLs are not fetched; download the image and pass its path")
+    return url
+
+
+def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[ImageLike]]:
+    """Messages for the template (images as placeholders) and the images in prompt order."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError("messages must be a non-empty list")
+    out, images = [], []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise UserError("each message needs a role")
+        content = m.get("content", "")
+        if isinstance(content, str):
+            out.append({**m, "content": content})
+            continue
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append({"type": "text", "text": str(part.get("text", ""))})
+            elif kind == "image" or (kind is None and isinstance(part, dict) and "image" in part):
+                images.append(part.get("image") if part.get("image") is not None else part.get("path"))
+                parts.append({"type": "image"})
+            elif kind == "image_url":
+                url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+                images.append(_image_from_url(url))
+                parts.append({"type": "image"})
+            else:
+                raise UserError(f"unsupported message content part: {kind!r}")
+        out.append({**m, "content": parts})
+    return out, images

@@ -1,0 +1,207 @@
+"""The user-facing pipeline: messages with images in, text out (streamed or whole).
+
+``Pipeline.from_bundle(dir).generate(messages, ...)`` renders the checkpoint's chat template,
+preprocesses images, expands each image pad to its token count, computes MRoPE positions, encodes
+all images in one vision call, prefills, then decodes with the KV cache until an end-of-turn id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from ..errors import UserError
+from .chat import load_chat_template, render, split_messages
+from .model import BundleModel
+from .positions import rope_index
+from .preprocess import ImageProcessorConfig, preprocess_images
+from .sampling import sample
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+            "timings": self.timings,
+        }
+
+
+@dataclass
+class Prompt:
+    """A tokenized prompt with its images already preprocessed."""
+
+    ids: list[int]
+    pixel_values: np.ndarray | None
+    grids: list[tuple[int, int, int]]
+
+
+class Detokenizer:
+    """Turns a growing list of ids into text deltas, holding back split multi-byte characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window decoded for context
+        self.read = 0  # ids before this have been emitted
+        self.emitted = 0  # characters handed out so far
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            self.emitted += len(after) - len(before)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever was held back (an incomplete character at the very end)."""
+        rest = self.text()[self.emitted :]
+        self.emitted += len(rest)
+        return rest
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class Stream:
+    """Iterator of text deltas; ``result`` is set once it is exhausted."""
+
+    def __init__(self, events: Iterator[str | Result]):
+        self._events = events
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for ev in self._events:
+            if isinstance(ev, Result):
+                self.result = ev
+            elif ev:
+                yield ev
+
+
+class Pipeline:
+    def __init__(self, model: BundleModel, context_length: int | None = None):
+        self.model = model
+        self.config = model.config
+        path = model.path
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.chat_template = load_chat_template(path)
+        self.image_config = ImageProcessorConfig.from_file(path / "preprocessor_config.json")
+        gen = path / "generation_config.json"
+        self.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
+        eos = self.generation_config.get("eos_token_id", self.tokenizer.token_to_id("<|im_end|>"))
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.context_length = context_length or self.config.text.max_position_embeddings
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+                    context_length: int | None = None) -> Pipeline:  # fmt: skip
+        return cls(BundleModel(path, providers, threads), context_length)
+
+    # ---- prompt ----
+
+    def prepare(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:
+        tmpl_messages, images = split_messages(messages)
+        text = render(self.chat_template, tmpl_messages, add_generation_prompt)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        img_id = self.config.image_token_id
+        n_pads = sum(1 for i in ids if i == img_id)
+        if n_pads != len(images):
+            raise UserError(f"chat template produced {n_pads} image markers for {len(images)} images")
+        if not images:
+            return Prompt(ids, None, [])
+        pixel_values, grids = preprocess_images(images, self.image_config)
+        merge2 = self.image_config.merge_size**2
+        counts = iter(t * h * w // merge2 for t, h, w in grids)
+        expanded: list[int] = []
+        for i in ids:
+            expanded.extend([img_id] * next(counts) if i == img_id else [i])
+        return Prompt(expanded, pixel_values, grids)
+
+    # ---- generation ----
+
+    def generate(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stream: bool = False,
+                 ignore_eos: bool = False) -> Result | Stream:  # fmt: skip
+        """Answer ``messages``; returns a :class:`Result`, or a :class:`Stream` of text deltas."""
+        g = self.generation_config
+        if temperature is None:
+            temperature = float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0
+        top_p = float(g.get("top_p", 1.0)) if top_p is None else top_p
+        top_k = int(g.get("top_k", 0)) if top_k is None else top_k
+        events = self._run(messages, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+        if stream:
+            return Stream(events)
+        for ev in events:
+            if isinstance(ev, Result):
+                return ev
+        raise RuntimeError("generation ended without a result")
+
+    def _run(self, messages, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos) -> Iterator[str | Result]:
+        t0 = time.perf_counter()
+        prompt = self.prepare(messages)
+        n = len(prompt.ids)
+        if n >= self.context_length:
+            raise UserError(f"prompt is {n} tokens, the context holds {self.context_length}")
+        max_new_tokens = min(max_new_tokens, self.context_length - n)
+        t_pre = time.perf_counter()
+        m, cfg = self.model, self.config
+        image_embeds = deepstack = None
+        if prompt.pixel_values is not None:
+            image_embeds, deepstack = m.encode_images(prompt.pixel_values, prompt.grids)
+        t_vis = time.perf_counter()
+        pos, delta = rope_index(prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids, (), cfg.vision.spatial_merge_size)
+        embeds, vis_index, ds = m.prefill_inputs(prompt.ids, image_embeds, deepstack)
+        cache = m.new_cache()
+        logits = m.forward(embeds, pos[:, None, :], cache, vis_index, ds)[0, -1]
+        rng = np.random.default_rng(seed)
+        detok = Detokenizer(self.tokenizer)
+        t_first = t_prefill = time.perf_counter()
+        finish = "length"
+        for step in range(max_new_tokens):
+            tok = sample(logits, rng, temperature, top_k, top_p)
+            if step == 0:
+                t_first = time.perf_counter()
+            if tok in self.eos_ids and not ignore_eos:
+                finish = "stop"
+                break
+            yield detok.push(tok)
+            if step == max_new_tokens - 1:
+                break
+            p = n + step + delta
+            logits = m.forward(m.embed([tok])[None], np.full((3, 1, 1), p, np.int64), cache)[0, -1]
+        yield detok.flush()
+        t_end = time.perf_counter()
+        k = len(detok.ids)
+        decode_s = t_end - t_first
+        timings = {
+            "preprocess_s": t_pre - t0,
+            "vision_s": t_vis - t_pre,
+            "prefill_s": t_prefill - t_vis,
+            "ttft_s": t_first - t0,
+            "decode_s": decode_s,
+            "total_s": t_end - t0,
+            "prefill_tok_per_s": n / max(t_prefill - t_vis, 1e-9),
+            "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else 0.0,
+        }
+        yield Result(detok.text(), list(detok.ids), n, k, finish, {a: round(b, 4) for a, b in timings.items()})

@@ -1,0 +1,82 @@
+"""Side-by-side check of a bundle against transformers (needs the optional ``torch`` extra).
+
+Both sides see the same token ids and pixel values (from this package's processor). Reported:
+max |logit difference| over the prefill, over a few greedy decode steps (the bundle is fed the
+tokens transformers chose, so one early disagreement cannot hide later ones), and how many greedy
+tokens agree. This is what a user runs to trust an export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .runtime.generate import Pipeline
+from .runtime.positions import rope_index
+
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+
+
+@dataclass
+class Report:
+    prefill_max_abs: float
+    decode_max_abs: float
+    tokens_agree: int
+    tokens_total: int
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return max(self.prefill_max_abs, self.decode_max_abs) <= self.tolerance and self.tokens_agree == self.tokens_total
+
+
+def load_reference(checkpoint: Path):
+    try:
+        import torch
+        from transformers import Qwen3VLForConditionalGeneration
+    except ImportError:
+        raise UserError("verify needs torch and transformers: pip install 'qwen3vl-onnx[torch]'") from None
+    torch.set_grad_enabled(False)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def verify(checkpoint: str | Path, bundle: str | Path, images: list[str], prompt: str, steps: int = 8,
+           tolerance: float | None = None) -> Report:  # fmt: skip
+    import torch
+
+    from .export.bundle import resolve_checkpoint
+
+    pipe = Pipeline.from_bundle(bundle)
+    ref = load_reference(resolve_checkpoint(checkpoint))
+    content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": prompt}]
+    p = pipe.prepare([{"role": "user", "content": content}])
+    ids = torch.tensor([p.ids])
+    cfg = pipe.config
+    kwargs = {"mm_token_type_ids": (ids == cfg.image_token_id).long()}
+    if p.pixel_values is not None:
+        kwargs.update(pixel_values=torch.from_numpy(p.pixel_values), image_grid_thw=torch.tensor(p.grids))
+    ref_prefill = ref(input_ids=ids, **kwargs).logits[0].numpy()
+    out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                       do_sample=False, output_logits=True, return_dict_in_generate=True, **kwargs)  # fmt: skip
+    ref_tokens = out.sequences[0, len(p.ids) :].tolist()
+    ref_logits = [lg[0].numpy() for lg in out.logits]
+
+    m = pipe.model
+    emb, ds = m.encode_images(p.pixel_values, p.grids) if p.pixel_values is not None else (None, None)
+    pos, delta = rope_index(p.ids, cfg.image_token_id, cfg.video_token_id, p.grids, (), cfg.vision.spatial_merge_size)
+    embeds, vis, dsf = m.prefill_inputs(p.ids, emb, ds)
+    cache = m.new_cache()
+    logits = m.forward(embeds, pos[:, None, :], cache, vis, dsf, logits_to_keep=len(p.ids))[0]
+    prefill_diff = float(np.abs(logits - ref_prefill).max())
+    decode_diff, agree, last = 0.0, 0, logits[-1]
+    for step, tok in enumerate(ref_tokens):
+        decode_diff = max(decode_diff, float(np.abs(last - ref_logits[step]).max()))
+        agree += int(np.argmax(last)) == tok
+        pos_t = np.full((3, 1, 1), len(p.ids) + step + delta, np.int64)
+        last = m.forward(m.embed([tok])[None], pos_t, cache)[0, -1]
+    tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(m.manifest["precision"], 1e-3)
+    return Report(prefill_diff, decode_diff, agree, len(ref_tokens), tol)
