@@ -1,0 +1,145 @@
+"""Tiny random Qwen3-VL checkpoints built with transformers, and bundles exported from them.
+
+Geometries differ where bugs hide: tied vs untied lm_head, GQA ratio (2, 4, 1), DeepStack layer
+lists (including an unsorted one), vision depth. Weights use a wide init (std 0.1) so logits are
+O(1-10) and a 1e-4 absolute tolerance means something.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template
+from qwen3vl_onnx.demo.tokenizer import write_tokenizer_files
+from qwen3vl_onnx.export.bundle import export
+
+# Small pixel budget so test images give tens of tokens, not hundreds.
+TEST_PREPROCESSOR = {
+    "size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 48},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+GEOMETRIES = {
+    "tied_gqa2": dict(tie=True, heads=4, kv=2, layers=3, depth=3, deepstack=[0, 1]),
+    "untied_gqa4": dict(tie=False, heads=4, kv=1, layers=4, depth=4, deepstack=[1, 2, 3]),
+    "tied_mha_unsorted": dict(tie=True, heads=2, kv=2, layers=2, depth=3, deepstack=[2, 0]),
+}
+
+
+def hf_config(g: dict, max_positions: int = 4096) -> dict:
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "tie_word_embeddings": g["tie"],
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": 151936,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": g["layers"],
+            "num_attention_heads": g["heads"],
+            "num_key_value_heads": g["kv"],
+            "head_dim": 32,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            "max_position_embeddings": max_positions,
+            "initializer_range": 0.1,
+            "tie_word_embeddings": g["tie"],
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision",
+            "depth": g["depth"],
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "deepstack_visual_indexes": g["deepstack"],
+            "num_position_embeddings": 2304,
+            "initializer_range": 0.1,
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer_files(d, chat_template())
+    return d
+
+
+def build_checkpoint(directory: Path, geometry: dict, tokenizer_dir: Path, seed: int = 0, bf16: bool = False) -> Path:
+    """save_pretrained a random transformers model plus tokenizer/processor files."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**hf_config(geometry)))
+    if bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(directory)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    (directory / "preprocessor_config.json").write_text(json.dumps(TEST_PREPROCESSOR))
+    (directory / "generation_config.json").write_text(json.dumps(GENERATION))
+    return directory
+
+
+class Tiny:
+    """A checkpoint, its fp32 bundle, and the transformers model loaded from the checkpoint."""
+
+    def __init__(self, root: Path, name: str, tokenizer_dir: Path):
+        import torch
+        from transformers import Qwen3VLForConditionalGeneration
+
+        self.name = name
+        self.checkpoint = build_checkpoint(root / "ckpt", GEOMETRIES[name], tokenizer_dir)
+        self.bundle = export(self.checkpoint, root / "bundle")
+        torch.set_grad_enabled(False)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+            str(self.checkpoint), dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+
+
+@pytest.fixture(scope="session", params=list(GEOMETRIES))
+def tiny(request, tmp_path_factory, tokenizer_files) -> Tiny:
+    return Tiny(tmp_path_factory.mktemp(request.param), request.param, tokenizer_files)
+
+
+@pytest.fixture(scope="session")
+def tiny_one(tmp_path_factory, tokenizer_files) -> Tiny:
+    """One geometry for tests that need a model but not every geometry."""
+    return Tiny(tmp_path_factory.mktemp("one"), "tied_gqa2", tokenizer_files)
+
+
+def picture(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A deterministic noisy picture with a few flat regions (so resizing has edges to get right)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    arr[: height // 3, : width // 2] = (200, 30, 30, 255)
+    img = Image.fromarray(arr, "RGBA")
+    return img if mode == "RGBA" else img.convert(mode)
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in a subprocess, as a user would."""
+    import subprocess
+
+    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "qwen3vl_onnx.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+    return run
