@@ -1,0 +1,48 @@
+"""Cached decoding must equal one full forward: the invariant the whole generation loop rests on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qwen3vl_onnx.runtime.generate import Pipeline
+from qwen3vl_onnx.runtime.positions import rope_index
+
+from .conftest import picture
+
+
+def test_token_by_token_equals_full_forward(tiny_one):
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    m, cfg = pipe.model, pipe.config
+    msgs = [{"role": "user", "content": [{"type": "image", "image": picture(64, 96)}, {"type": "text", "text": "Hi there"}]}]
+    prompt = pipe.prepare(msgs)
+    emb, ds = m.encode_images(prompt.pixel_values, prompt.grids)
+    pos, _ = rope_index(prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids)
+    extra = [11, 22, 33, 44, 55]
+    ids = prompt.ids + extra
+    n = len(prompt.ids)
+    full_pos = np.concatenate([pos, pos[:, -1:] + 1 + np.arange(len(extra))], axis=1)
+
+    embeds, vis, dsf = m.prefill_inputs(ids, emb, ds)
+    full = m.forward(embeds, full_pos[:, None, :], m.new_cache(), vis, dsf, logits_to_keep=len(ids))[0]
+
+    # Prefill the prompt in two chunks (the image straddles nothing: chunk at the text boundary), then one token at a time.
+    cache = m.new_cache()
+    p_embeds, p_vis, p_ds = m.prefill_inputs(prompt.ids, emb, ds)
+    step_logits = [m.forward(p_embeds, pos[:, None, :], cache, p_vis, p_ds, logits_to_keep=n)[0]]
+    for j, tok in enumerate(extra):
+        step_logits.append(m.forward(m.embed([tok])[None], full_pos[:, None, n + j : n + j + 1], cache)[0])
+    assert cache.length == len(ids)
+    np.testing.assert_allclose(np.concatenate(step_logits), full, atol=1e-4, rtol=0)
+
+
+def test_text_only_each_token(tiny_one):
+    m = Pipeline.from_bundle(tiny_one.bundle).model
+    ids = [9707, 11, 1879, 0, 151645, 198, 42]
+    pos, _ = rope_index(ids, 151655, 151656)
+    full = m.forward(m.embed(ids)[None], pos[:, None, :], m.new_cache(), logits_to_keep=len(ids))[0]
+    cache = m.new_cache()
+    steps = [m.forward(m.embed([t])[None], pos[:, None, i : i + 1], cache)[0] for i, t in enumerate(ids)]
+    np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4, rtol=0)
+    # logits_to_keep=1 returns exactly the last row of the full forward
+    last = m.forward(m.embed(ids)[None], pos[:, None, :], m.new_cache(), logits_to_keep=1)[0]
+    np.testing.assert_allclose(last[0], full[-1], atol=1e-5, rtol=0)
