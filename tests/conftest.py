@@ -140,6 +140,8 @@ def cli():
     import subprocess
 
     def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "qwen3vl_onnx.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "qwen3vl_onnx.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+        )
 
     return run

@@ -103,10 +103,14 @@ def test_bf16_checkpoint_and_fp16_bundle(tmp_path, tokenizer_files):
         pipe = Pipeline.from_bundle(export(ckpt, tmp_path / precision, precision=precision))
         prompt = pipe.prepare(_messages([picture(64, 64, seed=9)]))
         ids = torch.tensor([prompt.ids])
-        ref = ref_model(
-            input_ids=ids,
-            pixel_values=torch.from_numpy(prompt.pixel_values),
-            image_grid_thw=torch.tensor(prompt.grids),
-            mm_token_type_ids=(ids == 151655).long(),
-        ).logits[0].numpy()
+        ref = (
+            ref_model(
+                input_ids=ids,
+                pixel_values=torch.from_numpy(prompt.pixel_values),
+                image_grid_thw=torch.tensor(prompt.grids),
+                mm_token_type_ids=(ids == 151655).long(),
+            )
+            .logits[0]
+            .numpy()
+        )
         np.testing.assert_allclose(_onnx_logits(pipe, prompt), ref, atol=tol, rtol=0)

@@ -147,6 +147,9 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         }
         del embed
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
         if out.exists():  # --force: swap only once the new bundle is complete
             old = out.with_name(f".{out.name}.old")
             os.rename(out, old)

@@ -136,9 +136,7 @@ class Graph:
 
     def rms_norm(self, x: str, w: np.ndarray, name: str, eps: float) -> str:
         """weight * x / sqrt(mean(x^2) + eps) over the last axis, in fp32 as transformers does."""
-        return self.op(
-            "RMSNormalization", x, self.weight(name + ".weight", w, np.float32), axis=-1, epsilon=eps
-        )
+        return self.op("RMSNormalization", x, self.weight(name + ".weight", w, np.float32), axis=-1, epsilon=eps)
 
     def rotate_half(self, x: str) -> str:
         """cat(-x2, x1) along the last axis."""

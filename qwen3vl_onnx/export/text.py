@@ -46,9 +46,7 @@ def decoder_io(cfg: TextConfig, num_deepstack: int) -> tuple[dict, dict]:
     return ins, outs
 
 
-def build_decoder(
-    g: Graph, cfg: TextConfig, w: Mapping[str, np.ndarray], tied: bool, num_deepstack: int, progress=None
-) -> None:
+def build_decoder(g: Graph, cfg: TextConfig, w: Mapping[str, np.ndarray], tied: bool, num_deepstack: int, progress=None) -> None:
     """Emit the decoder into ``g``; ``w`` maps HF tensor names to float32 arrays."""
     io_in, io_out = decoder_io(cfg, num_deepstack)
     ins = {name: g.input(name, t, shape) for name, (t, shape) in io_in.items()}
@@ -92,7 +90,11 @@ def build_decoder(
         kt = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const([2]))
         scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, kt), scale), mask)
         o = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", v, g.const([2])))
-        o = g.op("Reshape", g.op("Transpose", g.op("Reshape", o, g.const([0, heads, -1, hd])), perm=[0, 2, 1, 3]), g.const([0, 0, heads * hd]))
+        o = g.op(
+            "Reshape",
+            g.op("Transpose", g.op("Reshape", o, g.const([0, heads, -1, hd])), perm=[0, 2, 1, 3]),
+            g.const([0, 0, heads * hd]),
+        )
         return g.linear(o, w[b + "o_proj.weight"], bias("o_proj"), b + "o_proj")
 
     def mlp(h: str, i: int) -> str:

@@ -68,8 +68,10 @@ def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progr
 
     def merger(h: str, prefix: str, postshuffle: bool) -> str:
         norm = lambda t: g.layer_norm(t, w[prefix + "norm.weight"], w[prefix + "norm.bias"], prefix + "norm")  # noqa: E731
-        h = norm(g.op("Reshape", h, g.const([-1, cfg.merged_hidden_size]))) if postshuffle else g.op(
-            "Reshape", norm(h), g.const([-1, cfg.merged_hidden_size])
+        h = (
+            norm(g.op("Reshape", h, g.const([-1, cfg.merged_hidden_size])))
+            if postshuffle
+            else g.op("Reshape", norm(h), g.const([-1, cfg.merged_hidden_size]))
         )
         h = g.linear(h, w[prefix + "linear_fc1.weight"], w[prefix + "linear_fc1.bias"], prefix + "linear_fc1")
         h = g.gelu(h, "none")

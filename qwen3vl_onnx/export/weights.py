@@ -58,9 +58,7 @@ class SafetensorsFile:
         size = path.stat().st_size
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > size:
-            raise UserError(
-                f"{path}: truncated safetensors file ({size} bytes, header needs {self.data_start + end})"
-            )
+            raise UserError(f"{path}: truncated safetensors file ({size} bytes, header needs {self.data_start + end})")
         self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
 
     def get(self, name: str) -> np.ndarray:
@@ -124,9 +122,7 @@ class Checkpoint(Mapping[str, np.ndarray]):
             if name not in self._where:
                 raise UserError(f"{self.directory}: weight {name} is missing from the checkpoint")
             if self.shape(name) != tuple(shape):
-                raise UserError(
-                    f"{self.directory}: weight {name} has shape {list(self.shape(name))}, config says {list(shape)}"
-                )
+                raise UserError(f"{self.directory}: weight {name} has shape {list(self.shape(name))}, config says {list(shape)}")
 
 
 def save_safetensors(path: Path, tensors: Mapping[str, np.ndarray], bf16: bool = True) -> None:

@@ -170,7 +170,9 @@ class Pipeline:
         if prompt.pixel_values is not None:
             image_embeds, deepstack = m.encode_images(prompt.pixel_values, prompt.grids)
         t_vis = time.perf_counter()
-        pos, delta = rope_index(prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids, (), cfg.vision.spatial_merge_size)
+        pos, delta = rope_index(
+            prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids, (), cfg.vision.spatial_merge_size
+        )
         embeds, vis_index, ds = m.prefill_inputs(prompt.ids, image_embeds, deepstack)
         cache = m.new_cache()
         logits = m.forward(embeds, pos[:, None, :], cache, vis_index, ds)[0, -1]

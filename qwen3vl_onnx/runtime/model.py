@@ -100,13 +100,13 @@ class BundleModel:
             "deepstack_embeds": deepstack,
             "logits_to_keep": np.array([logits_to_keep], np.int64),
         }
-        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
             feeds[f"past_key.{i}"] = k
             feeds[f"past_value.{i}"] = v
         out = self.decoder.run(None, feeds)
         n = self.config.text.num_hidden_layers
         names = [o.name for o in self.decoder.get_outputs()]
-        res = dict(zip(names, out))
+        res = dict(zip(names, out, strict=True))
         cache.keys = [res[f"present_key.{i}"] for i in range(n)]
         cache.values = [res[f"present_value.{i}"] for i in range(n)]
         return res["logits"]
