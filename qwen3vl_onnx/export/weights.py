@@ -125,13 +125,15 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 raise UserError(f"{self.directory}: weight {name} has shape {list(self.shape(name))}, config says {list(shape)}")
 
 
-def save_safetensors(path: Path, tensors: Mapping[str, np.ndarray], bf16: bool = True) -> None:
-    """Write a safetensors file (float tensors as bf16 when asked, like released checkpoints)."""
+def save_safetensors(path: Path, tensors: Mapping[str, np.ndarray], bf16: bool = True, fp16: bool = False) -> None:
+    """Write a safetensors file: float tensors as bf16 (like released checkpoints), fp16 or fp32."""
     header: dict[str, dict] = {}
     blobs = []
     offset = 0
     for name, arr in tensors.items():
-        if arr.dtype.kind == "f" and bf16:
+        if arr.dtype.kind == "f" and fp16:
+            data, dtype = np.ascontiguousarray(arr, dtype=np.float16), "F16"
+        elif arr.dtype.kind == "f" and bf16:
             data, dtype = f32_to_bf16(arr), "BF16"
         else:
             data = np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype.kind == "f" else arr.dtype)

@@ -8,6 +8,7 @@ Thinking or Instruct checkpoint formats prompts the way it was trained.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 from datetime import datetime
@@ -41,13 +42,23 @@ def _raise(message: str) -> None:
     raise UserError(f"chat template: {message}")
 
 
-def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
+    """Compiling a template costs milliseconds; every prompt of a session reuses it."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise UserError(f"chat template does not compile: {e}") from None
+
+
+def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+    compiled = _compile(template)
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
     except jinja2.TemplateError as e:
         raise UserError(f"chat template failed to render: {e}") from None
 

@@ -54,6 +54,29 @@ class Prompt:
     grids: list[tuple[int, int, int]]
 
 
+def build_prompt(tokenizer: Tokenizer, chat_template: str, image_config: ImageProcessorConfig, image_token_id: int,
+                 messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:  # fmt: skip
+    """Render, tokenize and expand each image pad to its token count; preprocess the images.
+
+    Shared by inference and by the shapes training script, so both see byte-identical prompts.
+    """
+    tmpl_messages, images = split_messages(messages)
+    text = render(chat_template, tmpl_messages, add_generation_prompt)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    n_pads = sum(1 for i in ids if i == image_token_id)
+    if n_pads != len(images):
+        raise UserError(f"chat template produced {n_pads} image markers for {len(images)} images")
+    if not images:
+        return Prompt(ids, None, [])
+    pixel_values, grids = preprocess_images(images, image_config)
+    merge2 = image_config.merge_size**2
+    counts = iter(t * h * w // merge2 for t, h, w in grids)
+    expanded: list[int] = []
+    for i in ids:
+        expanded.extend([image_token_id] * next(counts) if i == image_token_id else [i])
+    return Prompt(expanded, pixel_values, grids)
+
+
 class Detokenizer:
     """Turns a growing list of ids into text deltas, holding back split multi-byte characters."""
 
@@ -121,22 +144,8 @@ class Pipeline:
     # ---- prompt ----
 
     def prepare(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:
-        tmpl_messages, images = split_messages(messages)
-        text = render(self.chat_template, tmpl_messages, add_generation_prompt)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        img_id = self.config.image_token_id
-        n_pads = sum(1 for i in ids if i == img_id)
-        if n_pads != len(images):
-            raise UserError(f"chat template produced {n_pads} image markers for {len(images)} images")
-        if not images:
-            return Prompt(ids, None, [])
-        pixel_values, grids = preprocess_images(images, self.image_config)
-        merge2 = self.image_config.merge_size**2
-        counts = iter(t * h * w // merge2 for t, h, w in grids)
-        expanded: list[int] = []
-        for i in ids:
-            expanded.extend([img_id] * next(counts) if i == img_id else [i])
-        return Prompt(expanded, pixel_values, grids)
+        return build_prompt(self.tokenizer, self.chat_template, self.image_config, self.config.image_token_id, messages,
+                            add_generation_prompt)  # fmt: skip
 
     # ---- generation ----
 

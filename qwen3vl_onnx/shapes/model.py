@@ -1,0 +1,87 @@
+"""The trained shapes checkpoint: its config, processor settings, and how to unpack it.
+
+The package ships config, fp16 safetensors, chat template and processor/generation configs under
+``shapes/checkpoint``; the 16 MB ``tokenizer.json`` is rebuilt from ``qwen.tiktoken`` on unpacking
+instead of being shipped twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from ..demo.tokenizer import write_tokenizer_files
+
+SHAPES_CONFIG = {
+    "architectures": ["Qwen3VLForConditionalGeneration"],
+    "model_type": "qwen3_vl",
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "qwen3_vl_text",
+        "vocab_size": 151936,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+        "tie_word_embeddings": True,
+    },
+    "vision_config": {
+        "model_type": "qwen3_vl_vision",
+        "depth": 4,
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_heads": 4,
+        "out_hidden_size": 64,
+        "deepstack_visual_indexes": [1, 2],
+        "hidden_act": "gelu_pytorch_tanh",
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+    },
+}
+PREPROCESSOR = {
+    "size": {"shortest_edge": 96 * 96, "longest_edge": 160 * 160},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_resize": True,
+    "do_convert_rgb": True,
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "processor_class": "Qwen3VLProcessor",
+}
+GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}
+
+
+def packaged_checkpoint() -> Path:
+    return Path(str(resources.files(__package__).joinpath("checkpoint")))
+
+
+def unpack(directory: Path) -> Path:
+    """A complete Hugging Face checkpoint directory (tokenizer.json included) at ``directory``."""
+    src = packaged_checkpoint()
+    if not (src / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{src}: the trained shapes checkpoint is not in this installation")
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, directory / f.name)
+    template = (src / "chat_template.jinja").read_text()
+    write_tokenizer_files(directory, template)
+    return directory

@@ -1,0 +1,164 @@
+"""Train the tiny "shapes" Qwen3-VL with transformers on CPU, reproducibly, and save it into the package.
+
+    python scripts/train_shapes.py                      # full run (about 25 minutes on 2 cores)
+    python scripts/train_shapes.py --steps 3 --out /tmp/x --eval 8   # smoke test
+
+The model is transformers' Qwen3VLForConditionalGeneration at SHAPES_CONFIG (real tokenizer, tied
+embeddings, interleaved MRoPE, 2 DeepStack layers). Prompts are built with the same code the
+runtime uses (chat template, processor, pad expansion), so training and inference see identical
+token ids. Loss is taken on the answer tokens and the closing <|im_end|> only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+from qwen3vl_onnx.demo.checkpoint import chat_template
+from qwen3vl_onnx.demo.tokenizer import build_tokenizer
+from qwen3vl_onnx.export.weights import Checkpoint, save_safetensors
+from qwen3vl_onnx.runtime.generate import build_prompt
+from qwen3vl_onnx.runtime.preprocess import ImageProcessorConfig
+from qwen3vl_onnx.shapes import task
+from qwen3vl_onnx.shapes.model import GENERATION, PREPROCESSOR, SHAPES_CONFIG, packaged_checkpoint
+
+IM_END, PAD, IMG = 151645, 151643, 151655
+
+
+class Encoder:
+    def __init__(self):
+        self.tokenizer = build_tokenizer()
+        self.template = chat_template()
+        self.image_config = ImageProcessorConfig.from_dict(PREPROCESSOR)
+
+    def item(self, it: task.Item) -> tuple[list[int], int, np.ndarray, list]:
+        """Prompt+answer ids, index where the answer starts, pixel values, grids."""
+        p = build_prompt(self.tokenizer, self.template, self.image_config, IMG, task.messages(it))
+        answer = self.tokenizer.encode(it.answer, add_special_tokens=False).ids + [IM_END]
+        return p.ids + answer, len(p.ids), p.pixel_values, p.grids
+
+    def batch(self, items: list[task.Item]) -> dict[str, torch.Tensor]:
+        enc = [self.item(it) for it in items]
+        longest = max(len(e[0]) for e in enc)
+        ids = torch.full((len(enc), longest), PAD, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        for b, (seq, start, _, _) in enumerate(enc):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+            target[b, start : len(seq)] = True
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "target": target,
+            "pixel_values": torch.from_numpy(np.concatenate([e[2] for e in enc])),
+            "image_grid_thw": torch.tensor([g for e in enc for g in e[3]]),
+        }
+
+
+def loss_fn(model, batch) -> torch.Tensor:
+    ids = batch["input_ids"]
+    out = model.model(
+        input_ids=ids,
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=(ids == IMG).long(),
+    )
+    sel = batch["target"][:, 1:]
+    hidden = out.last_hidden_state[:, :-1][sel]  # positions that predict an answer token
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden), ids[:, 1:][sel])
+
+
+@torch.no_grad()
+def first_token_accuracy(model, enc: Encoder, items: list[task.Item]) -> dict[str, float]:
+    """Answers are one word then <|im_end|>: argmax at the answer's first position decides."""
+    hits: dict[str, list[int]] = {}
+    for i in range(0, len(items), 32):
+        chunk = items[i : i + 32]
+        batch = enc.batch(chunk)
+        ids = batch["input_ids"]
+        out = model.model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                          image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(ids == IMG).long())  # fmt: skip
+        for b, it in enumerate(chunk):
+            start = int(batch["target"][b].nonzero()[0])
+            pred = int(model.lm_head(out.last_hidden_state[b, start - 1]).argmax())
+            hits.setdefault(it.kind, []).append(int(pred == ids[b, start]))
+    acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    acc["overall"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return acc
+
+
+def save(model, out: Path) -> None:
+    """fp16 safetensors plus configs, written next to OUT and renamed in place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".shapes."))
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        ck = Checkpoint(Path(d))
+        save_safetensors(tmp / "model.safetensors", {n: ck[n] for n in sorted(ck)}, fp16=True)
+    (tmp / "config.json").write_text(json.dumps(SHAPES_CONFIG, indent=1))
+    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
+    (tmp / "generation_config.json").write_text(json.dumps(GENERATION, indent=1))
+    (tmp / "chat_template.jinja").write_text(chat_template())
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", type=int, default=200, help="held-out items checked at the end")
+    ap.add_argument("--out", type=Path, default=packaged_checkpoint())
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(2)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**SHAPES_CONFIG))
+    model.train()
+    enc = Encoder()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=args.lr)
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+    )
+    t0, seed = time.time(), args.seed * 10_000_000
+    for step in range(args.steps):
+        items = [task.make_item(seed + i) for i in range(args.batch)]
+        seed += args.batch
+        loss = loss_fn(model, enc.batch(items))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:7.1f}s", flush=True)
+        if step and step % 500 == 0:
+            model.eval()
+            print("  held-out (first 100):", first_token_accuracy(model, enc, task.eval_items(100)), flush=True)
+            model.train()
+    model.eval()
+    acc = first_token_accuracy(model, enc, task.eval_items(args.eval))
+    print(f"trained {args.steps} steps in {time.time() - t0:.0f}s; held-out accuracy {acc}", flush=True)
+    save(model, args.out)
+    print(f"saved {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
