@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .errors import UserError
 
 
@@ -20,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a checkpoint directory or hub id to a bundle")
     e.add_argument("checkpoint")
     e.add_argument("out")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block (power of two >= 16)")
+    e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
     g = sub.add_parser("generate", help="answer a prompt (with images) from a bundle")
@@ -40,11 +44,29 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, default=8)
     v.add_argument("--tolerance", type=float, default=None)
 
-    d = sub.add_parser("demo", help="build a random-weight model, export it and ask about a sample image")
+    d = sub.add_parser("demo", help="export the embedded shapes model and ask it about a fresh picture")
     d.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "demo"))
     d.add_argument("--rebuild", action="store_true")
-    d.add_argument("--prompt", default="What shapes are in this picture?")
+    d.add_argument("--seed", type=int, default=None, help="picture/question seed (default: random)")
+    d.add_argument("--questions", type=int, default=4)
+    d.add_argument("--random", action="store_true", help="use a random-weight model instead of the trained one")
+    d.add_argument("--prompt", default="What shapes are in this picture?", help="question for --random")
     d.add_argument("--max-new-tokens", type=int, default=24)
+
+    b = sub.add_parser("bench", help="speed figures on random weights of a released shape (or a bundle)")
+    b.add_argument("--shape", default="4b", choices=["tiny", "2b", "4b", "8b", "32b"])
+    b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
+    b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
+    b.add_argument("--block-size", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
+    b.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "bench"))
+    b.add_argument("--out", default="bench-results")
+
+    ev = sub.add_parser("eval", help="accuracy on the held-out shapes questions, per type")
+    ev.add_argument("bundle")
+    ev.add_argument("-n", type=int, default=200, help="number of held-out items")
+    ev.add_argument("--json", action="store_true")
     return p
 
 
@@ -92,26 +114,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
+    """Checkpoint (trained shapes model, or random weights) unpacked and exported under ``work``."""
     import shutil
     import time
 
-    from .demo.checkpoint import sample_image_path, write_checkpoint
+    from .demo.checkpoint import write_checkpoint
     from .export.bundle import export
-    from .runtime.generate import Pipeline
+    from .shapes.model import unpack
 
-    work = Path(args.workdir).expanduser()
+    work = work / ("random" if random_weights else "shapes")
     ckpt, bundle = work / "checkpoint", work / "bundle"
-    if args.rebuild:
+    if rebuild:
         shutil.rmtree(work, ignore_errors=True)
     if not (ckpt / "model.safetensors").is_file():
-        print(f"building a random-weight Qwen3-VL checkpoint in {ckpt}", file=sys.stderr)
-        write_checkpoint(ckpt)
+        print(f"writing the {'random-weight' if random_weights else 'trained shapes'} checkpoint to {ckpt}", file=sys.stderr)
+        write_checkpoint(ckpt) if random_weights else unpack(ckpt)
     if not (bundle / "manifest.json").is_file():
         t0 = time.perf_counter()
         export(ckpt, bundle, force=True)
         print(f"exported {bundle} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    pipe = Pipeline.from_bundle(bundle)
+    return bundle
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .runtime.generate import Pipeline
+
+    work = Path(args.workdir).expanduser()
+    pipe = Pipeline.from_bundle(_demo_bundle(work, args.random, args.rebuild))
+    if not args.random:
+        return _demo_shapes(pipe, work, args)
+    from .demo.checkpoint import sample_image_path
+
     image = sample_image_path()
     messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": args.prompt}]}]
     print(f"user: [image {image.name}] {args.prompt}")
@@ -126,6 +160,79 @@ def _demo(args: argparse.Namespace) -> int:
         f"\n[{res.prompt_tokens} prompt tokens incl. image, {res.completion_tokens} generated; vision {t['vision_s']:.2f}s, "
         f"first token {t['ttft_s']:.2f}s, decode {t['decode_tok_per_s']:.1f} tok/s]"
     )
+    return 0
+
+
+def _demo_shapes(pipe, work: Path, args: argparse.Namespace) -> int:
+    import random
+
+    from .shapes import task
+
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    right = 0
+    for q in range(args.questions):
+        item = task.make_item(seed + q, task.KINDS[q % len(task.KINDS)])
+        paths = []
+        for k, im in enumerate(item.images):
+            paths.append(work / f"picture-{q}-{k}.png")
+            im.save(paths[-1])
+        res = pipe.generate(task.messages(item), max_new_tokens=4, temperature=0.0)
+        ok = res.text.strip().lower() == item.answer
+        right += ok
+        print(f"[{', '.join(p.name for p in paths)}] {item.question}")
+        print(f"  model: {res.text.strip()!r:12} expected: {item.answer!r:12} {'ok' if ok else 'WRONG'}")
+    print(f"{right}/{args.questions} correct (seed {seed}; pictures in {work})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.report import chart, markdown
+    from .bench.run import child_measure, export_measured, machine, prepare_checkpoint
+    from .config import Qwen3VLConfig, weight_shapes
+
+    work, out = Path(args.workdir).expanduser(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {
+        "shape": args.shape if not args.bundle else Path(args.bundle).name,
+        "precision": args.precision,
+        "machine": machine(),
+    }
+    ckpt = None
+    if args.bundle:
+        bundle = Path(args.bundle)
+    else:
+        ckpt = prepare_checkpoint(args.shape, work)
+        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}"
+        print(f"exporting {bundle}", file=sys.stderr)
+        result.update(export_measured(ckpt, bundle, args.precision, args.block_size))
+    print("measuring qwen3vl-onnx", file=sys.stderr)
+    result["ours"] = child_measure(bundle, args.repeats)
+    if args.compare:
+        if ckpt is None:
+            raise UserError("--compare needs --shape (peers run on the same random checkpoint)")
+        from .bench.peers import run_peers
+
+        params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
+        result["peers"] = run_peers(ckpt, params, args.repeats)
+    stem = out / f"bench-{result['shape']}-{args.precision}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    stem.with_suffix(".md").write_text(table)
+    chart(result, stem.with_suffix(".png"))
+    print(table)
+    print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .runtime.generate import Pipeline
+    from .shapes.evaluate import evaluate
+
+    rep = evaluate(Pipeline.from_bundle(args.bundle), args.n)
+    if args.json:
+        print(json.dumps({"accuracy": rep.accuracy(), "n": args.n}))
+    else:
+        print(rep.table())
     return 0
 
 
@@ -146,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .export.bundle import export
 
-            out = export(args.checkpoint, args.out, args.precision, args.force)
+            out = export(args.checkpoint, args.out, args.precision, args.force, args.block_size, args.portable)
             print(f"wrote {out}")
             return 0
-        return {"generate": _generate, "demo": _demo, "verify": _verify}[args.command](args)
+        commands = {"generate": _generate, "demo": _demo, "verify": _verify, "eval": _eval, "bench": _bench}
+        return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ GEOMETRIES = {
 }
 
 
-def hf_config(g: dict, max_positions: int = 4096) -> dict:
+def hf_config(g: dict, max_positions: int = 4096, init: float = 0.1) -> dict:
     return {
         "architectures": ["Qwen3VLForConditionalGeneration"],
         "model_type": "qwen3_vl",
@@ -57,7 +57,7 @@ def hf_config(g: dict, max_positions: int = 4096) -> dict:
             "head_dim": 32,
             "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
             "max_position_embeddings": max_positions,
-            "initializer_range": 0.1,
+            "initializer_range": init,
             "tie_word_embeddings": g["tie"],
         },
         "vision_config": {
@@ -69,7 +69,7 @@ def hf_config(g: dict, max_positions: int = 4096) -> dict:
             "out_hidden_size": 64,
             "deepstack_visual_indexes": g["deepstack"],
             "num_position_embeddings": 2304,
-            "initializer_range": 0.1,
+            "initializer_range": init,
         },
     }
 
@@ -81,13 +81,15 @@ def tokenizer_files(tmp_path_factory) -> Path:
     return d
 
 
-def build_checkpoint(directory: Path, geometry: dict, tokenizer_dir: Path, seed: int = 0, bf16: bool = False) -> Path:
+def build_checkpoint(
+    directory: Path, geometry: dict, tokenizer_dir: Path, seed: int = 0, bf16: bool = False, init: float = 0.1
+) -> Path:
     """save_pretrained a random transformers model plus tokenizer/processor files."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**hf_config(geometry)))
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**hf_config(geometry, init=init)))
     if bf16:
         model = model.to(torch.bfloat16)
     model.save_pretrained(directory)
@@ -101,12 +103,12 @@ def build_checkpoint(directory: Path, geometry: dict, tokenizer_dir: Path, seed:
 class Tiny:
     """A checkpoint, its fp32 bundle, and the transformers model loaded from the checkpoint."""
 
-    def __init__(self, root: Path, name: str, tokenizer_dir: Path):
+    def __init__(self, root: Path, name: str, tokenizer_dir: Path, init: float = 0.1):
         import torch
         from transformers import Qwen3VLForConditionalGeneration
 
         self.name = name
-        self.checkpoint = build_checkpoint(root / "ckpt", GEOMETRIES[name], tokenizer_dir)
+        self.checkpoint = build_checkpoint(root / "ckpt", GEOMETRIES[name], tokenizer_dir, init=init)
         self.bundle = export(self.checkpoint, root / "bundle")
         torch.set_grad_enabled(False)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(

@@ -46,3 +46,18 @@ def test_text_only_each_token(tiny_one):
     # logits_to_keep=1 returns exactly the last row of the full forward
     last = m.forward(m.embed(ids)[None], pos[:, None, :], m.new_cache(), logits_to_keep=1)[0]
     np.testing.assert_allclose(last[0], full[-1], atol=1e-5, rtol=0)
+
+
+def test_cache_grows_without_losing_state(tiny_one):
+    """A cache smaller than the prompt is grown (by copying once), and results do not change."""
+    m = Pipeline.from_bundle(tiny_one.bundle).model
+    ids = list(range(1000, 1300))  # 300 tokens > the 256-slot starting buffer
+    pos, _ = rope_index(ids, 151655, 151656)
+    full = m.forward(m.embed(ids)[None], pos[:, None, :], m.new_cache(capacity=len(ids)), logits_to_keep=1)
+    small = m.new_cache(capacity=16)
+    part = m.forward(m.embed(ids[:200])[None], pos[:, None, :200], small, logits_to_keep=1)
+    assert small.length == 200
+    out = [m.forward(m.embed([t])[None], pos[:, None, 200 + j : 201 + j], small) for j, t in enumerate(ids[200:])]
+    assert small.length == 300 and small.keys[0].shape[2] >= 300
+    assert part.shape == (1, 1, 151936)
+    np.testing.assert_allclose(out[-1], full, atol=1e-4, rtol=0)

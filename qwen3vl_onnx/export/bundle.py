@@ -15,6 +15,7 @@ so an interrupted export leaves nothing that looks like a bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from .. import __version__
 from ..config import Qwen3VLConfig, weight_shapes
 from ..errors import UserError
 from .graph import OPSET, Graph
-from .text import build_decoder
+from .text import DecoderOptions, build_decoder
 from .vision import build_vision
 from .weights import Checkpoint
 
@@ -49,7 +50,8 @@ COPIED_FILES = (
     "video_preprocessor_config.json",
     "generation_config.json",
 )
-PRECISIONS = {"fp32": np.float32, "fp16": np.float16}
+PRECISIONS = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "int4": np.float32}
+BITS = {"int8": 8, "int4": 4}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -91,11 +93,20 @@ def _progress(total: int, desc: str):
     return bar.update, bar.close
 
 
-def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False) -> Path:
-    """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path."""
+def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False, block_size: int = 32,
+           portable: bool = False) -> Path:  # fmt: skip
+    """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path.
+
+    int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits; the vision tower
+    stays fp32 and the embedding table is stored fp16. ``portable`` writes standard-ONNX attention
+    instead of ONNX Runtime contrib ops (float precisions only).
+    """
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if portable and precision in BITS:
+        raise UserError(f"--portable graphs cannot be {precision}: MatMulNBits is an ONNX Runtime contrib op")
+    opts = DecoderOptions(fused=not portable, bits=BITS.get(precision, 0), block_size=block_size)
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise UserError(f"{out}: already exists (use --force to replace it)")
@@ -117,10 +128,10 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         close()
         update, close = _progress(cfg.text.num_hidden_layers, "decoder")
         dg = Graph("qwen3vl_decoder", tmp / "decoder.onnx", dtype)
-        build_decoder(dg, cfg.text, weights, cfg.tie_word_embeddings, len(cfg.vision.deepstack_visual_indexes), update)
+        build_decoder(dg, cfg.text, weights, cfg.tie_word_embeddings, len(cfg.vision.deepstack_visual_indexes), opts, update)
         dg.save()
         close()
-        embed = weights["model.language_model.embed_tokens.weight"].astype(dtype)
+        embed = weights["model.language_model.embed_tokens.weight"].astype(np.float16 if precision in BITS else dtype)
         np.save(tmp / "embed_tokens.npy", embed)
         for name in COPIED_FILES:
             if (src / name).is_file():
@@ -129,6 +140,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
             "format": "qwen3vl-onnx-bundle",
             "format_version": 1,
             "precision": precision,
+            "decoder_options": dataclasses.asdict(opts),
             "config": cfg.to_dict(),
             "graphs": {
                 "vision": {"file": "vision.onnx", "inputs": _io(vg.inputs), "outputs": _io(vg.outputs)},

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .quant import quantize
+
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
 _ALIGN = 4096
@@ -123,6 +125,16 @@ class Graph:
         if b is not None:
             y = self.op("Add", y, self.weight(name + ".bias", b, np.float32))
         return y
+
+    def linear_nbits(self, x: str, w: np.ndarray, name: str, bits: int, block_size: int, accuracy_level: int) -> str:
+        """x @ W^T with W block-quantized for ONNX Runtime's MatMulNBits (weight-only int4/int8)."""
+        q = quantize(w, bits, block_size)
+        ins = [x, self.weight(name + ".qweight", q.packed, np.uint8), self.weight(name + ".scales", q.scales, np.float32)]
+        if q.zero_points is not None:
+            ins.append(self.weight(name + ".zero_points", q.zero_points, np.uint8))
+        return self.op(
+            "MatMulNBits", *ins, domain=MS_DOMAIN, K=q.k, N=q.n, bits=bits, block_size=block_size, accuracy_level=accuracy_level
+        )
 
     def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, name: str, eps: float = 1e-6) -> str:
         return self.op(

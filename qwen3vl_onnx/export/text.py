@@ -4,18 +4,36 @@ Inputs are embeddings (the host looks tokens up in the stored table and drops im
 the image-pad rows), 3-D MRoPE position ids (computed on the host as transformers'
 ``get_rope_index``), and the DeepStack features with the (batch, position) rows they belong to.
 Feature k is added to the hidden states after decoder layer k, as ``_deepstack_process`` does.
+
+Two attention forms share everything else:
+- ``fused`` (default): ONNX Runtime contrib ops. GroupQueryAttention over a preallocated cache
+  buffer that is both ``past`` and ``present`` (bound once, written in place, no per-token copy),
+  SkipSimplifiedLayerNormalization for residual + RMSNorm, packed QKV and gate/up projections,
+  and MatMulNBits when quantized.
+- portable: standard ONNX ops only, past/present concatenated each step. Kept as the reference the
+  fused form is tested against, and for runtimes without the contrib ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import TextConfig
-from .graph import FLOAT, INT64, Graph
+from .graph import FLOAT, INT64, MS_DOMAIN, Graph
 
 P = "model.language_model."
+INT32 = 6
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    fused: bool = True
+    bits: int = 0  # 0: float weights; 4 or 8: MatMulNBits
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits: int8 compute where the CPU has it
 
 
 def mrope_axis(cfg: TextConfig) -> np.ndarray:
@@ -26,9 +44,10 @@ def mrope_axis(cfg: TextConfig) -> np.ndarray:
     return axis
 
 
-def decoder_io(cfg: TextConfig, num_deepstack: int) -> tuple[dict, dict]:
+def decoder_io(cfg: TextConfig, num_deepstack: int, fused: bool) -> tuple[dict, dict]:
     """Names, element types and symbolic shapes of the decoder's inputs and outputs."""
-    kv = ["batch", cfg.num_key_value_heads, "past", cfg.head_dim]
+    past = ["batch", cfg.num_key_value_heads, "capacity" if fused else "past", cfg.head_dim]
+    present = ["batch", cfg.num_key_value_heads, "capacity" if fused else "total", cfg.head_dim]
     ins = {
         "inputs_embeds": (FLOAT, ["batch", "seq", cfg.hidden_size]),
         "position_ids": (INT64, [3, "batch", "seq"]),
@@ -36,87 +55,154 @@ def decoder_io(cfg: TextConfig, num_deepstack: int) -> tuple[dict, dict]:
         "deepstack_embeds": (FLOAT, [num_deepstack, "visual", cfg.hidden_size]),
         "logits_to_keep": (INT64, [1]),
     }
+    if fused:
+        ins["seqlens_k"] = (INT32, ["batch"])  # total length - 1 per sequence
+        ins["total_sequence_length"] = (INT32, [])
     outs = {"logits": (FLOAT, ["batch", "keep", cfg.vocab_size])}
-    present = ["batch", cfg.num_key_value_heads, "total", cfg.head_dim]
     for i in range(cfg.num_hidden_layers):
-        ins[f"past_key.{i}"] = (FLOAT, kv)
-        ins[f"past_value.{i}"] = (FLOAT, kv)
-        outs[f"present_key.{i}"] = (FLOAT, present)
-        outs[f"present_value.{i}"] = (FLOAT, present)
+        ins[f"past_key.{i}"] = ins[f"past_value.{i}"] = (FLOAT, past)
+        outs[f"present_key.{i}"] = outs[f"present_value.{i}"] = (FLOAT, present)
     return ins, outs
 
 
-def build_decoder(g: Graph, cfg: TextConfig, w: Mapping[str, np.ndarray], tied: bool, num_deepstack: int, progress=None) -> None:
-    """Emit the decoder into ``g``; ``w`` maps HF tensor names to float32 arrays."""
-    io_in, io_out = decoder_io(cfg, num_deepstack)
-    ins = {name: g.input(name, t, shape) for name, (t, shape) in io_in.items()}
-    heads, kvh, hd, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
-    groups = cfg.num_key_value_groups
+class _Decoder:
+    def __init__(self, g: Graph, cfg: TextConfig, w: Mapping[str, np.ndarray], opts: DecoderOptions, num_deepstack: int):
+        self.g, self.cfg, self.w, self.opts = g, cfg, w, opts
+        self.io_in, self.io_out = decoder_io(cfg, num_deepstack, opts.fused)
+        self.ins = {name: g.input(name, t, shape) for name, (t, shape) in self.io_in.items()}
+        self.num_deepstack = num_deepstack
 
-    # Interleaved MRoPE: pick t/h/w position per frequency, then the usual cos/sin.
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-    pos = g.op("Cast", ins["position_ids"], to=FLOAT)
-    pos = g.op("Transpose", g.op("Gather", pos, g.const(mrope_axis(cfg)), axis=0), perm=[1, 2, 0])
-    freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32))
-    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))  # (B, 1, S, hd)
-    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+    def proj(self, x: str, w: np.ndarray, name: str) -> str:
+        o = self.opts
+        if o.bits:
+            return self.g.linear_nbits(x, w, name, o.bits, o.block_size, o.accuracy_level)
+        return self.g.linear(x, w, None, name)
 
-    # Causal mask over [past | new]: query i (absolute past+i) may see keys 0..past+i.
-    past_len = g.op("Gather", g.op("Shape", ins["past_key.0"]), g.const(2), axis=0)
-    seq_len = g.op("Gather", g.op("Shape", ins["inputs_embeds"]), g.const(1), axis=0)
-    total = g.op("Add", past_len, seq_len)
-    q_pos = g.op("Unsqueeze", g.op("Range", past_len, total, g.const(1)), g.const([1]))
-    k_pos = g.op("Unsqueeze", g.op("Range", g.const(0), total, g.const(1)), g.const([0]))
-    neg = g.const(np.finfo(np.float32).min, np.float32)
-    mask = g.op("Where", g.op("Greater", k_pos, q_pos), neg, g.const(0.0, np.float32))  # (S, T)
-    scale = g.const(hd**-0.5, np.float32)
+    def norm(self, x: str, name: str) -> str:
+        return self.g.rms_norm(x, self.w[name + ".weight"], name, self.cfg.rms_norm_eps)
 
-    def attention(h: str, i: int) -> str:
-        b = f"{P}layers.{i}.self_attn."
-        bias = (lambda n: w[b + n + ".bias"]) if cfg.attention_bias else (lambda n: None)
-        q = g.op("Reshape", g.linear(h, w[b + "q_proj.weight"], bias("q_proj"), b + "q_proj"), g.const([0, 0, heads, hd]))
-        k = g.op("Reshape", g.linear(h, w[b + "k_proj.weight"], bias("k_proj"), b + "k_proj"), g.const([0, 0, kvh, hd]))
-        v = g.op("Reshape", g.linear(h, w[b + "v_proj.weight"], bias("v_proj"), b + "v_proj"), g.const([0, 0, kvh, hd]))
-        q = g.op("Transpose", g.rms_norm(q, w[b + "q_norm.weight"], b + "q_norm", eps), perm=[0, 2, 1, 3])
-        k = g.op("Transpose", g.rms_norm(k, w[b + "k_norm.weight"], b + "k_norm", eps), perm=[0, 2, 1, 3])
-        v = g.op("Transpose", v, perm=[0, 2, 1, 3])
-        q, k = g.rotary(q, cos, sin), g.rotary(k, cos, sin)
-        k = g.op("Concat", ins[f"past_key.{i}"], k, axis=2)
-        v = g.op("Concat", ins[f"past_value.{i}"], v, axis=2)
-        g.output(k, f"present_key.{i}", *io_out[f"present_key.{i}"])
-        g.output(v, f"present_value.{i}", *io_out[f"present_value.{i}"])
-        # GQA without copying K/V: group query heads as (B, kvh, groups, S, hd) and broadcast.
-        qg = g.op("Reshape", q, g.const([0, kvh, groups, -1, hd]))
-        kt = g.op("Unsqueeze", g.op("Transpose", k, perm=[0, 1, 3, 2]), g.const([2]))
-        scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, kt), scale), mask)
-        o = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", v, g.const([2])))
-        o = g.op(
-            "Reshape",
-            g.op("Transpose", g.op("Reshape", o, g.const([0, heads, -1, hd])), perm=[0, 2, 1, 3]),
-            g.const([0, 0, heads * hd]),
+    def skip_norm(self, x: str, residual: str, name: str) -> tuple[str, str]:
+        """(RMSNorm(x + residual), x + residual) in one fused kernel or two plain ops."""
+        g = self.g
+        if not self.opts.fused:
+            total = g.op("Add", residual, x)
+            return self.norm(total, name), total
+        gamma = g.weight(name + ".weight", self.w[name + ".weight"], np.float32)
+        out, _, _, total = g.op(
+            "SkipSimplifiedLayerNormalization", x, residual, gamma, domain=MS_DOMAIN, epsilon=self.cfg.rms_norm_eps, n_out=4
         )
-        return g.linear(o, w[b + "o_proj.weight"], bias("o_proj"), b + "o_proj")
+        return out, total
 
-    def mlp(h: str, i: int) -> str:
-        b = f"{P}layers.{i}.mlp."
-        gate = g.linear(h, w[b + "gate_proj.weight"], None, b + "gate_proj")
-        up = g.linear(h, w[b + "up_proj.weight"], None, b + "up_proj")
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        return g.linear(act, w[b + "down_proj.weight"], None, b + "down_proj")
+    def rope(self) -> tuple[str, str]:
+        """cos/sin (B, S, 1, hd) for fused (B,S,H,hd) layout, (B, 1, S, hd) for portable (B,H,S,hd)."""
+        g, cfg = self.g, self.cfg
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+        pos = g.op("Cast", self.ins["position_ids"], to=FLOAT)
+        pos = g.op("Transpose", g.op("Gather", pos, g.const(mrope_axis(cfg)), axis=0), perm=[1, 2, 0])
+        freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32))
+        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2 if self.opts.fused else 1]))
+        return g.op("Cos", emb), g.op("Sin", emb)
 
-    x = ins["inputs_embeds"]
-    for i in range(cfg.num_hidden_layers):
-        b = f"{P}layers.{i}."
-        x = g.op("Add", x, attention(g.rms_norm(x, w[b + "input_layernorm.weight"], b + "input_layernorm", eps), i))
-        h = g.rms_norm(x, w[b + "post_attention_layernorm.weight"], b + "post_attention_layernorm", eps)
-        x = g.op("Add", x, mlp(h, i))
-        if i < num_deepstack:
-            feat = g.op("Gather", ins["deepstack_embeds"], g.const(i), axis=0)
-            x = g.op("ScatterND", x, ins["visual_index"], feat, reduction="add")
-        if progress:
-            progress(1)
+    def causal_mask(self) -> str:
+        """(S, T) additive mask for the portable form: query i (absolute past+i) sees keys 0..past+i."""
+        g = self.g
+        past_len = g.op("Gather", g.op("Shape", self.ins["past_key.0"]), g.const(2), axis=0)
+        seq_len = g.op("Gather", g.op("Shape", self.ins["inputs_embeds"]), g.const(1), axis=0)
+        total = g.op("Add", past_len, seq_len)
+        q_pos = g.op("Unsqueeze", g.op("Range", past_len, total, g.const(1)), g.const([1]))
+        k_pos = g.op("Unsqueeze", g.op("Range", g.const(0), total, g.const(1)), g.const([0]))
+        neg = g.const(np.finfo(np.float32).min, np.float32)
+        return g.op("Where", g.op("Greater", k_pos, q_pos), neg, g.const(0.0, np.float32))
 
-    x = g.rms_norm(x, w[P + "norm.weight"], P + "norm", eps)
-    x = g.op("Slice", x, g.op("Neg", ins["logits_to_keep"]), g.const([np.iinfo(np.int64).max]), g.const([1]))
-    head = w[P + "embed_tokens.weight"] if tied else w["lm_head.weight"]
-    g.output(g.linear(x, head, None, "lm_head"), "logits", *io_out["logits"])
+    def qkv(self, h: str, i: int, cos: str, sin: str) -> tuple[str, str, str]:
+        """Projected, QK-normed, rotated q/k and v as (B, S, heads, hd)."""
+        g, cfg, w = self.g, self.cfg, self.w
+        b = f"{P}layers.{i}.self_attn."
+        heads, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.opts.fused:  # one packed projection, split after
+            wqkv = np.concatenate([w[b + "q_proj.weight"], w[b + "k_proj.weight"], w[b + "v_proj.weight"]])
+            q, k, v = g.op(
+                "Split", self.proj(h, wqkv, b + "qkv_proj"), g.const([heads * hd, kvh * hd, kvh * hd]), axis=-1, n_out=3
+            )
+        else:
+            q, k, v = (self.proj(h, w[b + n + "_proj.weight"], b + n + "_proj") for n in "qkv")
+        if cfg.attention_bias:
+            q, k, v = (
+                g.op("Add", t, g.weight(b + n + "_proj.bias", w[b + n + "_proj.bias"], np.float32))
+                for t, n in zip((q, k, v), "qkv", strict=True)
+            )
+        q = self.norm(g.op("Reshape", q, g.const([0, 0, heads, hd])), b + "q_norm")
+        k = self.norm(g.op("Reshape", k, g.const([0, 0, kvh, hd])), b + "k_norm")
+        v = g.op("Reshape", v, g.const([0, 0, kvh, hd]))
+        if not self.opts.fused:
+            q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))
+        return g.rotary(q, cos, sin), g.rotary(k, cos, sin), v
+
+    def attention(self, h: str, i: int, cos: str, sin: str, mask: str | None) -> str:
+        g, cfg = self.g, self.cfg
+        heads, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q, k, v = self.qkv(h, i, cos, sin)
+        past_k, past_v = self.ins[f"past_key.{i}"], self.ins[f"past_value.{i}"]
+        if self.opts.fused:
+            flat = lambda t, n: g.op("Reshape", t, g.const([0, 0, n * hd]))  # noqa: E731
+            o, pk, pv = g.op(
+                "GroupQueryAttention", flat(q, heads), flat(k, kvh), flat(v, kvh), past_k, past_v,
+                self.ins["seqlens_k"], self.ins["total_sequence_length"],
+                domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kvh, scale=hd**-0.5, n_out=3,
+            )  # fmt: skip
+        else:
+            pk, pv = g.op("Concat", past_k, k, axis=2), g.op("Concat", past_v, v, axis=2)
+            # GQA without copying K/V: group query heads as (B, kvh, groups, S, hd) and broadcast.
+            qg = g.op("Reshape", q, g.const([0, kvh, cfg.num_key_value_groups, -1, hd]))
+            kt = g.op("Unsqueeze", g.op("Transpose", pk, perm=[0, 1, 3, 2]), g.const([2]))
+            scores = g.op("Add", g.op("Mul", g.op("MatMul", qg, kt), g.const(hd**-0.5, np.float32)), mask)
+            o = g.op("MatMul", g.op("Softmax", scores, axis=-1), g.op("Unsqueeze", pv, g.const([2])))
+            o = g.op("Transpose", g.op("Reshape", o, g.const([0, heads, -1, hd])), perm=[0, 2, 1, 3])
+            o = g.op("Reshape", o, g.const([0, 0, heads * hd]))
+        g.output(pk, f"present_key.{i}", *self.io_out[f"present_key.{i}"])
+        g.output(pv, f"present_value.{i}", *self.io_out[f"present_value.{i}"])
+        return self.proj(o, self.w[f"{P}layers.{i}.self_attn.o_proj.weight"], f"{P}layers.{i}.self_attn.o_proj")
+
+    def mlp(self, h: str, i: int) -> str:
+        g, w, b = self.g, self.w, f"{P}layers.{i}.mlp."
+        if self.opts.fused:
+            both = self.proj(h, np.concatenate([w[b + "gate_proj.weight"], w[b + "up_proj.weight"]]), b + "gate_up_proj")
+            gate, up = g.op("Split", both, axis=-1, num_outputs=2, n_out=2)
+        else:
+            gate, up = (
+                self.proj(h, w[b + "gate_proj.weight"], b + "gate_proj"),
+                self.proj(h, w[b + "up_proj.weight"], b + "up_proj"),
+            )
+        return self.proj(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), w[b + "down_proj.weight"], b + "down_proj")
+
+    def build(self, tied: bool, progress=None) -> None:
+        g, cfg = self.g, self.cfg
+        cos, sin = self.rope()
+        mask = None if self.opts.fused else self.causal_mask()
+        x = self.ins["inputs_embeds"]
+        h = self.norm(x, f"{P}layers.0.input_layernorm")
+        for i in range(cfg.num_hidden_layers):
+            b = f"{P}layers.{i}."
+            h, x = self.skip_norm(self.attention(h, i, cos, sin, mask), x, b + "post_attention_layernorm")
+            mlp = self.mlp(h, i)
+            nxt = f"{P}layers.{i + 1}.input_layernorm" if i + 1 < cfg.num_hidden_layers else f"{P}norm"
+            if i < self.num_deepstack:  # DeepStack: add feature i at the visual rows after layer i
+                x = g.op("Add", x, mlp)
+                feat = g.op("Gather", self.ins["deepstack_embeds"], g.const(i), axis=0)
+                x = g.op("ScatterND", x, self.ins["visual_index"], feat, reduction="add")
+                h = self.norm(x, nxt)
+            else:
+                h, x = self.skip_norm(mlp, x, nxt)
+            if progress:
+                progress(1)
+        h = g.op("Slice", h, g.op("Neg", self.ins["logits_to_keep"]), g.const([np.iinfo(np.int64).max]), g.const([1]))
+        head = self.w[P + "embed_tokens.weight"] if tied else self.w["lm_head.weight"]
+        g.output(self.proj(h, head, "lm_head"), "logits", *self.io_out["logits"])
+
+
+def build_decoder(
+    g: Graph, cfg: TextConfig, w: Mapping[str, np.ndarray], tied: bool, num_deepstack: int,
+    opts: DecoderOptions = DecoderOptions(), progress=None,
+) -> None:  # fmt: skip
+    """Emit the decoder into ``g``; ``w`` maps HF tensor names to float32 arrays."""
+    _Decoder(g, cfg, w, opts, num_deepstack).build(tied, progress)

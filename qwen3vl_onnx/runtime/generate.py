@@ -183,7 +183,7 @@ class Pipeline:
             prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids, (), cfg.vision.spatial_merge_size
         )
         embeds, vis_index, ds = m.prefill_inputs(prompt.ids, image_embeds, deepstack)
-        cache = m.new_cache()
+        cache = m.new_cache(capacity=n + max_new_tokens)
         logits = m.forward(embeds, pos[:, None, :], cache, vis_index, ds)[0, -1]
         rng = np.random.default_rng(seed)
         detok = Detokenizer(self.tokenizer)

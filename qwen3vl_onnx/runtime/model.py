@@ -21,16 +21,33 @@ from .vision_geometry import Grid, vision_inputs
 
 @dataclass
 class KVCache:
-    """Per-layer key/value arrays (batch, kv_heads, length, head_dim) and the MRoPE decode delta."""
+    """Per-layer key/value arrays (batch, kv_heads, capacity or length, head_dim).
+
+    Fused bundles preallocate ``capacity`` slots that GroupQueryAttention writes in place (the same
+    buffer is bound as past and present); the buffer only grows, by doubling, when a prompt outgrows
+    it. Portable bundles replace the arrays with the concatenated ``present`` outputs each step.
+    """
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
-    rope_delta: int = 0
-    tokens: list[int] = field(default_factory=list)
+    length: int = 0
+    shared: bool = False
+    _ort: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
 
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[2]
+    def ensure(self, needed: int) -> None:
+        """Make room for ``needed`` tokens (fused layout), keeping what is cached."""
+        cap = self.keys[0].shape[2]
+        if self._ort and needed <= cap:
+            return
+        if needed > cap:
+            new_cap = max(needed, 2 * cap)
+            new_cap += -new_cap % 256
+            grow = lambda a: np.concatenate([a, np.zeros((*a.shape[:2], new_cap - cap, a.shape[3]), a.dtype)], axis=2)  # noqa: E731
+            self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
+        self._ort = [
+            (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
@@ -64,6 +81,7 @@ class BundleModel:
         self.decoder = _session(self.path / "decoder.onnx", providers, threads)
         self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
+        self.fused = any(i.name == "seqlens_k" for i in self.decoder.get_inputs())
 
     def encode_images(self, pixel_values: np.ndarray, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
         """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images."""
@@ -73,11 +91,13 @@ class BundleModel:
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
+        """An empty cache; fused bundles preallocate ``capacity`` positions (grown on demand)."""
         t = self.config.text
-        empty = lambda: np.zeros((batch, t.num_key_value_heads, 0, t.head_dim), np.float32)  # noqa: E731
+        cap = capacity + (-capacity % 256) if self.fused else 0
+        empty = lambda: np.zeros((batch, t.num_key_value_heads, cap, t.head_dim), np.float32)  # noqa: E731
         n = t.num_hidden_layers
-        return KVCache([empty() for _ in range(n)], [empty() for _ in range(n)])
+        return KVCache([empty() for _ in range(n)], [empty() for _ in range(n)], shared=self.fused)
 
     def forward(
         self,
@@ -100,6 +120,9 @@ class BundleModel:
             "deepstack_embeds": deepstack,
             "logits_to_keep": np.array([logits_to_keep], np.int64),
         }
+        total = cache.length + embeds.shape[1]
+        if self.fused:
+            return self._forward_shared(feeds, cache, total)
         for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
             feeds[f"past_key.{i}"] = k
             feeds[f"past_value.{i}"] = v
@@ -109,7 +132,27 @@ class BundleModel:
         res = dict(zip(names, out, strict=True))
         cache.keys = [res[f"present_key.{i}"] for i in range(n)]
         cache.values = [res[f"present_value.{i}"] for i in range(n)]
+        cache.length = total
         return res["logits"]
+
+    def _forward_shared(self, feeds: dict[str, np.ndarray], cache: KVCache, total: int) -> np.ndarray:
+        """One decoder call with the cache buffers bound as both past and present (written in place)."""
+        cache.ensure(total)
+        batch = feeds["inputs_embeds"].shape[0]
+        feeds["seqlens_k"] = np.full(batch, total - 1, np.int32)
+        feeds["total_sequence_length"] = np.array(total, np.int32)
+        io = self.decoder.io_binding()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        io.bind_output("logits", "cpu")
+        for i, (k, v) in enumerate(cache._ort):
+            io.bind_ortvalue_input(f"past_key.{i}", k)
+            io.bind_ortvalue_input(f"past_value.{i}", v)
+            io.bind_ortvalue_output(f"present_key.{i}", k)
+            io.bind_ortvalue_output(f"present_value.{i}", v)
+        self.decoder.run_with_iobinding(io)
+        cache.length = total
+        return io.get_outputs()[0].numpy()
 
     def prefill_inputs(
         self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None

@@ -1,0 +1,89 @@
+"""Bench output: JSON as measured, a markdown table with ratios against peers, and a PNG bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# (key in results, label, higher is better)
+ROWS = [
+    ("vision_448_s", "vision encode 448x448 (s)", False),
+    ("vision_896_s", "vision encode 896x896 (s)", False),
+    ("prefill_32_tok_s", "prefill 32 tokens (tok/s)", True),
+    ("prefill_256_tok_s", "prefill 256 tokens (tok/s)", True),
+    ("ttft_448_s", "first token, 448x448 image + question (s)", False),
+    ("decode_128_tok_s", "decode (tok/s)", True),
+]
+PEER_KEYS = {"decode_128_tok_s": "decode_tok_s"}
+
+
+def _fmt(d) -> str:
+    if isinstance(d, dict):
+        return f"{d['median']:.3g} ({d['min']:.3g}-{d['max']:.3g})"
+    return f"{d:.3g}" if isinstance(d, float) else str(d)
+
+
+def _median(d):
+    return d["median"] if isinstance(d, dict) else d
+
+
+def markdown(result: dict) -> str:
+    ours, peers = result["ours"], result.get("peers", {})
+    live = {k: v for k, v in peers.items() if "skipped" not in v}
+    head = ["metric", f"qwen3vl-onnx {result['precision']}"] + [f"{p}" for p in live] + [f"ratio vs {p}" for p in live]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label, higher in ROWS:
+        if key not in ours:
+            continue
+        row = [label, _fmt(ours[key])]
+        ratios = []
+        for p in live.values():
+            pv = p.get(PEER_KEYS.get(key, key))
+            row.append(_fmt(pv) if pv is not None else "-")
+            if pv is None:
+                ratios.append("-")
+            else:
+                a, b = _median(ours[key]), _median(pv)
+                ratios.append(f"{(a / b if higher else b / a):.2f}x")
+        lines.append("| " + " | ".join(row + ratios) + " |")
+    m = result["machine"]
+    extra = [
+        "",
+        f"Shape {result['shape']}, {result['precision']}; export {result.get('export_s', float('nan')):.1f} s, "
+        f"export peak RSS {result.get('export_peak_rss_gb', float('nan')):.2f} GB; bundle {ours['bundle_gb']:.2f} GB; "
+        f"load {ours['load_s']:.2f} s; inference peak RSS {ours['peak_rss_gb']:.2f} GB.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}. Medians (min-max) of repeated runs; "
+        "ratios > 1 mean qwen3vl-onnx is faster.",
+    ]
+    for name, p in peers.items():
+        if "skipped" in p:
+            extra.append(f"- {name}: skipped ({p['skipped']})")
+    return "\n".join(lines + extra) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    """Horizontal bars, one group per metric, normalised to the best system in each group."""
+    systems = {"qwen3vl-onnx": result["ours"]} | {k: v for k, v in result.get("peers", {}).items() if "skipped" not in v}
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    rows = [(k, lbl, hi) for k, lbl, hi in ROWS if k in result["ours"]]
+    bar_h, gap, left, width = 16, 14, 330, 420
+    height = 30 + len(rows) * (len(systems) * bar_h + gap) + 20 * len(systems)
+    img = Image.new("RGB", (left + width + 120, height), "white")
+    d = ImageDraw.Draw(img)
+    y = 10
+    for key, label, higher in rows:
+        vals = [_median(s.get(PEER_KEYS.get(key, key) if n != "qwen3vl-onnx" else key, 0) or 0) for n, s in systems.items()]
+        speed = [(v if higher else (1 / v if v else 0)) for v in vals]
+        top = max(speed) or 1
+        d.text((5, y + 2), label, fill="black")
+        for i, (v, s) in enumerate(zip(vals, speed, strict=True)):
+            d.rectangle((left, y, left + int(width * s / top), y + bar_h - 3), fill=colors[i % len(colors)])
+            d.text((left + int(width * s / top) + 4, y + 2), f"{v:.3g}", fill="black")
+            y += bar_h
+        y += gap
+    for i, name in enumerate(systems):
+        d.rectangle((10, y, 22, y + 12), fill=colors[i % len(colors)])
+        d.text((28, y), name, fill="black")
+        y += 20
+    img.save(path)

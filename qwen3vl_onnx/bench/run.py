@@ -1,0 +1,125 @@
+"""``qwen3vl-onnx bench``: the figures a CPU user of a VLM cares about, each a median of repeats.
+
+Measured on one bundle: export time and peak RSS (in a child process), bundle size, load time,
+vision encode at 448x448 and 896x896, prefill tok/s at 32 and 256 tokens, time to first token for
+a 448x448 image plus a short question, decode tok/s over 128 tokens, and the inference process's
+peak RSS. ``--compare`` adds peers run on the same random weights (see ``peers.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .presets import preset_config, write_random_checkpoint
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prepare_checkpoint(shape: str, workdir: Path) -> Path:
+    ckpt = workdir / shape / "checkpoint"
+    if not (ckpt / "model.safetensors").is_file():
+        print(f"writing random {shape} checkpoint to {ckpt}", file=sys.stderr)
+        write_random_checkpoint(ckpt, preset_config(shape))
+    return ckpt
+
+
+def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int) -> dict:
+    """Export in a child process so its time and peak memory are its own."""
+    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), "--precision", precision,
+           "--block-size", str(block_size), "--force"]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    secs = time.perf_counter() - t
+    if r.returncode:
+        raise RuntimeError(f"export failed: {r.stderr.strip().splitlines()[-1:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"export_s": secs, "export_peak_rss_gb": max(peak, before) / 2**20}
+
+
+def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> dict:
+    """Inference figures for one bundle (run in a fresh process to get its own peak RSS)."""
+    from ..runtime.generate import Pipeline
+    from ..runtime.positions import rope_index
+
+    res: dict = {"bundle_gb": dir_size(bundle) / 2**30}
+    t = time.perf_counter()
+    pipe = Pipeline.from_bundle(bundle, threads=threads)
+    res["load_s"] = time.perf_counter() - t
+    m, cfg = pipe.model, pipe.config
+    rng = np.random.default_rng(0)
+    for side in (448, 896):
+        img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        p = pipe.prepare([{"role": "user", "content": [{"type": "image", "image": img}]}])
+        res[f"vision_{side}_s"] = stats(timed(lambda p=p: m.encode_images(p.pixel_values, p.grids), repeats))
+        res[f"vision_{side}_tokens"] = len(p.pixel_values) // 4
+    for n in (32, 256):
+        ids = rng.integers(0, 150000, n).tolist()
+        pos, _ = rope_index(ids, cfg.image_token_id, cfg.video_token_id)
+        emb = m.embed(ids)[None]
+        secs = timed(lambda emb=emb, pos=pos, n=n: m.forward(emb, pos[:, None, :], m.new_cache(capacity=n)), repeats)
+        res[f"prefill_{n}_tok_s"] = stats([n / s for s in secs])
+    img = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    q = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is in this picture?"}]}]
+    res["ttft_448_s"] = stats(timed(lambda: pipe.generate(q, max_new_tokens=1, temperature=0), repeats))
+    dec = []
+    for _ in range(max(1, repeats - 1)):
+        r = pipe.generate([{"role": "user", "content": "Tell me a story."}], max_new_tokens=128, temperature=0, ignore_eos=True)
+        dec.append(r.timings["decode_tok_per_s"])
+    res["decode_128_tok_s"] = stats(dec)
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return res
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+
+
+def child_measure(bundle: Path, repeats: int) -> dict:
+    r = subprocess.run(
+        [sys.executable, "-m", "qwen3vl_onnx.bench.run", str(bundle), str(repeats)], capture_output=True, text=True
+    )
+    if r.returncode:
+        raise RuntimeError(f"bench child failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":  # child entry: python -m qwen3vl_onnx.bench.run BUNDLE REPEATS
+    print(json.dumps(measure_bundle(Path(sys.argv[1]), int(sys.argv[2]))))

@@ -1,0 +1,29 @@
+"""Smoke run of ``qwen3vl-onnx bench`` on the tiny preset: every figure present, outputs written."""
+
+from __future__ import annotations
+
+import json
+
+from qwen3vl_onnx.bench.presets import preset_config
+from qwen3vl_onnx.config import Qwen3VLConfig
+
+
+def test_presets_are_the_released_shapes():
+    four = Qwen3VLConfig.from_dict(preset_config("4b"))
+    assert (four.text.hidden_size, four.text.num_hidden_layers, four.text.intermediate_size) == (2560, 36, 9728)
+    assert four.tie_word_embeddings and four.vision.deepstack_visual_indexes == (5, 11, 17)
+    eight = Qwen3VLConfig.from_dict(preset_config("8b"))
+    assert not eight.tie_word_embeddings and eight.vision.hidden_size == 1152 and eight.text.mrope_section == (24, 20, 20)
+
+
+def test_bench_tiny_smoke(cli, tmp_path):
+    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", tmp_path / "w", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "bench-tiny-int4.json").read_text())
+    ours = res["ours"]
+    for key in ("vision_448_s", "vision_896_s", "prefill_32_tok_s", "prefill_256_tok_s", "ttft_448_s", "decode_128_tok_s"):
+        assert ours[key]["median"] > 0, key
+    assert ours["vision_448_tokens"] == 196 and ours["vision_896_tokens"] == 784
+    assert res["export_s"] > 0 and res["export_peak_rss_gb"] > 0 and ours["peak_rss_gb"] > 0
+    assert (tmp_path / "o" / "bench-tiny-int4.png").stat().st_size > 1000
+    assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4.md").read_text()
