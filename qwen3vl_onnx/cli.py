@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block (power of two >= 16)")
+    e.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"], help="vision tower linear layers")
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
     b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
     b.add_argument("--block-size", type=int, default=32)
+    b.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
     b.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "bench"))
@@ -140,7 +142,12 @@ def _demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
 def _demo(args: argparse.Namespace) -> int:
     from .runtime.generate import Pipeline
 
+    from .shapes.model import packaged_checkpoint
+
     work = Path(args.workdir).expanduser()
+    if not args.random and not (packaged_checkpoint() / "model.safetensors").is_file():
+        print("the trained shapes checkpoint is not in this installation; using random weights", file=sys.stderr)
+        args.random = True
     pipe = Pipeline.from_bundle(_demo_bundle(work, args.random, args.rebuild))
     if not args.random:
         return _demo_shapes(pipe, work, args)
@@ -192,9 +199,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     work, out = Path(args.workdir).expanduser(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    name = args.shape if not args.bundle else Path(args.bundle).name
     result: dict = {
-        "shape": args.shape if not args.bundle else Path(args.bundle).name,
+        "shape": name,
         "precision": args.precision,
+        "vision_precision": args.vision_precision,
         "machine": machine(),
     }
     ckpt = None
@@ -202,9 +211,9 @@ def _bench(args: argparse.Namespace) -> int:
         bundle = Path(args.bundle)
     else:
         ckpt = prepare_checkpoint(args.shape, work)
-        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}"
+        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}-v{args.vision_precision}"
         print(f"exporting {bundle}", file=sys.stderr)
-        result.update(export_measured(ckpt, bundle, args.precision, args.block_size))
+        result.update(export_measured(ckpt, bundle, args.precision, args.block_size, args.vision_precision))
     print("measuring qwen3vl-onnx", file=sys.stderr)
     result["ours"] = child_measure(bundle, args.repeats)
     if args.compare:
@@ -214,7 +223,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
         result["peers"] = run_peers(ckpt, params, args.repeats)
-    stem = out / f"bench-{result['shape']}-{args.precision}"
+    stem = out / f"bench-{name}-{args.precision}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     stem.with_suffix(".md").write_text(table)
@@ -253,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .export.bundle import export
 
-            out = export(args.checkpoint, args.out, args.precision, args.force, args.block_size, args.portable)
+            out = export(
+                args.checkpoint, args.out, args.precision, args.force, args.block_size, args.portable, args.vision_precision
+            )
             print(f"wrote {out}")
             return 0
         commands = {"generate": _generate, "demo": _demo, "verify": _verify, "eval": _eval, "bench": _bench}

@@ -1,6 +1,6 @@
 """Train the tiny "shapes" Qwen3-VL with transformers on CPU, reproducibly, and save it into the package.
 
-    python scripts/train_shapes.py                      # full run (about 25 minutes on 2 cores)
+    python scripts/train_shapes.py                      # full run (about 29 minutes on 2 cores)
     python scripts/train_shapes.py --steps 3 --out /tmp/x --eval 8   # smoke test
 
 The model is transformers' Qwen3VLForConditionalGeneration at SHAPES_CONFIG (real tokenizer, tied
@@ -32,6 +32,7 @@ from qwen3vl_onnx.shapes import task
 from qwen3vl_onnx.shapes.model import GENERATION, PREPROCESSOR, SHAPES_CONFIG, packaged_checkpoint
 
 IM_END, PAD, IMG = 151645, 151643, 151655
+ASSISTANT = [151644, 77091, 198]  # "<|im_start|>assistant\n"
 
 
 class Encoder:
@@ -40,22 +41,39 @@ class Encoder:
         self.template = chat_template()
         self.image_config = ImageProcessorConfig.from_dict(PREPROCESSOR)
 
-    def item(self, it: task.Item) -> tuple[list[int], int, np.ndarray, list]:
-        """Prompt+answer ids, index where the answer starts, pixel values, grids."""
+    def item(self, it: task.Item) -> tuple[list[int], list[bool], np.ndarray, list]:
+        """Prompt+answer ids, which ids are supervised, pixel values, grids."""
         p = build_prompt(self.tokenizer, self.template, self.image_config, IMG, task.messages(it))
         answer = self.tokenizer.encode(it.answer, add_special_tokens=False).ids + [IM_END]
-        return p.ids + answer, len(p.ids), p.pixel_values, p.grids
+        return p.ids + answer, [False] * len(p.ids) + [True] * len(answer), p.pixel_values, p.grids
 
-    def batch(self, items: list[task.Item]) -> dict[str, torch.Tensor]:
-        enc = [self.item(it) for it in items]
+    def dialogue(self, seed: int) -> tuple[list[int], list[bool], np.ndarray, list]:
+        """A multi-turn conversation about one picture; every assistant answer is supervised."""
+        images, qas = task.conversation(seed)
+        msgs: list[dict] = []
+        for i, (q, a) in enumerate(qas):
+            content = ([{"type": "image", "image": im} for im in images] if i == 0 else []) + [{"type": "text", "text": q}]
+            msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
+        p = build_prompt(self.tokenizer, self.template, self.image_config, IMG, msgs, add_generation_prompt=False)
+        target, inside = [], False
+        for j, t in enumerate(p.ids):  # answer tokens: after "<|im_start|>assistant\n", through <|im_end|>
+            if j >= 3 and p.ids[j - 3 : j] == ASSISTANT:
+                inside = True
+            target.append(inside)
+            if t == IM_END:
+                inside = False
+        return p.ids, target, p.pixel_values, p.grids
+
+    def batch(self, items: list, dialogues: list[int] = ()) -> dict[str, torch.Tensor]:
+        enc = [self.item(it) for it in items] + [self.dialogue(s) for s in dialogues]
         longest = max(len(e[0]) for e in enc)
         ids = torch.full((len(enc), longest), PAD, dtype=torch.long)
         mask = torch.zeros_like(ids)
         target = torch.zeros_like(ids, dtype=torch.bool)
-        for b, (seq, start, _, _) in enumerate(enc):
+        for b, (seq, sup, _, _) in enumerate(enc):
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, : len(seq)] = 1
-            target[b, start : len(seq)] = True
+            target[b, : len(seq)] = torch.tensor(sup)
         return {
             "input_ids": ids,
             "attention_mask": mask,
@@ -90,7 +108,7 @@ def first_token_accuracy(model, enc: Encoder, items: list[task.Item]) -> dict[st
         out = model.model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
                           image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(ids == IMG).long())  # fmt: skip
         for b, it in enumerate(chunk):
-            start = int(batch["target"][b].nonzero()[0])
+            start = int(batch["target"][b].nonzero()[0])  # single-question items: the answer's first token
             pred = int(model.lm_head(out.last_hidden_state[b, start - 1]).argmax())
             hits.setdefault(it.kind, []).append(int(pred == ids[b, start]))
     acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
@@ -117,9 +135,10 @@ def save(model, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--batch", type=int, default=24, help="single-question items per step")
+    ap.add_argument("--dialogues", type=int, default=8, help="multi-turn conversations per step")
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=200, help="held-out items checked at the end")
     ap.add_argument("--out", type=Path, default=packaged_checkpoint())
@@ -127,7 +146,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**SHAPES_CONFIG))
+    # sdpa is the same maths as eager and ~20% faster here; the saved weights do not depend on it.
+    model = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig(**SHAPES_CONFIG), attn_implementation="sdpa")
     model.train()
     enc = Encoder()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -140,8 +160,9 @@ def main() -> None:
     t0, seed = time.time(), args.seed * 10_000_000
     for step in range(args.steps):
         items = [task.make_item(seed + i) for i in range(args.batch)]
-        seed += args.batch
-        loss = loss_fn(model, enc.batch(items))
+        dialogues = list(range(seed + args.batch, seed + args.batch + args.dialogues))
+        seed += args.batch + args.dialogues
+        loss = loss_fn(model, enc.batch(items, dialogues))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -17,13 +17,15 @@ def test_presets_are_the_released_shapes():
 
 
 def test_bench_tiny_smoke(cli, tmp_path):
-    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", tmp_path / "w", "--out", tmp_path / "o")
+    r = cli(
+        "bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", tmp_path / "w", "--out", tmp_path / "o"
+    )
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "o" / "bench-tiny-int4.json").read_text())
+    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vfp32.json").read_text())
     ours = res["ours"]
     for key in ("vision_448_s", "vision_896_s", "prefill_32_tok_s", "prefill_256_tok_s", "ttft_448_s", "decode_128_tok_s"):
         assert ours[key]["median"] > 0, key
     assert ours["vision_448_tokens"] == 196 and ours["vision_896_tokens"] == 784
     assert res["export_s"] > 0 and res["export_peak_rss_gb"] > 0 and ours["peak_rss_gb"] > 0
-    assert (tmp_path / "o" / "bench-tiny-int4.png").stat().st_size > 1000
-    assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4.md").read_text()
+    assert (tmp_path / "o" / "bench-tiny-int4-vfp32.png").stat().st_size > 1000
+    assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4-vfp32.md").read_text()

@@ -98,3 +98,15 @@ def test_portable_graph_matches_fused(tiny_one, tmp_path):
     a = fused.generate(msgs, max_new_tokens=8, temperature=0, ignore_eos=True)
     b = portable.generate(msgs, max_new_tokens=8, temperature=0, ignore_eos=True)
     assert a.token_ids == b.token_ids
+
+
+def test_int8_vision_tower(tiny_one, tmp_path):
+    """--vision-precision int8: image embeddings and DeepStack features keep cosine >= 0.999."""
+    grids = [(1, 6, 8)]
+    pv = np.random.default_rng(2).standard_normal((48, 1536), dtype=np.float32)
+    q = Pipeline.from_bundle(export(tiny_one.checkpoint, tmp_path / "v8", vision_precision="int8")).model
+    emb, ds = q.encode_images(pv, grids)
+    ref = tiny_one.model.model.visual(torch.from_numpy(pv), grid_thw=torch.tensor(grids))
+    cos = [_cos(emb, ref.pooler_output.numpy())] + [_cos(ds[k], f.numpy()) for k, f in enumerate(ref.deepstack_features)]
+    print(f"\nint8 vision cosines {[round(c, 5) for c in cos]}")
+    assert min(cos) >= 0.999

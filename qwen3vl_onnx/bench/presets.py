@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Qwen3VLConfig, weight_shapes
-from ..demo.checkpoint import GENERATION, PREPROCESSOR, VIDEO_PREPROCESSOR, chat_template
+from ..demo.checkpoint import CONFIG_HEADER, GENERATION, PREPROCESSOR, VIDEO_PREPROCESSOR, chat_template
 from ..demo.tokenizer import write_tokenizer_files
 from ..export.weights import f32_to_bf16
 
@@ -35,12 +35,7 @@ def preset_config(shape: str) -> dict:
     head_dim = 128 if shape != "tiny" else 32
     section = [24, 20, 20] if shape != "tiny" else [6, 5, 5]
     return {
-        "architectures": ["Qwen3VLForConditionalGeneration"],
-        "model_type": "qwen3_vl",
-        "image_token_id": 151655,
-        "video_token_id": 151656,
-        "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653,
+        **CONFIG_HEADER,
         "tie_word_embeddings": tied,
         "text_config": {
             "vocab_size": 151936, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,

@@ -50,10 +50,10 @@ def prepare_checkpoint(shape: str, workdir: Path) -> Path:
     return ckpt
 
 
-def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int) -> dict:
+def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, vision_precision: str = "fp32") -> dict:
     """Export in a child process so its time and peak memory are its own."""
     cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), "--precision", precision,
-           "--block-size", str(block_size), "--force"]  # fmt: skip
+           "--block-size", str(block_size), "--vision-precision", vision_precision, "--force"]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)

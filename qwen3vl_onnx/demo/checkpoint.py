@@ -17,13 +17,17 @@ from ..config import Qwen3VLConfig, weight_shapes
 from ..export.weights import save_safetensors
 from .tokenizer import write_tokenizer_files
 
-DEMO_CONFIG = {
+# The top-level keys every Qwen3-VL config.json carries (architecture and special token ids).
+CONFIG_HEADER = {
     "architectures": ["Qwen3VLForConditionalGeneration"],
     "model_type": "qwen3_vl",
     "image_token_id": 151655,
     "video_token_id": 151656,
     "vision_start_token_id": 151652,
     "vision_end_token_id": 151653,
+}
+DEMO_CONFIG = {
+    **CONFIG_HEADER,
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
     "text_config": {

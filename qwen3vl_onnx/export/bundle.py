@@ -94,7 +94,7 @@ def _progress(total: int, desc: str):
 
 
 def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False, block_size: int = 32,
-           portable: bool = False) -> Path:  # fmt: skip
+           portable: bool = False, vision_precision: str = "fp32") -> Path:  # fmt: skip
     """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits; the vision tower
@@ -104,7 +104,9 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if portable and precision in BITS:
+    if vision_precision not in ("fp32", "int8"):
+        raise UserError(f"vision precision {vision_precision!r} is not one of fp32, int8")
+    if portable and (precision in BITS or vision_precision != "fp32"):
         raise UserError(f"--portable graphs cannot be {precision}: MatMulNBits is an ONNX Runtime contrib op")
     opts = DecoderOptions(fused=not portable, bits=BITS.get(precision, 0), block_size=block_size)
     out = Path(out).expanduser().resolve()
@@ -123,7 +125,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         dtype = PRECISIONS[precision]
         update, close = _progress(cfg.vision.depth, "vision ")
         vg = Graph("qwen3vl_vision", tmp / "vision.onnx", dtype)
-        build_vision(vg, cfg.vision, weights, update)
+        build_vision(vg, cfg.vision, weights, update, bits=8 if vision_precision == "int8" else 0)
         vg.save()
         close()
         update, close = _progress(cfg.text.num_hidden_layers, "decoder")
@@ -140,6 +142,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
             "format": "qwen3vl-onnx-bundle",
             "format_version": 1,
             "precision": precision,
+            "vision_precision": vision_precision,
             "decoder_options": dataclasses.asdict(opts),
             "config": cfg.to_dict(),
             "graphs": {

@@ -119,9 +119,12 @@ class Graph:
 
     # ---- building blocks shared by the vision and text graphs ----
 
-    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
-        """x @ W^T + b for a torch ``nn.Linear`` weight of shape (out, in)."""
-        y = self.op("MatMul", x, self.weight(name + ".weight", w.T))
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, bits: int = 0) -> str:
+        """x @ W^T + b for a torch ``nn.Linear`` weight of shape (out, in); ``bits`` 4/8 quantizes W."""
+        if bits:
+            y = self.linear_nbits(x, w, name, bits, 32, 4)
+        else:
+            y = self.op("MatMul", x, self.weight(name + ".weight", w.T))
         if b is not None:
             y = self.op("Add", y, self.weight(name + ".bias", b, np.float32))
         return y

@@ -35,13 +35,26 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(n, -1, block_size)
 
 
-def quantize(w: np.ndarray, bits: int, block_size: int) -> Quantized:
-    """Quantize a torch-layout weight (out, in). 4 bits: asymmetric (min/max); 8 bits: symmetric."""
+def quantize(w: np.ndarray, bits: int, block_size: int, rows_per_chunk: int = 4096) -> Quantized:
+    """Quantize a torch-layout weight (out, in). 4 bits: asymmetric (min/max); 8 bits: symmetric.
+
+    Rows are processed in chunks so the float temporaries stay small even for a 150k-row lm_head.
+    """
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError("block_size must be a power of two >= 16")
-    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    parts = [
+        _quantize_rows(np.asarray(w[i : i + rows_per_chunk], np.float32), bits, block_size) for i in range(0, n, rows_per_chunk)
+    ]
+    zps = None if bits == 8 else np.concatenate([p.zero_points for p in parts])
+    return Quantized(
+        np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), zps, bits, block_size, k, n
+    )
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> Quantized:
     n, k = w.shape
     b = _blocks(w, block_size)
     if bits == 4:

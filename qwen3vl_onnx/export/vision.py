@@ -33,14 +33,20 @@ VISION_INPUTS = {
 }
 
 
-def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progress=None) -> None:
-    """Emit the vision tower into ``g``; ``w`` maps HF tensor names to float32 arrays."""
+def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progress=None, bits: int = 0) -> None:
+    """Emit the vision tower into ``g``; ``w`` maps HF tensor names to float32 arrays.
+
+    ``bits`` 8 runs the tower's linear layers through MatMulNBits (int8 weights and compute).
+    """
     ins = {name: g.input(name, t, shape) for name, (t, shape) in VISION_INPUTS.items()}
     d, heads, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
 
+    def lin(x: str, prefix: str) -> str:
+        return g.linear(x, w[prefix + ".weight"], w[prefix + ".bias"], prefix, bits=bits)
+
     # Conv3d with stride == kernel is a matmul over flattened (C, T, P, P) patches.
     patch_w = w[P + "patch_embed.proj.weight"].reshape(d, -1)
-    x = g.linear(ins["pixel_values"], patch_w, w[P + "patch_embed.proj.bias"], "patch_embed")
+    x = g.linear(ins["pixel_values"], patch_w, w[P + "patch_embed.proj.bias"], "patch_embed", bits=bits)
 
     # Bilinear interpolation of the learned position table: sum of 4 weighted rows.
     table = g.weight("pos_embed.weight", w[P + "pos_embed.weight"])
@@ -54,7 +60,7 @@ def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progr
     scale = g.const(hd**-0.5, np.float32)
 
     def attention(h: str, prefix: str) -> str:
-        qkv = g.linear(h, w[prefix + "qkv.weight"], w[prefix + "qkv.bias"], prefix + "qkv")
+        qkv = lin(h, prefix + "qkv")
         qkv = g.op("Reshape", qkv, g.const([0, 3, heads, hd]))
         q, k, v = (g.op("Squeeze", t, g.const([1])) for t in g.op("Split", qkv, axis=1, num_outputs=3, n_out=3))
         q, k = g.rotary(q, cos, sin), g.rotary(k, cos, sin)
@@ -64,7 +70,7 @@ def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progr
         probs = g.op("Softmax", g.op("Add", scores, key_mask), axis=-1)
         o = g.op("Transpose", g.op("MatMul", probs, v), perm=[0, 2, 1, 3])  # (B, L, H, hd)
         o = g.op("Gather", g.op("Reshape", o, g.const([-1, d])), ins["attn_scatter"], axis=0)
-        return g.linear(o, w[prefix + "proj.weight"], w[prefix + "proj.bias"], prefix + "proj")
+        return lin(o, prefix + "proj")
 
     def merger(h: str, prefix: str, postshuffle: bool) -> str:
         norm = lambda t: g.layer_norm(t, w[prefix + "norm.weight"], w[prefix + "norm.bias"], prefix + "norm")  # noqa: E731
@@ -73,9 +79,7 @@ def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progr
             if postshuffle
             else g.op("Reshape", norm(h), g.const([-1, cfg.merged_hidden_size]))
         )
-        h = g.linear(h, w[prefix + "linear_fc1.weight"], w[prefix + "linear_fc1.bias"], prefix + "linear_fc1")
-        h = g.gelu(h, "none")
-        return g.linear(h, w[prefix + "linear_fc2.weight"], w[prefix + "linear_fc2.bias"], prefix + "linear_fc2")
+        return lin(g.gelu(lin(h, prefix + "linear_fc1"), "none"), prefix + "linear_fc2")
 
     act = "tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "none"
     deepstack = []
@@ -84,8 +88,7 @@ def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progr
         h = g.layer_norm(x, w[b + "norm1.weight"], w[b + "norm1.bias"], b + "norm1")
         x = g.op("Add", x, attention(h, b + "attn."))
         h = g.layer_norm(x, w[b + "norm2.weight"], w[b + "norm2.bias"], b + "norm2")
-        h = g.linear(h, w[b + "mlp.linear_fc1.weight"], w[b + "mlp.linear_fc1.bias"], b + "mlp.linear_fc1")
-        h = g.linear(g.gelu(h, act), w[b + "mlp.linear_fc2.weight"], w[b + "mlp.linear_fc2.bias"], b + "mlp.linear_fc2")
+        h = lin(g.gelu(lin(h, b + "mlp.linear_fc1"), act), b + "mlp.linear_fc2")
         x = g.op("Add", x, h)
         if i in cfg.deepstack_visual_indexes:
             k = cfg.deepstack_visual_indexes.index(i)

@@ -11,15 +11,12 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from ..demo.checkpoint import CONFIG_HEADER
+from ..demo.checkpoint import PREPROCESSOR as RELEASED_PREPROCESSOR
 from ..demo.tokenizer import write_tokenizer_files
 
 SHAPES_CONFIG = {
-    "architectures": ["Qwen3VLForConditionalGeneration"],
-    "model_type": "qwen3_vl",
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
+    **CONFIG_HEADER,
     "tie_word_embeddings": True,
     "text_config": {
         "model_type": "qwen3_vl_text",
@@ -51,21 +48,8 @@ SHAPES_CONFIG = {
         "num_position_embeddings": 2304,
     },
 }
-PREPROCESSOR = {
-    "size": {"shortest_edge": 96 * 96, "longest_edge": 160 * 160},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "do_resize": True,
-    "do_convert_rgb": True,
-    "image_processor_type": "Qwen2VLImageProcessorFast",
-    "processor_class": "Qwen3VLProcessor",
-}
+# The released processor settings with a small pixel budget: 9 to 25 image tokens per picture.
+PREPROCESSOR = {**RELEASED_PREPROCESSOR, "size": {"shortest_edge": 96 * 96, "longest_edge": 160 * 160}}
 GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}
 
 

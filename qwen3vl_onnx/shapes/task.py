@@ -116,6 +116,8 @@ def _question(kind: str, objs: list[Obj], rng: np.random.Generator) -> tuple[str
             return None
         o = cands[int(rng.integers(len(cands)))]
         return f"What shape is the {o.color} one?", o.shape
+    if len(objs) < 2:
+        return None
     side = ("left", "right", "top", "bottom")[int(rng.integers(4))]
     key = {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy, "bottom": lambda o: -o.cy}[side]
     ranked = sorted(objs, key=key)
@@ -128,6 +130,25 @@ def _question(kind: str, objs: list[Obj], rng: np.random.Generator) -> tuple[str
             "right",
         ) else f"What color is the shape at the {side}?", o.color
     return f"Which shape is on the {side}?" if side in ("left", "right") else f"Which shape is at the {side}?", o.shape
+
+
+def describe(objs: list[Obj]) -> str:
+    """Every shape, left to right (top to bottom on ties): a training-only, densely supervised answer."""
+    return ", ".join(f"{o.color} {o.shape}" for o in sorted(objs, key=lambda o: (round(o.cx * 3), o.cy)))
+
+
+def conversation(seed: int, turns: int = 4) -> tuple[list[Image.Image], list[tuple[str, str]]]:
+    """One picture and several question/answer turns about it (training only: more signal per image)."""
+    rng = np.random.default_rng(seed)
+    size = SIZES[int(rng.integers(len(SIZES)))]
+    objs = scene(rng, int(rng.integers(1, 4)))
+    qas = [("List the shapes from left to right.", describe(objs))]
+    for kind in rng.permutation(["color", "shape", "count", "position", "color", "shape"]):
+        qa = _question(str(kind), objs, rng)
+        if qa and qa not in qas:
+            qas.append(qa)
+    order = rng.permutation(len(qas))[:turns]
+    return [draw(objs, size, rng)], [qas[i] for i in order]
 
 
 def messages(item: Item) -> list[dict]:
