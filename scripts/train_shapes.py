@@ -135,9 +135,9 @@ def save(model, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2500)
-    ap.add_argument("--batch", type=int, default=24, help="single-question items per step")
-    ap.add_argument("--dialogues", type=int, default=8, help="multi-turn conversations per step")
+    ap.add_argument("--steps", type=int, default=2200)
+    ap.add_argument("--batch", type=int, default=16, help="single-question items per step")
+    ap.add_argument("--dialogues", type=int, default=16, help="multi-turn conversations per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval", type=int, default=200, help="held-out items checked at the end")

@@ -148,7 +148,34 @@ def test_verify_passes_and_catches_a_wrong_bundle(cli, tiny_one, setup, tmp_path
 
 
 def test_demo_end_to_end(cli, tmp_path):
-    r = cli("demo", "--workdir", tmp_path / "demo", "--max-new-tokens", "4")
+    r = cli("demo", "--workdir", tmp_path / "demo", "--seed", "11", "--questions", "5")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("expected:" in line for line in lines) == 5 and lines[-1].split("/")[0].isdigit()
+    assert int(lines[-1].split("/")[0]) >= 4  # the trained model gets fresh pictures right
+    assert (tmp_path / "demo" / "shapes" / "bundle" / "manifest.json").is_file()
+
+
+def test_demo_random_weights(cli, tmp_path):
+    r = cli("demo", "--random", "--workdir", tmp_path / "demo", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     assert "assistant" in r.stdout and "random weights" in r.stdout
-    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+
+
+def test_runtime_needs_no_torch(setup):
+    """Inference imports neither torch nor transformers (they are test/verify extras only)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from qwen3vl_onnx.runtime.generate import Pipeline\n"
+        f"p = Pipeline.from_bundle({str(setup / 'bundle')!r})\n"
+        f"img = {{'type': 'image', 'image': {str(setup / 'img.png')!r}}}\n"
+        "m = [{'role': 'user', 'content': [img, {'type': 'text', 'text': 'hi'}]}]\n"
+        "p.generate(m, max_new_tokens=2, temperature=0)\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers')]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

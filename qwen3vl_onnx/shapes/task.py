@@ -48,13 +48,14 @@ def draw(objs: list[Obj], size: tuple[int, int], rng: np.random.Generator) -> Im
     bg = tuple(int(x) for x in rng.integers(225, 250, 3))
     img = Image.new("RGB", size, bg)
     d = ImageDraw.Draw(img)
-    r = min(w, h) / 7
+    r = min(w, h) / 6.5  # a shape spans about 3x3 patches
     for o in objs:
         x, y, c = o.cx * w, o.cy * h, COLORS[o.color]
         if o.shape == "circle":
             d.ellipse((x - r, y - r, x + r, y + r), fill=c)
         elif o.shape == "square":
-            d.rectangle((x - r * 0.9, y - r * 0.9, x + r * 0.9, y + r * 0.9), fill=c)
+            # square 4r^2, circle 3.1r^2, triangle 2r^2: kinds differ in area as well as outline
+            d.rectangle((x - r, y - r, x + r, y + r), fill=c)
         else:
             d.polygon([(x, y - r), (x - r * 1.1, y + r * 0.8), (x + r * 1.1, y + r * 0.8)], fill=c)
     return img
@@ -66,7 +67,7 @@ def scene(rng: np.random.Generator, n: int) -> list[Obj]:
     pairs = rng.choice(len(SHAPES) * len(COLORS), size=n, replace=False)
     out = []
     for cell, pair in zip(cells, pairs, strict=True):
-        jx, jy = rng.uniform(-0.05, 0.05, 2)
+        jx, jy = rng.uniform(-0.03, 0.03, 2)
         out.append(
             Obj(
                 SHAPES[pair % len(SHAPES)],
@@ -147,8 +148,10 @@ def conversation(seed: int, turns: int = 4) -> tuple[list[Image.Image], list[tup
         qa = _question(str(kind), objs, rng)
         if qa and qa not in qas:
             qas.append(qa)
-    order = rng.permutation(len(qas))[:turns]
-    return [draw(objs, size, rng)], [qas[i] for i in order]
+    order = 1 + rng.permutation(len(qas) - 1)[: turns - 1]  # the list turn always, at a random place
+    picked = [qas[i] for i in order]
+    picked.insert(int(rng.integers(len(picked) + 1)), qas[0])
+    return [draw(objs, size, rng)], picked
 
 
 def messages(item: Item) -> list[dict]:

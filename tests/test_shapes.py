@@ -1,0 +1,82 @@
+"""The embedded trained "shapes" model: held-out accuracy of the fp32 bundle, and agreement with
+transformers on every held-out item.
+
+Bound: >= 75% overall on the 200 held-out items. The shipped checkpoint measures 79% (transformers
+and the fp32 bundle alike: colour 75, compare 97.5, count 95, position 62.5, shape 65); the
+issue's 95% target is not reached yet, so this bound guards against regressions in export and
+runtime (any real bug drops answers to chance, about 30%), not the training target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen3vl_onnx.export.bundle import export
+from qwen3vl_onnx.runtime.generate import Pipeline
+from qwen3vl_onnx.shapes import task
+from qwen3vl_onnx.shapes.evaluate import evaluate, normalize
+from qwen3vl_onnx.shapes.model import packaged_checkpoint, unpack
+
+N_ITEMS = 200
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    ckpt = unpack(root / "ckpt")
+    return ckpt, export(ckpt, root / "bundle")
+
+
+def test_checkpoint_is_small_and_real_architecture():
+    st = packaged_checkpoint() / "model.safetensors"
+    assert st.stat().st_size <= 25 * 2**20
+    cfg = json.loads((packaged_checkpoint() / "config.json").read_text())
+    assert cfg["text_config"]["vocab_size"] == 151936 and cfg["tie_word_embeddings"]
+    assert len(cfg["vision_config"]["deepstack_visual_indexes"]) >= 2 and cfg["vision_config"]["patch_size"] == 16
+
+
+def test_heldout_accuracy_and_agreement_with_transformers(shapes):
+    ckpt, bundle = shapes
+    pipe = Pipeline.from_bundle(bundle)
+    rep = evaluate(pipe, N_ITEMS)
+    acc = rep.accuracy()
+    print("\n" + rep.table())
+    assert acc["overall"] >= 0.75, acc
+
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.set_grad_enabled(False)
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    for it, ours in zip(task.eval_items(N_ITEMS), rep.answers, strict=True):
+        p = pipe.prepare(task.messages(it))
+        ids = torch.tensor([p.ids])
+        out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.from_numpy(p.pixel_values),
+                           image_grid_thw=torch.tensor(p.grids), mm_token_type_ids=(ids == 151655).long(), max_new_tokens=4,
+                           do_sample=False)  # fmt: skip
+        text = pipe.tokenizer.decode(out[0, len(p.ids) :].tolist(), skip_special_tokens=True)
+        assert normalize(text) == normalize(ours), (it.question, text, ours)
+
+
+def test_eval_cli(cli, shapes):
+    r = cli("eval", shapes[1], "-n", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    acc = json.loads(r.stdout.strip().splitlines()[-1])["accuracy"]
+    assert set(acc) == set(task.KINDS) | {"overall"}
+
+
+def test_heldout_set_is_reproducible_and_disjoint_from_training():
+    a, b = task.eval_items(10), task.eval_items(10)
+    assert [(x.question, x.answer) for x in a] == [(x.question, x.answer) for x in b]
+    assert task.EVAL_SEED > 2200 * 32  # training seeds are 0 .. steps * (batch + dialogues)
+
+
+def test_training_script_smoke(tmp_path):
+    args = ["--steps", "2", "--batch", "4", "--dialogues", "2", "--eval", "5", "--out", str(tmp_path / "o")]
+    r = subprocess.run([sys.executable, "scripts/train_shapes.py", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "o" / "config.json").is_file()
+    assert "held-out accuracy" in r.stdout
