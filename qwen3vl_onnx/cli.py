@@ -141,7 +141,6 @@ def _demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
 
 def _demo(args: argparse.Namespace) -> int:
     from .runtime.generate import Pipeline
-
     from .shapes.model import packaged_checkpoint
 
     work = Path(args.workdir).expanduser()
