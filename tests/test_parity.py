@@ -97,6 +97,7 @@ def test_bf16_checkpoint_and_fp16_bundle(tmp_path, tokenizer_files):
 
     from .conftest import GEOMETRIES, build_checkpoint
 
+    torch.set_grad_enabled(False)
     ckpt = build_checkpoint(tmp_path / "ckpt", GEOMETRIES["tied_gqa2"], tokenizer_files, seed=5, bf16=True)
     ref_model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager")
     for precision, tol in (("fp32", TOL), ("fp16", 0.05)):

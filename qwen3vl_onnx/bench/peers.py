@@ -77,7 +77,7 @@ def run_peers(ckpt: Path, params: int, repeats: int, decode_tokens: int = 32) ->
         name = f"PyTorch transformers {dt}"
         if not have_torch:
             peers[name] = {"skipped": "torch/transformers not installed (pip install 'qwen3vl-onnx[torch]')"}
-        elif params * bytes_per > 0.75 * mem:
+        elif params * bytes_per > 0.6 * mem:  # leave room for activations and the OS
             peers[name] = {"skipped": f"needs {params * bytes_per / 2**30:.1f} GiB of weights, machine has {mem / 2**30:.0f} GiB"}
         else:
             cmd = [sys.executable, "-m", "qwen3vl_onnx.bench.peers", str(ckpt), dt, str(repeats), str(decode_tokens)]

@@ -59,21 +59,26 @@ class SafetensorsFile:
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.data_start + end > size:
             raise UserError(f"{path}: truncated safetensors file ({size} bytes, header needs {self.data_start + end})")
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
 
     def get(self, name: str) -> np.ndarray:
-        """Return the tensor as float32 (or its integer type), copied out of the map."""
+        """Return the tensor as float32 (or its integer type), read from the file.
+
+        A plain read rather than a memory map: mapped pages of an 8 GB checkpoint stay counted in
+        the exporter's resident memory, reads leave only the tensor being converted.
+        """
         e = self.entries[name]
         dt = _DTYPES.get(e["dtype"])
         if dt is None:
             raise UserError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
         a, b = e["data_offsets"]
-        arr = self._mm[self.data_start + a : self.data_start + b].view(dt).reshape(e["shape"])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + a)
+            arr = np.fromfile(f, dtype=dt, count=(b - a) // np.dtype(dt).itemsize).reshape(e["shape"])
         if e["dtype"] == "BF16":
             return bf16_to_f32(arr)
         if e["dtype"] == "F16":
             return arr.astype(np.float32)
-        return np.array(arr)
+        return arr
 
 
 class Checkpoint(Mapping[str, np.ndarray]):
