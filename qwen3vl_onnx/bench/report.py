@@ -73,13 +73,17 @@ def chart(result: dict, path: Path) -> None:
     d = ImageDraw.Draw(img)
     y = 10
     for key, label, higher in rows:
-        vals = [_median(s.get(PEER_KEYS.get(key, key) if n != "qwen3vl-onnx" else key, 0) or 0) for n, s in systems.items()]
-        speed = [(v if higher else (1 / v if v else 0)) for v in vals]
+        raw = [s.get(PEER_KEYS.get(key, key) if n != "qwen3vl-onnx" else key) for n, s in systems.items()]
+        vals = [_median(v) if v is not None else None for v in raw]
+        speed = [0.0 if v is None else (v if higher else 1 / v) for v in vals]
         top = max(speed) or 1
         d.text((5, y + 2), label, fill="black")
         for i, (v, s) in enumerate(zip(vals, speed, strict=True)):
-            d.rectangle((left, y, left + int(width * s / top), y + bar_h - 3), fill=colors[i % len(colors)])
-            d.text((left + int(width * s / top) + 4, y + 2), f"{v:.3g}", fill="black")
+            if v is None:
+                d.text((left + 4, y + 2), "not measured", fill="gray")
+            else:
+                d.rectangle((left, y, left + int(width * s / top), y + bar_h - 3), fill=colors[i % len(colors)])
+                d.text((left + int(width * s / top) + 4, y + 2), f"{v:.3g}", fill="black")
             y += bar_h
         y += gap
     for i, name in enumerate(systems):
