@@ -15,7 +15,6 @@ import numpy as np
 
 from .errors import UserError
 from .runtime.generate import Pipeline
-from .runtime.positions import rope_index
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 
@@ -67,16 +66,13 @@ def verify(checkpoint: str | Path, bundle: str | Path, images: list[str], prompt
 
     m = pipe.model
     emb, ds = m.encode_images(p.pixel_values, p.grids) if p.pixel_values is not None else (None, None)
-    pos, delta = rope_index(p.ids, cfg.image_token_id, cfg.video_token_id, p.grids, (), cfg.vision.spatial_merge_size)
-    embeds, vis, dsf = m.prefill_inputs(p.ids, emb, ds)
-    cache = m.new_cache()
-    logits = m.forward(embeds, pos[:, None, :], cache, vis, dsf, logits_to_keep=len(p.ids))[0]
+    cache = m.new_cache(capacity=len(p.ids) + steps)
+    logits = m.prefill(p.ids, emb, ds, p.grids, cache, logits_to_keep=len(p.ids))[0]
     prefill_diff = float(np.abs(logits - ref_prefill).max())
     decode_diff, agree, last = 0.0, 0, logits[-1]
     for step, tok in enumerate(ref_tokens):
         decode_diff = max(decode_diff, float(np.abs(last - ref_logits[step]).max()))
         agree += int(np.argmax(last)) == tok
-        pos_t = np.full((3, 1, 1), len(p.ids) + step + delta, np.int64)
-        last = m.forward(m.embed([tok])[None], pos_t, cache)[0, -1]
+        last = m.step(tok, cache)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(m.manifest["precision"], 1e-3)
     return Report(prefill_diff, decode_diff, agree, len(ref_tokens), tol)

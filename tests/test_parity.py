@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from qwen3vl_onnx.runtime.generate import Pipeline
-from qwen3vl_onnx.runtime.positions import rope_index
 
 from .conftest import picture
 
@@ -51,13 +50,11 @@ def _ref_logits(tiny, prompt):
 
 
 def _onnx_logits(pipe, prompt):
-    m, cfg = pipe.model, pipe.config
+    m = pipe.model
     emb = ds = None
     if prompt.pixel_values is not None:
         emb, ds = m.encode_images(prompt.pixel_values, prompt.grids)
-    pos, _ = rope_index(prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids)
-    embeds, vis, dsf = m.prefill_inputs(prompt.ids, emb, ds)
-    return m.forward(embeds, pos[:, None, :], m.new_cache(), vis, dsf, logits_to_keep=len(prompt.ids))[0]
+    return m.prefill(prompt.ids, emb, ds, prompt.grids, m.new_cache(), logits_to_keep=len(prompt.ids))[0]
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ from tokenizers import Tokenizer
 from ..errors import UserError
 from .chat import load_chat_template, render, split_messages
 from .model import BundleModel
-from .positions import rope_index
 from .preprocess import ImageProcessorConfig, preprocess_images
 from .sampling import sample
 
@@ -174,17 +173,13 @@ class Pipeline:
             raise UserError(f"prompt is {n} tokens, the context holds {self.context_length}")
         max_new_tokens = min(max_new_tokens, self.context_length - n)
         t_pre = time.perf_counter()
-        m, cfg = self.model, self.config
+        m = self.model
         image_embeds = deepstack = None
         if prompt.pixel_values is not None:
             image_embeds, deepstack = m.encode_images(prompt.pixel_values, prompt.grids)
         t_vis = time.perf_counter()
-        pos, delta = rope_index(
-            prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids, (), cfg.vision.spatial_merge_size
-        )
-        embeds, vis_index, ds = m.prefill_inputs(prompt.ids, image_embeds, deepstack)
         cache = m.new_cache(capacity=n + max_new_tokens)
-        logits = m.forward(embeds, pos[:, None, :], cache, vis_index, ds)[0, -1]
+        logits = m.prefill(prompt.ids, image_embeds, deepstack, prompt.grids, cache)[0, -1]
         rng = np.random.default_rng(seed)
         detok = Detokenizer(self.tokenizer)
         t_first = t_prefill = time.perf_counter()
@@ -199,8 +194,7 @@ class Pipeline:
             yield detok.push(tok)
             if step == max_new_tokens - 1:
                 break
-            p = n + step + delta
-            logits = m.forward(m.embed([tok])[None], np.full((3, 1, 1), p, np.int64), cache)[0, -1]
+            logits = m.step(tok, cache)
         yield detok.flush()
         t_end = time.perf_counter()
         k = len(detok.ids)

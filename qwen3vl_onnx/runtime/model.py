@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from ..config import Qwen3VLConfig
 from ..errors import UserError
+from .positions import rope_index
 from .vision_geometry import Grid, vision_inputs
 
 
@@ -32,6 +33,7 @@ class KVCache:
     values: list[np.ndarray]
     length: int = 0
     shared: bool = False
+    rope_delta: int = 0  # MRoPE: decode position = length + rope_delta (images compress positions)
     _ort: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
 
     def ensure(self, needed: int) -> None:
@@ -153,6 +155,19 @@ class BundleModel:
         self.decoder.run_with_iobinding(io)
         cache.length = total
         return io.get_outputs()[0].numpy()
+
+    def prefill(self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None,
+                grids: Sequence[Grid], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:  # fmt: skip
+        """Run a whole prompt (image features already encoded); sets the cache's MRoPE delta."""
+        cfg = self.config
+        pos, cache.rope_delta = rope_index(ids, cfg.image_token_id, cfg.video_token_id, grids, (), cfg.vision.spatial_merge_size)
+        embeds, visual_index, ds = self.prefill_inputs(ids, image_embeds, deepstack)
+        return self.forward(embeds, pos[:, None, :], cache, visual_index, ds, logits_to_keep)
+
+    def step(self, token: int, cache: KVCache) -> np.ndarray:
+        """Decode one token (all three MRoPE axes advance together); returns its logits row."""
+        pos = np.full((3, 1, 1), cache.length + cache.rope_delta, np.int64)
+        return self.forward(self.embed([token])[None], pos, cache)[0, -1]
 
     def prefill_inputs(
         self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None
