@@ -67,13 +67,12 @@ def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, v
 def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> dict:
     """Inference figures for one bundle (run in a fresh process to get its own peak RSS)."""
     from ..runtime.generate import Pipeline
-    from ..runtime.positions import rope_index
 
     res: dict = {"bundle_gb": dir_size(bundle) / 2**30}
     t = time.perf_counter()
     pipe = Pipeline.from_bundle(bundle, threads=threads)
     res["load_s"] = time.perf_counter() - t
-    m, cfg = pipe.model, pipe.config
+    m = pipe.model
     rng = np.random.default_rng(0)
     for side in (448, 896):
         img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
@@ -82,9 +81,7 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
         res[f"vision_{side}_tokens"] = len(p.pixel_values) // 4
     for n in (32, 256):
         ids = rng.integers(0, 150000, n).tolist()
-        pos, _ = rope_index(ids, cfg.image_token_id, cfg.video_token_id)
-        emb = m.embed(ids)[None]
-        secs = timed(lambda emb=emb, pos=pos, n=n: m.forward(emb, pos[:, None, :], m.new_cache(capacity=n)), repeats)
+        secs = timed(lambda ids=ids, n=n: m.prefill(ids, None, None, (), m.new_cache(capacity=n)), repeats)
         res[f"prefill_{n}_tok_s"] = stats([n / s for s in secs])
     img = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
     q = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is in this picture?"}]}]

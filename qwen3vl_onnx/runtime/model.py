@@ -32,7 +32,6 @@ class KVCache:
     keys: list[np.ndarray]
     values: list[np.ndarray]
     length: int = 0
-    shared: bool = False
     rope_delta: int = 0  # MRoPE: decode position = length + rope_delta (images compress positions)
     _ort: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
 
@@ -99,7 +98,7 @@ class BundleModel:
         cap = capacity + (-capacity % 256) if self.fused else 0
         empty = lambda: np.zeros((batch, t.num_key_value_heads, cap, t.head_dim), np.float32)  # noqa: E731
         n = t.num_hidden_layers
-        return KVCache([empty() for _ in range(n)], [empty() for _ in range(n)], shared=self.fused)
+        return KVCache([empty() for _ in range(n)], [empty() for _ in range(n)])
 
     def forward(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..runtime.generate import Pipeline
@@ -33,14 +32,10 @@ def normalize(text: str) -> str:
     return text.strip().strip(".").lower()
 
 
-def evaluate(
-    pipe: Pipeline, n: int = 200, seed: int = task.EVAL_SEED, progress: Callable[[int], None] | None = None
-) -> EvalReport:
+def evaluate(pipe: Pipeline, n: int = 200, seed: int = task.EVAL_SEED) -> EvalReport:
     rep = EvalReport()
     for it in task.eval_items(n, seed):
         res = pipe.generate(task.messages(it), max_new_tokens=4, temperature=0.0)
         rep.answers.append(res.text)
         rep.per_kind.setdefault(it.kind, []).append(normalize(res.text) == it.answer)
-        if progress:
-            progress(1)
     return rep
