@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
+    b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")
     b.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "bench"))
     b.add_argument("--out", default="bench-results")
 
@@ -221,7 +222,7 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.peers import run_peers
 
         params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
-        result["peers"] = run_peers(ckpt, params, args.repeats)
+        result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
     stem = out / f"bench-{name}-{args.precision}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)

@@ -29,3 +29,26 @@ def test_bench_tiny_smoke(cli, tmp_path):
     assert res["export_s"] > 0 and res["export_peak_rss_gb"] > 0 and ours["peak_rss_gb"] > 0
     assert (tmp_path / "o" / "bench-tiny-int4-vfp32.png").stat().st_size > 1000
     assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4-vfp32.md").read_text()
+
+
+def test_missing_peer_is_skipped_with_how_to_install(monkeypatch, tmp_path):
+    from qwen3vl_onnx.bench import peers
+
+    monkeypatch.setattr(peers, "PEERS", {"ghost": ("peer_torch", [], ["no_such_module_q3"], "pip install ghost", 0)})
+    res = peers.run_peers(tmp_path / "ckpt", 10, 1, tmp_path / "w")
+    assert res == {"ghost": {"skipped": "no_such_module_q3 not installed (pip install ghost)"}}
+
+
+def test_bench_compare_runs_onnxruntime_genai_on_the_same_weights(cli, tmp_path):
+    """The peer's builder exports the same random checkpoint; its figures land beside ours with ratios."""
+    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",
+            "--workdir", tmp_path / "w", "--out", tmp_path / "o", timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vfp32.json").read_text())
+    peer = res["peers"]["onnxruntime-genai int4 (text)"]
+    assert "skipped" not in peer, peer
+    for key in ("prefill_32_tok_s", "prefill_256_tok_s", "decode_128_tok_s"):
+        assert peer[key]["median"] > 0, key
+    assert peer["export_s"] > 0 and peer["bundle_gb"] > 0
+    assert list(res["peers"]) == ["onnxruntime-genai int4 (text)"]
+    assert "ratio vs onnxruntime-genai int4 (text)" in (tmp_path / "o" / "bench-tiny-int4-vfp32.md").read_text()

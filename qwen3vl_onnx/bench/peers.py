@@ -1,8 +1,9 @@
 """Peers for ``bench --compare``, each run on the same random checkpoint in its own process.
 
-Implemented: PyTorch transformers (fp32 and bf16). Peers whose packages are absent are reported as
-skipped with the reason, never estimated. onnxruntime-genai, OpenVINO GenAI and llama.cpp runners
-are not written yet (see the README's status).
+Every peer is a module ``peer_<name>.py`` with ``measure(ckpt, workdir, repeats, decode_tokens,
+*extra) -> dict`` whose keys match ours (``prefill_256_tok_s``, ``decode_128_tok_s``, ...); it runs
+in a child process so its load, peak RSS and failures stay its own. A peer whose package is absent
+is reported as skipped with how to install it, never estimated.
 """
 
 from __future__ import annotations
@@ -10,89 +11,81 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from .run import stats
-
-OTHER_PEERS = {
-    "onnxruntime-genai int4 (text only)": "onnxruntime_genai",
-    "OpenVINO GenAI int4": "openvino_genai",
-    "llama.cpp Q4_0 / Q4_K_M": "llama_cpp",
-}
-
-
-def torch_measure(ckpt: Path, dtype_name: str, repeats: int, decode_tokens: int) -> dict:
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
-    from ..runtime.preprocess import ImageProcessorConfig, preprocess_image
-
-    torch.set_grad_enabled(False)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    t = time.perf_counter()
-    model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=dtype).eval()
-    res: dict = {"load_s": time.perf_counter() - t}
-    rng = np.random.default_rng(0)
-    pcfg = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
-    for side in (448,):
-        pv, grid = preprocess_image(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), pcfg)
-        pv_t, g_t = torch.from_numpy(pv).to(dtype), torch.tensor([grid])
-        model.model.visual(pv_t, grid_thw=g_t)
-        secs = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.model.visual(pv_t, grid_thw=g_t)
-            secs.append(time.perf_counter() - t)
-        res[f"vision_{side}_s"] = stats(secs)
-    ids = torch.tensor([rng.integers(0, 150000, 256).tolist()])
-    model(input_ids=ids[:, :32])
-    secs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(input_ids=ids, logits_to_keep=1)
-        secs.append(time.perf_counter() - t)
-    res["prefill_256_tok_s"] = stats([256 / s for s in secs])
-    model.generate(input_ids=ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    t = time.perf_counter()
-    model.generate(input_ids=ids[:, :16], max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1, do_sample=False)
-    total = time.perf_counter() - t
-    first = 16 / res["prefill_256_tok_s"]["median"]  # a 16-token prefill, from the measured prefill rate
-    res["decode_tok_s"] = stats([decode_tokens / max(total - first, 1e-9)])
-    res["decode_tokens"] = decode_tokens
-    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return res
+LLAMA_BUILD = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python'
+)
+# name -> (module, extra args, python modules it needs, how to install them, bytes per weight or 0)
+PEERS: dict[str, tuple[str, list[str], list[str], str, int]] = {
+    "PyTorch bf16": ("peer_torch", ["bf16"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 2),
+    "PyTorch fp32": ("peer_torch", ["fp32"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 4),
+    "onnxruntime-genai int4 (text)": ("peer_ortgenai", [], ["onnxruntime_genai", "torch", "transformers"],
+                                      "pip install onnxruntime-genai 'qwen3vl-onnx[torch]'", 0),
+    "llama.cpp Q4_0": ("peer_llamacpp", ["Q4_0"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
+    "llama.cpp Q4_K_M": ("peer_llamacpp", ["Q4_K_M"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
+    "OpenVINO GenAI int4 (bf16 default)": ("openvino", ["default"], [], OPENVINO_VENV, 0),
+    "OpenVINO GenAI int4 (f32 hint)": ("openvino", ["f32"], [], OPENVINO_VENV, 0),
+}  # fmt: skip
 
 
-def run_peers(ckpt: Path, params: int, repeats: int, decode_tokens: int = 32) -> dict:
+def openvino_python(workdir: Path) -> Path:
+    venv = Path(os.environ.get("QWEN3VL_ONNX_OPENVINO_VENV", workdir.parent.parent / "openvino-venv"))
+    return venv / "bin" / "python"
+
+
+def command(module: str, workdir: Path) -> list[str]:
+    if module == "openvino":
+        return [str(openvino_python(workdir)), str(Path(__file__).with_name("peer_openvino.py"))]
+    return [sys.executable, "-m", f"qwen3vl_onnx.bench.{module}"]
+
+
+def missing(modules: list[str]) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def run_peers(ckpt: Path, params: int, repeats: int, workdir: Path, only: list[str] | None = None,
+              decode_tokens: int = 128) -> dict:  # fmt: skip
+    """Run each peer (or those named in ``only``) and return name -> figures or {"skipped": why}."""
     peers: dict = {}
-    have_torch = importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for dt, bytes_per in (("bf16", 2), ("fp32", 4)):
-        name = f"PyTorch transformers {dt}"
-        if not have_torch:
-            peers[name] = {"skipped": "torch/transformers not installed (pip install 'qwen3vl-onnx[torch]')"}
-        elif params * bytes_per > 0.6 * mem:  # leave room for activations and the OS
+    for name, (module, extra, needs, install, bytes_per) in PEERS.items():
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
+        if absent := missing(needs):
+            peers[name] = {"skipped": f"{', '.join(absent)} not installed ({install})"}
+        elif module == "openvino" and not openvino_python(workdir).is_file():
+            peers[name] = {"skipped": f"no OpenVINO environment at {openvino_python(workdir).parent.parent} ({install})"}
+        elif bytes_per and params * bytes_per > 0.6 * mem:  # leave room for activations and the OS
             peers[name] = {"skipped": f"needs {params * bytes_per / 2**30:.1f} GiB of weights, machine has {mem / 2**30:.0f} GiB"}
         else:
-            cmd = [sys.executable, "-m", "qwen3vl_onnx.bench.peers", str(ckpt), dt, str(repeats), str(decode_tokens)]
+            print(f"measuring {name}", file=sys.stderr)
+            cmd = [
+                sys.executable,
+                "-m",
+                f"qwen3vl_onnx.bench.{module}",
+                str(ckpt),
+                str(workdir),
+                str(repeats),
+                str(decode_tokens),
+                *extra,
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
-            peers[name] = (
-                json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"skipped": f"failed: {r.stderr[-300:]}"}
-            )
-        print(f"{name}: {'done' if 'skipped' not in peers[name] else peers[name]['skipped']}", file=sys.stderr)
-    for name, module in OTHER_PEERS.items():
-        if importlib.util.find_spec(module) is None:
-            peers[name] = {"skipped": f"{module} not installed"}
-        else:
-            peers[name] = {"skipped": "runner not implemented yet"}
+            lines = r.stdout.strip().splitlines()
+            if r.returncode == 0 and lines:
+                peers[name] = json.loads(lines[-1])
+            else:
+                why = (r.stderr.strip().splitlines() or ["no output"])[-1][-300:]
+                peers[name] = {"skipped": f"failed (exit {r.returncode}): {why}"}
+        print(f"{name}: {peers[name].get('skipped', 'done')}", file=sys.stderr)
     return peers
 
 
-if __name__ == "__main__":  # python -m qwen3vl_onnx.bench.peers CKPT DTYPE REPEATS DECODE_TOKENS
-    print(json.dumps(torch_measure(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+def child_main(measure: Callable[..., dict], argv: list[str]) -> None:
+    """Entry of a peer's child process: CKPT WORKDIR REPEATS DECODE_TOKENS [extra...] -> one JSON line."""
+    ckpt, work, repeats, decode = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
+    work.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(measure(ckpt, work, repeats, decode, *argv[4:])))

@@ -15,7 +15,6 @@ ROWS = [
     ("ttft_448_s", "first token, 448x448 image + question (s)", False),
     ("decode_128_tok_s", "decode (tok/s)", True),
 ]
-PEER_KEYS = {"decode_128_tok_s": "decode_tok_s"}
 
 
 def _fmt(d) -> str:
@@ -39,7 +38,7 @@ def markdown(result: dict) -> str:
         row = [label, _fmt(ours[key])]
         ratios = []
         for p in live.values():
-            pv = p.get(PEER_KEYS.get(key, key))
+            pv = p.get(key)
             row.append(_fmt(pv) if pv is not None else "-")
             if pv is None:
                 ratios.append("-")
@@ -73,7 +72,7 @@ def chart(result: dict, path: Path) -> None:
     d = ImageDraw.Draw(img)
     y = 10
     for key, label, higher in rows:
-        raw = [s.get(PEER_KEYS.get(key, key) if n != "qwen3vl-onnx" else key) for n, s in systems.items()]
+        raw = [s.get(key) for s in systems.values()]
         vals = [_median(v) if v is not None else None for v in raw]
         speed = [0.0 if v is None else (v if higher else 1 / v) for v in vals]
         top = max(speed) or 1

@@ -50,18 +50,27 @@ def prepare_checkpoint(shape: str, workdir: Path) -> Path:
     return ckpt
 
 
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_measured(cmd: list[str], what: str, env: dict | None = None) -> dict:
+    """Run ``cmd`` in a child process; its wall time and peak RSS (a fresh child: RUSAGE_CHILDREN
+    holds the largest child so far, so callers run one export per process)."""
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    secs = time.perf_counter() - t
+    if r.returncode:
+        tail = r.stderr.strip().splitlines()[-3:] or r.stdout.strip().splitlines()[-3:]
+        raise RuntimeError(f"{what} failed (exit {r.returncode}): {' | '.join(tail)}")
+    return {"export_s": secs, "export_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+
+
 def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, vision_precision: str = "fp32") -> dict:
     """Export in a child process so its time and peak memory are its own."""
     cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), "--precision", precision,
            "--block-size", str(block_size), "--vision-precision", vision_precision, "--force"]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    secs = time.perf_counter() - t
-    if r.returncode:
-        raise RuntimeError(f"export failed: {r.stderr.strip().splitlines()[-1:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"export_s": secs, "export_peak_rss_gb": max(peak, before) / 2**20}
+    return run_measured(cmd, "export")
 
 
 def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> dict:
@@ -91,7 +100,7 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
         r = pipe.generate([{"role": "user", "content": "Tell me a story."}], max_new_tokens=128, temperature=0, ignore_eos=True)
         dec.append(r.timings["decode_tok_per_s"])
     res["decode_128_tok_s"] = stats(dec)
-    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res["peak_rss_gb"] = peak_rss_gb()
     return res
 
 

@@ -1,0 +1,109 @@
+"""OpenVINO GenAI peer: optimum-intel INT4 export and ``VLMPipeline``, run from its own virtual env.
+
+optimum-intel 2.2 exports Qwen3-VL only with transformers 5.0.0, so this file runs as a plain
+script under that environment's interpreter and imports nothing from this package (numpy,
+openvino and openvino_genai only). The export is cached in WORKDIR with the figures measured when
+it was made. Each figure comes from the pipeline's own perf metrics: prefill rate is input tokens
+over time to first token of a text-only prompt, vision is the image-embedding preparation time,
+decode is 1 / time per output token. Both the default inference precision (bf16 on a CPU with
+AVX512-BF16) and ``INFERENCE_PRECISION_HINT=f32`` are measured.
+
+    OPENVINO_VENV/bin/python peer_openvino.py CKPT WORKDIR REPEATS DECODE_TOKENS [f32|default]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def export(ckpt: Path, out: Path) -> dict:
+    if (out / "export.json").is_file():
+        return json.loads((out / "export.json").read_text())
+    cfg = json.loads((ckpt / "config.json").read_text())
+    dims = [cfg["text_config"]["hidden_size"], cfg["text_config"]["intermediate_size"]]
+    group = 128 if all(d % 128 == 0 for d in dims) else 32  # optimum's default 128 unless the (tiny) widths forbid it
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cli = str(Path(sys.executable).with_name("optimum-cli"))
+    cmd = [cli, "export", "openvino", "-m", str(ckpt), "--task", "image-text-to-text", "--weight-format", "int4",
+           "--group-size", str(group), str(tmp)]  # fmt: skip
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"optimum-cli export failed: {r.stderr.strip().splitlines()[-1:]}")
+    fig = {"export_s": time.perf_counter() - t, "export_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    (tmp / "export.json").write_text(json.dumps(fig))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return fig
+
+
+def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, precision: str = "default") -> dict:
+    import openvino as ov
+    import openvino_genai as og
+
+    out = work / "openvino-int4"
+    res: dict = dict(export(ckpt, out))
+    res["bundle_gb"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**30
+    props = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+    t = time.perf_counter()
+    pipe = og.VLMPipeline(str(out), "CPU", **props)
+    res["load_s"] = time.perf_counter() - t
+    template = ckpt / "chat_template.json"  # the checkpoint's template, where tokenizer_config.json lacks one
+    if template.is_file():
+        pipe.get_tokenizer().set_chat_template(json.loads(template.read_text())["chat_template"])
+    rng = np.random.default_rng(0)
+    words = "the of and to in is was for on with as by at from that this are be it or an".split()
+
+    def run(prompt: str, images: list, new_tokens: int):
+        cfg = og.GenerationConfig()
+        cfg.max_new_tokens, cfg.ignore_eos = new_tokens, True
+        return pipe.generate(prompt, images=images, generation_config=cfg).perf_metrics
+
+    for n in (32, 256):
+        prompt = " ".join(rng.choice(words, n))
+        rates = []
+        for i in range(repeats + 1):
+            m = run(prompt, [], 1)
+            if i:
+                rates.append(m.get_num_input_tokens() / (m.get_ttft().mean / 1000))
+        res[f"prefill_{n}_tok_s"] = stats(rates)
+        res[f"prefill_{n}_input_tokens"] = m.get_num_input_tokens()  # chat template included
+    img = ov.Tensor(rng.integers(0, 256, (1, 448, 448, 3), dtype=np.uint8))
+    ttft, vision = [], []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        m = run("What is in this picture?", [img], 1)
+        if i:
+            ttft.append(time.perf_counter() - t)
+            vision.append(m.get_vision_encoding_duration().mean / 1000)
+    res["ttft_448_s"], res["vision_448_s"] = stats(ttft), stats(vision)
+    rates = []
+    for _ in range(max(1, repeats - 1)):
+        m = run("Tell me a story.", [], decode_tokens + 1)
+        rates.append(1000 / m.get_tpot().mean)
+    res["decode_128_tok_s"] = stats(rates)
+    res["decode_tokens"] = decode_tokens
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return res
+
+
+if __name__ == "__main__":
+    work = Path(sys.argv[2])
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(json.dumps(measure(Path(sys.argv[1]), work, int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:])))

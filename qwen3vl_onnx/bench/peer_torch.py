@@ -1,0 +1,61 @@
+"""PyTorch transformers peer (fp32 or bf16) for ``bench --compare``: the reference a user starts from.
+
+python -m qwen3vl_onnx.bench.peer_torch CKPT WORKDIR REPEATS DECODE_TOKENS DTYPE
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .run import peak_rss_gb, stats
+
+
+def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name: str) -> dict:
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from ..runtime.preprocess import ImageProcessorConfig, preprocess_image
+
+    torch.set_grad_enabled(False)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    t = time.perf_counter()
+    model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=dtype).eval()
+    res: dict = {"load_s": time.perf_counter() - t}
+    rng = np.random.default_rng(0)
+    pcfg = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
+    pv, grid = preprocess_image(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), pcfg)
+    pv_t, g_t = torch.from_numpy(pv).to(dtype), torch.tensor([grid])
+    model.model.visual(pv_t, grid_thw=g_t)
+    secs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.model.visual(pv_t, grid_thw=g_t)
+        secs.append(time.perf_counter() - t)
+    res["vision_448_s"] = stats(secs)
+    ids = torch.tensor([rng.integers(0, 150000, 256).tolist()])
+    model(input_ids=ids[:, :32])
+    secs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        secs.append(time.perf_counter() - t)
+    res["prefill_256_tok_s"] = stats([256 / s for s in secs])
+    model.generate(input_ids=ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    t = time.perf_counter()
+    model.generate(input_ids=ids[:, :16], max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1, do_sample=False)
+    total = time.perf_counter() - t
+    first = 16 / res["prefill_256_tok_s"]["median"]  # a 16-token prefill, from the measured prefill rate
+    res["decode_128_tok_s"] = stats([decode_tokens / max(total - first, 1e-9)])
+    res["decode_tokens"] = decode_tokens
+    res["peak_rss_gb"] = peak_rss_gb()
+    return res
+
+
+if __name__ == "__main__":
+    from .peers import child_main
+
+    child_main(measure, sys.argv[1:])
