@@ -49,6 +49,8 @@ class PatchLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, out = x.shape[0], self.weight.shape[0]
         return torch.nn.functional.linear(x.reshape(n, -1), self.weight.reshape(out, -1), self.bias).view(n, out, 1, 1, 1)
+
+
 ASSISTANT = [151644, 77091, 198]  # "<|im_start|>assistant\n"
 
 

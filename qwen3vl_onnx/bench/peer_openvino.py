@@ -45,7 +45,8 @@ def export(ckpt: Path, out: Path) -> dict:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"optimum-cli export failed: {r.stderr.strip().splitlines()[-1:]}")
-    fig = {"export_s": time.perf_counter() - t, "export_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    fig = {"export_s": time.perf_counter() - t, "export_peak_rss_gb": peak}
     (tmp / "export.json").write_text(json.dumps(fig))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

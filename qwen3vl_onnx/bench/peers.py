@@ -19,7 +19,13 @@ from pathlib import Path
 LLAMA_BUILD = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python'
 )
-# name -> (module, extra args, python modules it needs, how to install them, bytes per weight or 0)
+OPENVINO_VENV = (
+    "python -m venv V && V/bin/pip install torch==2.13.0 transformers==5.0.0 'optimum-intel[openvino]==2.2.0' openvino-genai "
+    "&& V/bin/pip uninstall -y torchvision  (V: $QWEN3VL_ONNX_OPENVINO_VENV or WORKDIR/openvino-venv; torchvision's "
+    "CUDA build does not import beside the CPU torch and the export does not need it)"
+)
+# name -> (module, extra args, python modules it needs, how to install them, bytes per weight or 0);
+# module "openvino" runs peer_openvino.py under its own virtual environment's interpreter.
 PEERS: dict[str, tuple[str, list[str], list[str], str, int]] = {
     "PyTorch bf16": ("peer_torch", ["bf16"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 2),
     "PyTorch fp32": ("peer_torch", ["fp32"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 4),
