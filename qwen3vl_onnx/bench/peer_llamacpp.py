@@ -144,7 +144,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str
         secs = []
         for i in range(repeats + 1):
             llm.reset()
-            llm._ctx.memory_clear(True)
+            llm._ctx.kv_cache_clear()
             t = time.perf_counter()
             llm.eval(ids)
             if i:
@@ -153,7 +153,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str
     rates = []
     for _ in range(max(1, repeats - 1)):
         llm.reset()
-        llm._ctx.memory_clear(True)
+        llm._ctx.kv_cache_clear()
         llm.eval(rng.integers(0, 150000, 16).tolist())
         t = time.perf_counter()
         for _ in range(decode_tokens):
