@@ -1,6 +1,6 @@
 """Train the tiny "shapes" Qwen3-VL with transformers on CPU, reproducibly, and save it into the package.
 
-    python scripts/train_shapes.py                      # full run (about 29 minutes on 2 cores)
+    python scripts/train_shapes.py                      # full run (3800 steps, 27 minutes on 2 cores)
     python scripts/train_shapes.py --steps 3 --out /tmp/x --eval 8   # smoke test
 
 The model is transformers' Qwen3VLForConditionalGeneration at SHAPES_CONFIG (real tokenizer, tied
@@ -168,7 +168,7 @@ def save(model, config: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2200)
+    ap.add_argument("--steps", type=int, default=3800)
     ap.add_argument("--batch", type=int, default=16, help="single-question items per step")
     ap.add_argument("--dialogues", type=int, default=16, help="multi-turn conversations per step")
     ap.add_argument("--lr", type=float, default=3e-3)
