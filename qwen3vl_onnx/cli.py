@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block (power of two >= 16)")
-    e.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"], help="vision tower linear layers")
+    e.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"],
+                   help="vision tower linear layers (auto: int8 for int4/int8 bundles, else fp32)")  # fmt: skip
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
     b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
     b.add_argument("--block-size", type=int, default=32)
-    b.add_argument("--vision-precision", default="fp32", choices=["fp32", "int8"])
+    b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")
@@ -196,7 +197,9 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.report import chart, markdown
     from .bench.run import child_measure, export_measured, machine, prepare_checkpoint
     from .config import Qwen3VLConfig, weight_shapes
+    from .export.bundle import resolve_vision_precision
 
+    args.vision_precision = resolve_vision_precision(args.precision, args.vision_precision)
     work, out = Path(args.workdir).expanduser(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.shape if not args.bundle else Path(args.bundle).name

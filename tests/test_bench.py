@@ -21,14 +21,14 @@ def test_bench_tiny_smoke(cli, tmp_path):
         "bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", tmp_path / "w", "--out", tmp_path / "o"
     )
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vfp32.json").read_text())
+    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vint8.json").read_text())
     ours = res["ours"]
     for key in ("vision_448_s", "vision_896_s", "prefill_32_tok_s", "prefill_256_tok_s", "ttft_448_s", "decode_128_tok_s"):
         assert ours[key]["median"] > 0, key
     assert ours["vision_448_tokens"] == 196 and ours["vision_896_tokens"] == 784
     assert res["export_s"] > 0 and res["export_peak_rss_gb"] > 0 and ours["peak_rss_gb"] > 0
-    assert (tmp_path / "o" / "bench-tiny-int4-vfp32.png").stat().st_size > 1000
-    assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4-vfp32.md").read_text()
+    assert (tmp_path / "o" / "bench-tiny-int4-vint8.png").stat().st_size > 1000
+    assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
 
 
 def test_missing_peer_is_skipped_with_how_to_install(monkeypatch, tmp_path):
@@ -44,11 +44,11 @@ def test_bench_compare_runs_onnxruntime_genai_on_the_same_weights(cli, tmp_path)
     r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",
             "--workdir", tmp_path / "w", "--out", tmp_path / "o", timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vfp32.json").read_text())
+    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vint8.json").read_text())
     peer = res["peers"]["onnxruntime-genai int4 (text)"]
     assert "skipped" not in peer, peer
     for key in ("prefill_32_tok_s", "prefill_256_tok_s", "decode_128_tok_s"):
         assert peer[key]["median"] > 0, key
     assert peer["export_s"] > 0 and peer["bundle_gb"] > 0
     assert list(res["peers"]) == ["onnxruntime-genai int4 (text)"]
-    assert "ratio vs onnxruntime-genai int4 (text)" in (tmp_path / "o" / "bench-tiny-int4-vfp32.md").read_text()
+    assert "ratio vs onnxruntime-genai int4 (text)" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()

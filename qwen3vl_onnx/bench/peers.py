@@ -69,16 +69,7 @@ def run_peers(ckpt: Path, params: int, repeats: int, workdir: Path, only: list[s
             peers[name] = {"skipped": f"needs {params * bytes_per / 2**30:.1f} GiB of weights, machine has {mem / 2**30:.0f} GiB"}
         else:
             print(f"measuring {name}", file=sys.stderr)
-            cmd = [
-                sys.executable,
-                "-m",
-                f"qwen3vl_onnx.bench.{module}",
-                str(ckpt),
-                str(workdir),
-                str(repeats),
-                str(decode_tokens),
-                *extra,
-            ]
+            cmd = [*command(module, workdir), str(ckpt), str(workdir), str(repeats), str(decode_tokens), *extra]
             r = subprocess.run(cmd, capture_output=True, text=True)
             lines = r.stdout.strip().splitlines()
             if r.returncode == 0 and lines:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .quant import quantize
+from .quant import quantize, quantize_per_channel
 
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
@@ -120,7 +120,10 @@ class Graph:
     # ---- building blocks shared by the vision and text graphs ----
 
     def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, bits: int = 0) -> str:
-        """x @ W^T + b for a torch ``nn.Linear`` weight of shape (out, in); ``bits`` 4/8 quantizes W."""
+        """x @ W^T + b for a torch ``nn.Linear`` weight of shape (out, in); ``bits`` 4/8 quantizes W
+        block-wise (MatMulNBits); ``bits`` -8 is int8 per channel with dynamically quantized inputs."""
+        if bits == -8:
+            return self.linear_int8_dynamic(x, w, b, name)
         if bits:
             y = self.linear_nbits(x, w, name, bits, 32, 4)
         else:
@@ -128,6 +131,16 @@ class Graph:
         if b is not None:
             y = self.op("Add", y, self.weight(name + ".bias", b, np.float32))
         return y
+
+    def linear_int8_dynamic(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        """x @ W^T (+ b) through DynamicQuantizeMatMul: MLAS runs it as a u8s8 GEMM (AVX512-VNNI),
+        for large-M matmuls such as a vision tower's, where MatMulNBits' int8 path is slower."""
+        q, scale = quantize_per_channel(w)
+        ins = [x, self.weight(name + ".qweight", q, np.int8), self.weight(name + ".scale", scale, np.float32),
+               self.weight(name + ".zero_point", np.zeros(q.shape[1], np.int8), np.int8)]  # fmt: skip
+        if b is not None:
+            ins.append(self.weight(name + ".bias", b, np.float32))
+        return self.op("DynamicQuantizeMatMul", *ins, domain=MS_DOMAIN)
 
     def linear_nbits(self, x: str, w: np.ndarray, name: str, bits: int, block_size: int, accuracy_level: int) -> str:
         """x @ W^T with W block-quantized for ONNX Runtime's MatMulNBits (weight-only int4/int8)."""

@@ -88,3 +88,16 @@ def dequantize(q: Quantized) -> np.ndarray:
         vals = q.packed.astype(np.float32) - 128.0
     w = vals * q.scales.reshape(q.n, -1)[..., None]
     return w.reshape(q.n, -1)[:, : q.k]
+
+
+def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel for ``DynamicQuantizeMatMul``: (int8 (K, N) = W^T, scale (N,)).
+
+    The activation side is quantized by the kernel at run time (uint8, per tensor), so only the
+    weight's scale is fixed here.
+    """
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
+    q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale

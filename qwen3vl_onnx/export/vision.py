@@ -36,7 +36,8 @@ VISION_INPUTS = {
 def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progress=None, bits: int = 0) -> None:
     """Emit the vision tower into ``g``; ``w`` maps HF tensor names to float32 arrays.
 
-    ``bits`` 8 runs the tower's linear layers through MatMulNBits (int8 weights and compute).
+    ``bits`` 8 runs the tower's linear layers through MatMulNBits (int8 weights and compute); -8
+    through DynamicQuantizeMatMul (int8 per-channel weights, activations quantized per call).
     """
     ins = {name: g.input(name, t, shape) for name, (t, shape) in VISION_INPUTS.items()}
     d, heads, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
