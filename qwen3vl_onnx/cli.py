@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("out")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
-    e.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block (power of two >= 16)")
+    e.add_argument("--block-size", type=int, default=128, help="int4/int8 quantization block (power of two >= 16)")
     e.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"],
                    help="vision tower linear layers (auto: int8 for int4/int8 bundles, else fp32)")  # fmt: skip
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", default="4b", choices=["tiny", "2b", "4b", "8b", "32b"])
     b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
     b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
-    b.add_argument("--block-size", type=int, default=32)
+    b.add_argument("--block-size", type=int, default=128)
     b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")

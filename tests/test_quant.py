@@ -2,11 +2,16 @@
 
 Bounds on last-position logit cosine against fp32 transformers, measured on the wide-init (std 0.1)
 tiny checkpoints, which amplify per-layer error far more than trained weights do:
-- int8: >= 0.999 (measured 0.9997-0.9999).
-- int4, block 32: >= 0.95 (measured 0.958-0.961). Round-to-nearest int4 leaves ~8% relative error
+Int4/int8 bundles also get the int8 (dynamic) vision tower by default, so the image path counts.
+- int8 (block 128): >= 0.999 (measured 0.9994-0.9997).
+- int4, block 32: >= 0.95 (measured 0.958-0.977). Round-to-nearest int4 leaves ~8% relative error
   per random Gaussian matmul whatever the width; over a few random layers that costs ~4% cosine.
-  The issue's 0.99 target is not met on random weights; trained weights (the shapes model) are the
-  meaningful int4 check. Run pytest -s to see the figures.
+- int4, block 128 (the default, chosen for speed: +35% prefill, +16% decode at the 4B shape):
+  >= 0.935 (measured 0.943-0.962). The tiny rows are 64 wide, so a 128 block is one scale per
+  padded row, the worst case; the trained shapes model loses no answers at block 128 (84.5% held-out
+  against 84.0% fp32).
+The issue's 0.99 target is not met on random weights; trained weights (the shapes model) are the
+meaningful int4 check. A broken kernel or packing gives cosine near 0. Run pytest -s for figures.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from qwen3vl_onnx.runtime.generate import Pipeline
 from .conftest import picture
 from .test_parity import _onnx_logits
 
-BOUNDS = {"int8": 0.999, "int4": 0.95}
+BOUNDS = {("int8", 128): 0.999, ("int4", 32): 0.95, ("int4", 128): 0.935}
 
 
 @pytest.mark.parametrize("bits,k", [(4, 96), (4, 80), (8, 96), (8, 40)])
@@ -64,9 +69,9 @@ def _cos(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_quantized_bundle_accuracy(tiny, tmp_path, precision):
-    pipe = Pipeline.from_bundle(export(tiny.checkpoint, tmp_path / precision, precision=precision))
+@pytest.mark.parametrize("precision,block", list(BOUNDS))
+def test_quantized_bundle_accuracy(tiny, tmp_path, precision, block):
+    pipe = Pipeline.from_bundle(export(tiny.checkpoint, tmp_path / precision, precision=precision, block_size=block))
     ref_pipe = Pipeline.from_bundle(tiny.bundle)
     msgs = [{"role": "user", "content": [{"type": "image", "image": picture(96, 64, seed=4)}, {"type": "text", "text": "What?"}]}]
     prompt = pipe.prepare(msgs)
@@ -84,8 +89,8 @@ def test_quantized_bundle_accuracy(tiny, tmp_path, precision):
     )
     ours = _onnx_logits(pipe, prompt)[-1]
     cos = _cos(ours, ref)
-    print(f"\n{tiny.name} {precision}: last-position logit cosine {cos:.5f}, max |d| {np.abs(ours - ref).max():.4f}")
-    assert cos >= BOUNDS[precision]
+    print(f"\n{tiny.name} {precision} block {block}: logit cosine {cos:.5f}, max |d| {np.abs(ours - ref).max():.4f}")
+    assert cos >= BOUNDS[precision, block]
 
 
 def test_portable_graph_matches_fused(tiny_one, tmp_path):

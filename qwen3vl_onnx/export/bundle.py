@@ -108,7 +108,7 @@ def resolve_vision_precision(precision: str, vision_precision: str = "auto") -> 
     return vision_precision
 
 
-def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False, block_size: int = 32,
+def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False, block_size: int = 128,
            portable: bool = False, vision_precision: str = "auto") -> Path:  # fmt: skip
     """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path.
 

@@ -32,7 +32,7 @@ INT32 = 6
 class DecoderOptions:
     fused: bool = True
     bits: int = 0  # 0: float weights; 4 or 8: MatMulNBits
-    block_size: int = 32
+    block_size: int = 128
     accuracy_level: int = 4  # MatMulNBits: int8 compute where the CPU has it
 
 
