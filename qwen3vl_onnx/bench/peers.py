@@ -29,7 +29,7 @@ OPENVINO_VENV = (
 PEERS: dict[str, tuple[str, list[str], list[str], str, int]] = {
     "PyTorch bf16": ("peer_torch", ["bf16"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 2),
     "PyTorch fp32": ("peer_torch", ["fp32"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 4),
-    "onnxruntime-genai int4 (text)": ("peer_ortgenai", [], ["onnxruntime_genai", "torch", "transformers"],
+    "onnxruntime-genai int4 (text)": ("peer_ortgenai", [], ["onnxruntime_genai", "onnx_ir", "torch", "transformers"],
                                       "pip install onnxruntime-genai 'qwen3vl-onnx[torch]'", 0),
     "llama.cpp Q4_0": ("peer_llamacpp", ["Q4_0"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
     "llama.cpp Q4_K_M": ("peer_llamacpp", ["Q4_K_M"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
