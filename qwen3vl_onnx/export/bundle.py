@@ -140,7 +140,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         dtype = PRECISIONS[precision]
         update, close = _progress(cfg.vision.depth, "vision ")
         vg = Graph("qwen3vl_vision", tmp / "vision.onnx", dtype)
-        build_vision(vg, cfg.vision, weights, update, bits=-8 if vision_precision == "int8" else 0)
+        build_vision(vg, cfg.vision, weights, update, int8=vision_precision == "int8")
         vg.save()
         close()
         update, close = _progress(cfg.text.num_hidden_layers, "decoder")

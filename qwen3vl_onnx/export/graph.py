@@ -119,15 +119,12 @@ class Graph:
 
     # ---- building blocks shared by the vision and text graphs ----
 
-    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, bits: int = 0) -> str:
-        """x @ W^T + b for a torch ``nn.Linear`` weight of shape (out, in); ``bits`` 4/8 quantizes W
-        block-wise (MatMulNBits); ``bits`` -8 is int8 per channel with dynamically quantized inputs."""
-        if bits == -8:
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, int8: bool = False) -> str:
+        """x @ W^T + b for a torch ``nn.Linear`` weight of shape (out, in); ``int8`` runs it as int8
+        per channel with dynamically quantized inputs (``linear_int8_dynamic``)."""
+        if int8:
             return self.linear_int8_dynamic(x, w, b, name)
-        if bits:
-            y = self.linear_nbits(x, w, name, bits, 32, 4)
-        else:
-            y = self.op("MatMul", x, self.weight(name + ".weight", w.T))
+        y = self.op("MatMul", x, self.weight(name + ".weight", w.T))
         if b is not None:
             y = self.op("Add", y, self.weight(name + ".bias", b, np.float32))
         return y

@@ -33,21 +33,21 @@ VISION_INPUTS = {
 }
 
 
-def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progress=None, bits: int = 0) -> None:
+def build_vision(g: Graph, cfg: VisionConfig, w: Mapping[str, np.ndarray], progress=None, int8: bool = False) -> None:
     """Emit the vision tower into ``g``; ``w`` maps HF tensor names to float32 arrays.
 
-    ``bits`` 8 runs the tower's linear layers through MatMulNBits (int8 weights and compute); -8
-    through DynamicQuantizeMatMul (int8 per-channel weights, activations quantized per call).
+    ``int8`` runs the tower's linear layers through DynamicQuantizeMatMul (int8 per-channel weights,
+    activations quantized per call).
     """
     ins = {name: g.input(name, t, shape) for name, (t, shape) in VISION_INPUTS.items()}
     d, heads, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
 
     def lin(x: str, prefix: str) -> str:
-        return g.linear(x, w[prefix + ".weight"], w[prefix + ".bias"], prefix, bits=bits)
+        return g.linear(x, w[prefix + ".weight"], w[prefix + ".bias"], prefix, int8=int8)
 
     # Conv3d with stride == kernel is a matmul over flattened (C, T, P, P) patches.
     patch_w = w[P + "patch_embed.proj.weight"].reshape(d, -1)
-    x = g.linear(ins["pixel_values"], patch_w, w[P + "patch_embed.proj.bias"], "patch_embed", bits=bits)
+    x = g.linear(ins["pixel_values"], patch_w, w[P + "patch_embed.proj.bias"], "patch_embed", int8=int8)
 
     # Bilinear interpolation of the learned position table: sum of 4 weighted rows.
     table = g.weight("pos_embed.weight", w[P + "pos_embed.weight"])
