@@ -128,6 +128,12 @@ def vision_seconds(llm, mmproj: Path, repeats: int) -> tuple[list[float], int]:
     return secs, tokens
 
 
+def fresh(llm) -> None:
+    """Empty context: ``Llama.reset`` only rewinds its token count, the KV cache must be cleared too."""
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+
+
 def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str) -> dict:
     from llama_cpp import Llama
 
@@ -143,8 +149,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str
         ids = rng.integers(0, 150000, n).tolist()
         secs = []
         for i in range(repeats + 1):
-            llm.reset()
-            llm._ctx.kv_cache_clear()
+            fresh(llm)
             t = time.perf_counter()
             llm.eval(ids)
             if i:
@@ -152,8 +157,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str
         res[f"prefill_{n}_tok_s"] = stats([n / s for s in secs])
     rates = []
     for _ in range(max(1, repeats - 1)):
-        llm.reset()
-        llm._ctx.kv_cache_clear()
+        fresh(llm)
         llm.eval(rng.integers(0, 150000, 16).tolist())
         t = time.perf_counter()
         for _ in range(decode_tokens):

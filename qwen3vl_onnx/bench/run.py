@@ -54,11 +54,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_measured(cmd: list[str], what: str, env: dict | None = None) -> dict:
+def run_measured(cmd: list[str], what: str) -> dict:
     """Run ``cmd`` in a child process; its wall time and peak RSS (a fresh child: RUSAGE_CHILDREN
     holds the largest child so far, so callers run one export per process)."""
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     secs = time.perf_counter() - t
     if r.returncode:
         tail = r.stderr.strip().splitlines()[-3:] or r.stdout.strip().splitlines()[-3:]
