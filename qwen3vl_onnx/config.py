@@ -17,6 +17,9 @@ from typing import Any
 from .errors import UserError
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+# Bundle layout version, written by the exporter and checked by the runtime. 2: the vision graph
+# takes ``block_len`` (one frame size per call) instead of padded gather/mask/scatter blocks.
+BUNDLE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..config import Qwen3VLConfig, weight_shapes
+from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig, weight_shapes
 from ..errors import UserError
 from .graph import OPSET, Graph
 from .text import DecoderOptions, build_decoder
@@ -140,7 +140,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         dtype = PRECISIONS[precision]
         update, close = _progress(cfg.vision.depth, "vision ")
         vg = Graph("qwen3vl_vision", tmp / "vision.onnx", dtype)
-        build_vision(vg, cfg.vision, weights, update, int8=vision_precision == "int8")
+        build_vision(vg, cfg.vision, weights, update, int8=vision_precision == "int8", fused=not portable)
         vg.save()
         close()
         update, close = _progress(cfg.text.num_hidden_layers, "decoder")
@@ -155,7 +155,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
                 shutil.copyfile(src / name, tmp / name)
         manifest = {
             "format": "qwen3vl-onnx-bundle",
-            "format_version": 1,
+            "format_version": BUNDLE_FORMAT_VERSION,
             "precision": precision,
             "vision_precision": vision_precision,
             "decoder_options": dataclasses.asdict(opts),

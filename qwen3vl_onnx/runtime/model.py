@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..config import Qwen3VLConfig
+from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig
 from ..errors import UserError
 from .positions import rope_index
-from .vision_geometry import Grid, vision_inputs
+from .vision_geometry import Grid, same_length_runs, vision_inputs
 
 
 @dataclass
@@ -52,7 +52,15 @@ class KVCache:
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
+    """An ONNX Runtime session without the CPU memory arena.
+
+    Why no arena: it keeps every activation buffer it ever handed out, which for an 896x896 image and
+    a 256-token prefill is ~0.1 GB per session on top of the weights. Measured on the 4B int4 bundle
+    (448 image, 256-token prefill, 3x64 decode tokens): peak RSS 3.61 GB without, 3.79 GB with
+    (bundle 3.14 GB); vision, prefill and decode speeds within run-to-run noise either way.
+    """
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
@@ -73,6 +81,11 @@ class BundleModel:
         if not mpath.is_file():
             raise UserError(f"{self.path}: not a bundle (manifest.json is missing)")
         self.manifest = json.loads(mpath.read_text())
+        if self.manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+            raise UserError(
+                f"{self.path}: bundle format {self.manifest.get('format_version')} is not {BUNDLE_FORMAT_VERSION}, "
+                "the format this version reads; export the checkpoint again"
+            )
         self.config = Qwen3VLConfig.from_manifest(self.manifest["config"])
         files = [g["file"] for g in self.manifest["graphs"].values()] + [self.manifest["embed_tokens"]["file"]]
         for f in files:
@@ -85,9 +98,20 @@ class BundleModel:
         self.fused = any(i.name == "seqlens_k" for i in self.decoder.get_inputs())
 
     def encode_images(self, pixel_values: np.ndarray, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
-        """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images."""
-        embeds, deepstack = self.vision.run(None, vision_inputs(self.config.vision, pixel_values, grids))
-        return embeds, deepstack
+        """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images.
+
+        One vision call per run of consecutive images (or videos) whose frames have the same size,
+        so each call attends over unpadded, unmasked blocks.
+        """
+        grids = [tuple(int(x) for x in g) for g in grids]
+        sizes = np.cumsum([0] + [t * h * w for t, h, w in grids])
+        parts = [
+            self.vision.run(None, vision_inputs(self.config.vision, pixel_values[sizes[a] : sizes[b]], grids[a:b]))
+            for a, b in same_length_runs(grids)
+        ]
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=1)
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)

@@ -1,8 +1,8 @@
 """Everything about the vision tower that depends on grid sizes, computed in numpy on the host.
 
 The vision graph has only dynamic lengths; these arrays tell it, per patch, which position-table
-rows to blend, how to rotate, and which image (or video frame) it may attend to. Patch order is the
-processor's: per frame, 2x2 merge blocks in raster order, each block's 4 patches in raster order.
+rows to blend and how to rotate, and how many patches form one attention block (one frame). Patch
+order is the processor's: per frame, 2x2 merge blocks in raster order, each block's 4 patches in raster order.
 """
 
 from __future__ import annotations
@@ -61,42 +61,42 @@ def rotary(cfg: VisionConfig, grids: Sequence[Grid]) -> tuple[np.ndarray, np.nda
     return np.cos(a), np.sin(a)
 
 
-def attention_blocks(grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gather indices (B, L), additive key mask (B, L) and scatter indices (N,) for block attention.
+def block_length(grids: Sequence[Grid]) -> int:
+    """Patches per attention block: each frame of each image attends only to itself (transformers'
+    ``cu_seqlens``). One vision call takes blocks of a single length; see ``same_length_runs``."""
+    lengths = {h * w for _, h, w in grids}
+    if len(lengths) != 1:
+        raise ValueError(f"one vision call needs frames of one size, got {sorted(lengths)} patches per frame")
+    return lengths.pop()
 
-    Each frame of each image attends only to itself (transformers' ``cu_seqlens``). Blocks are padded
-    to the longest one; padded slots repeat patch 0 and are masked out as keys and dropped as queries.
+
+def same_length_runs(grids: Sequence[Grid]) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive grids with the same patches per frame: one vision call each.
+
+    Consecutive only, so the calls' outputs concatenate back in prompt order.
     """
-    lengths = [h * w for t, h, w in grids for _ in range(t)]
-    longest = max(lengths)
-    gather = np.zeros((len(lengths), longest), dtype=np.int64)
-    mask = np.full((len(lengths), longest), np.finfo(np.float32).min, dtype=np.float32)
-    scatter = np.empty(sum(lengths), dtype=np.int64)
-    start = 0
-    for b, n in enumerate(lengths):
-        gather[b, :n] = np.arange(start, start + n)
-        mask[b, :n] = 0.0
-        scatter[start : start + n] = b * longest + np.arange(n)
-        start += n
-    return gather, mask, scatter
+    runs: list[tuple[int, int]] = []
+    for i, (_, h, w) in enumerate(grids):
+        if runs and grids[runs[-1][0]][1] * grids[runs[-1][0]][2] == h * w:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def vision_inputs(cfg: VisionConfig, pixel_values: np.ndarray, grids: Sequence[Grid]) -> dict[str, np.ndarray]:
-    """All inputs of the vision graph for a batch of images/videos already patchified."""
+    """All inputs of the vision graph for images/videos already patchified, all frames one size."""
     grids = [tuple(int(x) for x in g) for g in grids]
     expected = sum(t * h * w for t, h, w in grids)
     if pixel_values.shape != (expected, cfg.patch_dim):
         raise ValueError(f"pixel_values has shape {pixel_values.shape}, grids need ({expected}, {cfg.patch_dim})")
     idx, wts = position_taps(cfg, grids)
     cos, sin = rotary(cfg, grids)
-    gather, mask, scatter = attention_blocks(grids)
     return {
         "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
         "pos_indices": idx,
         "pos_weights": wts,
         "rotary_cos": cos,
         "rotary_sin": sin,
-        "attn_gather": gather,
-        "attn_mask": mask,
-        "attn_scatter": scatter,
+        "block_len": np.array([block_length(grids)], np.int64),
     }
