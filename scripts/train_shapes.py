@@ -1,6 +1,6 @@
 """Train the tiny "shapes" Qwen3-VL with transformers on CPU, reproducibly, and save it into the package.
 
-    python scripts/train_shapes.py                      # full run (3800 steps, 27 minutes on 2 cores)
+    python scripts/train_shapes.py                      # full run (3800 steps, 24 minutes on 2 cores)
     python scripts/train_shapes.py --steps 3 --out /tmp/x --eval 8   # smoke test
 
 The model is transformers' Qwen3VLForConditionalGeneration at SHAPES_CONFIG (real tokenizer, tied
@@ -60,15 +60,15 @@ class Encoder:
         self.template = chat_template()
         self.image_config = ImageProcessorConfig.from_dict(PREPROCESSOR)
 
-    def item(self, it: task.Item) -> tuple[list[int], list[bool], np.ndarray, list]:
-        """Prompt+answer ids, which ids are supervised, pixel values, grids."""
+    def item(self, it: task.Item) -> tuple[list[int], list[bool], np.ndarray, list, list]:
+        """Prompt+answer ids, which ids are supervised, pixel values, grids, scenes."""
         p = build_prompt(self.tokenizer, self.template, self.image_config, IMG, task.messages(it))
         answer = self.tokenizer.encode(it.answer, add_special_tokens=False).ids + [IM_END]
-        return p.ids + answer, [False] * len(p.ids) + [True] * len(answer), p.pixel_values, p.grids
+        return p.ids + answer, [False] * len(p.ids) + [True] * len(answer), p.pixel_values, p.grids, it.scenes
 
-    def dialogue(self, seed: int) -> tuple[list[int], list[bool], np.ndarray, list]:
+    def dialogue(self, seed: int) -> tuple[list[int], list[bool], np.ndarray, list, list]:
         """A multi-turn conversation about one picture; every assistant answer is supervised."""
-        images, qas = task.conversation(seed)
+        images, qas, objs = task.conversation(seed)
         msgs: list[dict] = []
         for i, (q, a) in enumerate(qas):
             content = ([{"type": "image", "image": im} for im in images] if i == 0 else []) + [{"type": "text", "text": q}]
@@ -81,7 +81,7 @@ class Encoder:
             target.append(inside)
             if t == IM_END:
                 inside = False
-        return p.ids, target, p.pixel_values, p.grids
+        return p.ids, target, p.pixel_values, p.grids, [objs]
 
     def batch(self, items: list, dialogues: list[int] = ()) -> dict[str, torch.Tensor]:
         enc = [self.item(it) for it in items] + [self.dialogue(s) for s in dialogues]
@@ -89,7 +89,7 @@ class Encoder:
         ids = torch.full((len(enc), longest), PAD, dtype=torch.long)
         mask = torch.zeros_like(ids)
         target = torch.zeros_like(ids, dtype=torch.bool)
-        for b, (seq, sup, _, _) in enumerate(enc):
+        for b, (seq, sup, *_) in enumerate(enc):
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, : len(seq)] = 1
             target[b, : len(seq)] = torch.tensor(sup)
@@ -99,7 +99,53 @@ class Encoder:
             "target": target,
             "pixel_values": torch.from_numpy(np.concatenate([e[2] for e in enc])),
             "image_grid_thw": torch.tensor([g for e in enc for g in e[3]]),
+            "token_labels": torch.from_numpy(
+                np.concatenate([token_labels(objs, g) for e in enc for objs, g in zip(e[4], e[3], strict=True)])
+            ),
         }
+
+
+def token_labels(objs: list[task.Obj], grid, merge: int = 2) -> np.ndarray:
+    """(tokens, 2) kind and colour index of the shape under each merged image token, -1 elsewhere.
+
+    A token is labelled when its centre lies within 0.6 radius of a shape's centre, and each shape
+    labels at least its nearest token. Training-only targets for ``aux_loss``.
+    """
+    _, h, w = (int(x) for x in grid)
+    rows, cols = h // merge, w // merge
+    ty, tx = np.meshgrid((np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij")
+    ty, tx = ty.ravel(), tx.ravel()
+    labels = np.full((rows * cols, 2), -1, np.int64)
+    r = min(h, w) / 6.5  # task.draw's radius, in patches
+    for o in objs:
+        d = np.hypot((tx - o.cx) * w / r, (ty - o.cy) * h / r)
+        near = d < 0.6
+        near[int(d.argmin())] = True
+        labels[near] = (task.SHAPES.index(o.shape), list(task.COLORS).index(o.color))
+    return labels
+
+
+class TokenProbe(torch.nn.Module):
+    """Linear kind/colour classifier on the merged vision tokens, used only in training.
+
+    Why: recognising the kind of shape is what the language loss teaches last (held-out shape
+    answers at 55% after 1000 steps, while counting is at 95%); the probe gives the vision tower a
+    direct, per-token signal for it. It reads the tower's output through a forward hook and is not
+    part of the saved checkpoint.
+    """
+
+    def __init__(self, model, width: int):
+        super().__init__()
+        self.head = torch.nn.Linear(width, len(task.SHAPES) + len(task.COLORS))
+        self.tokens: torch.Tensor | None = None
+        model.model.visual.register_forward_hook(lambda _m, _i, out: setattr(self, "tokens", out.pooler_output))
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        sel = labels[:, 0] >= 0
+        logits = self.head(self.tokens[sel])
+        k = len(task.SHAPES)
+        f = torch.nn.functional.cross_entropy
+        return f(logits[:, :k], labels[sel, 0]) + f(logits[:, k:], labels[sel, 1])
 
 
 def loss_fn(model, batch, negatives: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -174,6 +220,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--negatives", type=int, default=8192, help="sampled-softmax negatives (0: full vocabulary)")
+    ap.add_argument("--probe", type=float, default=0.5, help="weight of the training-only vision token probe loss")
     ap.add_argument("--minutes", type=float, default=0, help="experiments: stop at this wall time (cosine runs to --steps)")
     ap.add_argument("--eval", type=int, default=200, help="held-out items checked at the end")
     ap.add_argument("--out", type=Path, default=packaged_checkpoint())
@@ -193,8 +240,9 @@ def main() -> None:
     model.model.visual.patch_embed.proj = PatchLinear(model.model.visual.patch_embed.proj)
     model.train()
     enc = Encoder()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    probe = TokenProbe(model, config["vision_config"]["out_hidden_size"])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n] + [probe.head.weight]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)] + [probe.head.bias]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=args.lr, fused=True
     )
@@ -208,7 +256,10 @@ def main() -> None:
         items = [task.make_item(seed + i) for i in range(args.batch)]
         dialogues = list(range(seed + args.batch, seed + args.batch + args.dialogues))
         seed += args.batch + args.dialogues
-        loss = loss_fn(model, enc.batch(items, dialogues), args.negatives, gen)
+        batch = enc.batch(items, dialogues)
+        loss = loss_fn(model, batch, args.negatives, gen)
+        if args.probe:
+            loss = loss + args.probe * probe.loss(batch["token_labels"])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

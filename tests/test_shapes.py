@@ -1,8 +1,8 @@
 """The embedded trained "shapes" model: held-out accuracy of the fp32 bundle, and agreement with
 transformers on every held-out item.
 
-Bound: >= 80% overall on the 200 held-out items. The shipped checkpoint measures 84% (transformers
-and the fp32 bundle alike: colour 75, compare 97.5, count 95, position 77.5, shape 75); the
+Bound: >= 85% overall on the 200 held-out items. The shipped checkpoint measures 87% (transformers
+and the fp32 bundle alike: colour 70, compare 100, count 100, position 65, shape 100); the
 issue's 95% target is not reached yet, so this bound guards against regressions in export and
 runtime (any real bug drops answers to chance, about 30%), not the training target."""
 
@@ -45,7 +45,7 @@ def test_heldout_accuracy_and_agreement_with_transformers(shapes):
     rep = evaluate(pipe, N_ITEMS)
     acc = rep.accuracy()
     print("\n" + rep.table())
-    assert acc["overall"] >= 0.80, acc
+    assert acc["overall"] >= 0.85, acc
 
     from transformers import Qwen3VLForConditionalGeneration
 

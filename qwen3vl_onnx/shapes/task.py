@@ -138,8 +138,9 @@ def describe(objs: list[Obj]) -> str:
     return ", ".join(f"{o.color} {o.shape}" for o in sorted(objs, key=lambda o: (round(o.cx * 3), o.cy)))
 
 
-def conversation(seed: int, turns: int = 4) -> tuple[list[Image.Image], list[tuple[str, str]]]:
-    """One picture and several question/answer turns about it (training only: more signal per image)."""
+def conversation(seed: int, turns: int = 4) -> tuple[list[Image.Image], list[tuple[str, str]], list[Obj]]:
+    """One picture, several question/answer turns about it and its shapes (training only: more signal
+    per image)."""
     rng = np.random.default_rng(seed)
     size = SIZES[int(rng.integers(len(SIZES)))]
     objs = scene(rng, int(rng.integers(1, 4)))
@@ -151,7 +152,7 @@ def conversation(seed: int, turns: int = 4) -> tuple[list[Image.Image], list[tup
     order = 1 + rng.permutation(len(qas) - 1)[: turns - 1]  # the list turn always, at a random place
     picked = [qas[i] for i in order]
     picked.insert(int(rng.integers(len(picked) + 1)), qas[0])
-    return [draw(objs, size, rng)], picked
+    return [draw(objs, size, rng)], picked, objs
 
 
 def messages(item: Item) -> list[dict]:
