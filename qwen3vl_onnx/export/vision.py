@@ -62,7 +62,6 @@ def build_vision(
     cos = g.op("Unsqueeze", ins["rotary_cos"], g.const([1]))  # (N, 1, hd)
     sin = g.op("Unsqueeze", ins["rotary_sin"], g.const([1]))
     blocks = g.op("Concat", g.const([-1]), ins["block_len"], g.const([d]), axis=0)  # (B, L, d)
-    scale = g.const(hd**-0.5, np.float32)
 
     def attention(h: str, prefix: str) -> str:
         qkv = lin(h, prefix + "qkv")
@@ -74,7 +73,7 @@ def build_vision(
             o = g.op("MultiHeadAttention", q, k, v, domain=MS_DOMAIN, num_heads=heads, scale=hd**-0.5)
         else:  # (B, L, H*hd) -> (B, H, L, hd)
             q, k, v = (g.op("Transpose", g.op("Reshape", t, g.const([0, 0, heads, hd])), perm=[0, 2, 1, 3]) for t in (q, k, v))
-            scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale)
+            scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.const(hd**-0.5, np.float32))
             o = g.op("Transpose", g.op("MatMul", g.op("Softmax", scores, axis=-1), v), perm=[0, 2, 1, 3])
         return lin(g.op("Reshape", o, g.const([-1, d])), prefix + "proj")
 
