@@ -112,7 +112,7 @@ def token_labels(objs: list[task.Obj], grid, merge: int = 2) -> np.ndarray:
     """(tokens, 2) kind and colour index of the shape under each merged image token, -1 elsewhere.
 
     A token is labelled when its centre lies within 0.6 radius of a shape's centre, and each shape
-    labels at least its nearest token. Training-only targets for ``aux_loss``.
+    labels at least its nearest token. Training-only targets for ``TokenProbe.loss``.
     """
     _, h, w = (int(x) for x in grid)
     rows, cols = h // merge, w // merge

@@ -77,7 +77,7 @@ def same_length_runs(grids: Sequence[Grid]) -> list[tuple[int, int]]:
     """
     runs: list[tuple[int, int]] = []
     for i, (_, h, w) in enumerate(grids):
-        if runs and grids[runs[-1][0]][1] * grids[runs[-1][0]][2] == h * w:
+        if i and grids[i - 1][1] * grids[i - 1][2] == h * w:  # same frame size as the run it follows
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
