@@ -53,7 +53,8 @@ class PatchLinear(torch.nn.Module):
 
 ASSISTANT = [151644, 77091, 198]  # "<|im_start|>assistant\n"
 # Question kinds of the single-question items, cycled through each batch. Weighted to what the model
-# learns last (binding a named shape to its colour or place); the dialogues ask every kind as well.
+# learns last (binding a named shape to its colour or place), and drawn with 2-3 shapes (``crowded``:
+# a colour question about a lone shape needs no binding); the dialogues ask every kind, 1-3 shapes.
 KIND_MIX = ["color", "position"] * 5 + ["shape", "count", "compare"] * 2
 
 
@@ -109,7 +110,9 @@ class Encoder:
 
 
 def token_labels(objs: list[task.Obj], grid, merge: int = 2) -> np.ndarray:
-    """(tokens, 2) kind and colour index of the shape under each merged image token, -1 elsewhere.
+    """(tokens, 6) per merged image token: kind and colour index of the shape under it, then whether
+    that shape is the one clearly furthest left, right, up, down (``task.extreme``; 1/0). -1 where
+    there is no shape, and for a side with no clear extreme or a single shape.
 
     A token is labelled when its centre lies within 0.6 radius of a shape's centre, and each shape
     labels at least its nearest token. Training-only targets for ``TokenProbe.loss``.
@@ -118,37 +121,46 @@ def token_labels(objs: list[task.Obj], grid, merge: int = 2) -> np.ndarray:
     rows, cols = h // merge, w // merge
     ty, tx = np.meshgrid((np.arange(rows) + 0.5) / rows, (np.arange(cols) + 0.5) / cols, indexing="ij")
     ty, tx = ty.ravel(), tx.ravel()
-    labels = np.full((rows * cols, 2), -1, np.int64)
+    labels = np.full((rows * cols, 2 + len(task.SIDES)), -1, np.int64)
+    ends = [task.extreme(objs, side) for side in task.SIDES]
     r = min(h, w) / 6.5  # task.draw's radius, in patches
     for o in objs:
         d = np.hypot((tx - o.cx) * w / r, (ty - o.cy) * h / r)
         near = d < 0.6
         near[int(d.argmin())] = True
-        labels[near] = (task.SHAPES.index(o.shape), list(task.COLORS).index(o.color))
+        flags = [-1 if e is None else int(e is o) for e in ends]
+        labels[near] = [task.SHAPES.index(o.shape), list(task.COLORS).index(o.color), *flags]
     return labels
 
 
 class TokenProbe(torch.nn.Module):
-    """Linear kind/colour classifier on the merged vision tokens, used only in training.
+    """Linear classifier on the merged vision tokens (kind, colour, which side's extreme), training only.
 
     Why: recognising the kind of shape is what the language loss teaches last (held-out shape
     answers at 55% after 1000 steps, while counting is at 95%); the probe gives the vision tower a
-    direct, per-token signal for it. It reads the tower's output through a forward hook and is not
-    part of the saved checkpoint.
+    direct, per-token signal for it. The side flags ask the tower, which sees the whole picture, to
+    mark the leftmost/rightmost/top/bottom shape on its own tokens, so that a position question
+    becomes a lookup for the decoder like "What shape is the red one?" (answered 100%) instead of a
+    comparison across tokens (answered ~68% without them). It reads the tower's output through a
+    forward hook and is not part of the saved checkpoint.
     """
 
     def __init__(self, model, width: int):
         super().__init__()
-        self.head = torch.nn.Linear(width, len(task.SHAPES) + len(task.COLORS))
+        self.head = torch.nn.Linear(width, len(task.SHAPES) + len(task.COLORS) + len(task.SIDES))
         self.tokens: torch.Tensor | None = None
         model.model.visual.register_forward_hook(lambda _m, _i, out: setattr(self, "tokens", out.pooler_output))
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
         sel = labels[:, 0] >= 0
         logits = self.head(self.tokens[sel])
-        k = len(task.SHAPES)
-        f = torch.nn.functional.cross_entropy
-        return f(logits[:, :k], labels[sel, 0]) + f(logits[:, k:], labels[sel, 1])
+        k, c = len(task.SHAPES), len(task.SHAPES) + len(task.COLORS)
+        f = torch.nn.functional
+        loss = f.cross_entropy(logits[:, :k], labels[sel, 0]) + f.cross_entropy(logits[:, k:c], labels[sel, 1])
+        flags, known = labels[sel, 2:].float(), labels[sel, 2:] >= 0
+        if known.any():
+            loss = loss + f.binary_cross_entropy_with_logits(logits[:, c:][known], flags[known])
+        return loss
 
 
 def loss_fn(model, batch, negatives: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -256,7 +268,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     t0, seed = time.time(), args.seed * 10_000_000
     for step in range(args.steps):
-        items = [task.make_item(seed + i, KIND_MIX[i % len(KIND_MIX)]) for i in range(args.batch)]
+        items = [task.make_item(seed + i, KIND_MIX[i % len(KIND_MIX)], crowded=True) for i in range(args.batch)]
         dialogues = list(range(seed + args.batch, seed + args.batch + args.dialogues))
         seed += args.batch + args.dialogues
         batch = enc.batch(items, dialogues)
@@ -265,7 +277,7 @@ def main() -> None:
             loss = loss + args.probe * probe.loss(batch["token_labels"])
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == args.steps - 1:

@@ -79,11 +79,14 @@ def test_vision_calls_group_frames_of_one_size(numpy_bundle):
     np.testing.assert_allclose(ds, np.concatenate([d for _, d in singles], axis=1), atol=1e-5, rtol=0)
 
 
-def test_old_bundle_format_is_refused(numpy_bundle, tmp_path):
+@pytest.mark.parametrize("version, says", [(1, "is format 1"), (None, "has no format version")])
+def test_old_bundle_format_is_refused(numpy_bundle, tmp_path, version, says):
     old = tmp_path / "old"
     shutil.copytree(numpy_bundle, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format_version"] = 1
+    manifest["format_version"] = version
+    if version is None:
+        del manifest["format_version"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="export the checkpoint again"):
+    with pytest.raises(UserError, match=f"{says}.*export the checkpoint again"):
         BundleModel(old)

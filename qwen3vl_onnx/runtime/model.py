@@ -81,10 +81,10 @@ class BundleModel:
         if not mpath.is_file():
             raise UserError(f"{self.path}: not a bundle (manifest.json is missing)")
         self.manifest = json.loads(mpath.read_text())
-        if self.manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        if (found := self.manifest.get("format_version")) != BUNDLE_FORMAT_VERSION:
+            old = "has no format version (an early export)" if found is None else f"is format {found}"
             raise UserError(
-                f"{self.path}: bundle format {self.manifest.get('format_version')} is not {BUNDLE_FORMAT_VERSION}, "
-                "the format this version reads; export the checkpoint again"
+                f"{self.path}: bundle {old}, this version reads format {BUNDLE_FORMAT_VERSION}; export the checkpoint again"
             )
         self.config = Qwen3VLConfig.from_manifest(self.manifest["config"])
         files = [g["file"] for g in self.manifest["graphs"].values()] + [self.manifest["embed_tokens"]["file"]]

@@ -23,7 +23,7 @@ SHAPES_CONFIG = {
         "vocab_size": 151936,
         "hidden_size": 64,
         "intermediate_size": 256,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": 6,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 32,

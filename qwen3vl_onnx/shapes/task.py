@@ -22,6 +22,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three")
 SIZES = ((128, 128), (160, 128), (128, 160), (144, 112), (112, 144), (160, 160))
+SIDES = ("left", "right", "top", "bottom")
 KINDS = ("color", "shape", "count", "position", "compare")
 EVAL_SEED = 1_000_000_007  # training draws from other seeds
 
@@ -84,7 +85,9 @@ def _unique(objs: list[Obj], key) -> list[Obj]:
     return [o for o, v in zip(objs, values, strict=True) if values.count(v) == 1]
 
 
-def make_item(seed: int, kind: str | None = None) -> Item:
+def make_item(seed: int, kind: str | None = None, crowded: bool = False) -> Item:
+    """One question about fresh picture(s). ``crowded`` (training only) draws 2-3 shapes for every
+    single-image kind, where a question has to pick one shape out of several."""
     rng = np.random.default_rng(seed)
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
     size = SIZES[int(rng.integers(len(SIZES)))]
@@ -94,7 +97,7 @@ def make_item(seed: int, kind: str | None = None) -> Item:
         q = "Which image has more shapes?"
         return Item([draw(s, size, rng) for s in scenes], q, "first" if a > b else "second", kind, scenes)
     for _ in range(100):
-        n = int(rng.integers(1, 4)) if kind != "position" else int(rng.integers(2, 4))
+        n = int(rng.integers(2, 4)) if kind == "position" or crowded else int(rng.integers(1, 4))
         objs = scene(rng, n)
         qa = _question(kind, objs, rng)
         if qa:
@@ -119,18 +122,25 @@ def _question(kind: str, objs: list[Obj], rng: np.random.Generator) -> tuple[str
         return f"What shape is the {o.color} one?", o.shape
     if len(objs) < 2:
         return None
-    side = ("left", "right", "top", "bottom")[int(rng.integers(4))]
-    key = {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy, "bottom": lambda o: -o.cy}[side]
-    ranked = sorted(objs, key=key)
-    if abs(key(ranked[0]) - key(ranked[1])) < 0.2:  # not clearly the most extreme one
+    side = SIDES[int(rng.integers(4))]
+    o = extreme(objs, side)
+    if o is None:
         return None
-    o = ranked[0]
     if rng.integers(2):
         return f"What color is the shape on the {side}?" if side in (
             "left",
             "right",
         ) else f"What color is the shape at the {side}?", o.color
     return f"Which shape is on the {side}?" if side in ("left", "right") else f"Which shape is at the {side}?", o.shape
+
+
+def extreme(objs: list[Obj], side: str) -> Obj | None:
+    """The shape clearly furthest to ``side`` (by 0.2 of the picture over the next), or None."""
+    if len(objs) < 2:
+        return None
+    key = {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy, "bottom": lambda o: -o.cy}[side]
+    ranked = sorted(objs, key=key)
+    return ranked[0] if key(ranked[1]) - key(ranked[0]) >= 0.2 else None
 
 
 def describe(objs: list[Obj]) -> str:
