@@ -1,10 +1,12 @@
-"""The embedded trained "shapes" model: held-out accuracy of the fp32 bundle, and agreement with
-transformers on every held-out item.
+"""The embedded trained "shapes" model: held-out accuracy of the fp32, int8 and int4 bundles, and
+agreement with transformers on every held-out item.
 
-Bound: >= 85% overall on the 200 held-out items. The shipped checkpoint measures 89.5% (transformers
-and the fp32 bundle alike: colour 80, compare 100, count 100, position 67.5, shape 100); the
-issue's 95% target is not reached yet, so this bound guards against regressions in export and
-runtime (any real bug drops answers to chance, about 30%), not the training target."""
+Bounds are the issue's targets, on all 200 held-out items: fp32 >= 95%, int8 >= 93%, int4 >= 90%.
+The shipped checkpoint measures 96% for transformers and every bundle precision (colour 97.5,
+compare 95, count 100, position 87.5, shape 100); a real export or runtime bug drops answers to
+chance (about 30%). The int4/int8 logit cosine against the fp32 bundle is checked on trained weights
+here, which is what quantization is for: measured over 40 held-out prompts, int8 mean 0.99999 (min
+0.9999), int4 block 128 mean 0.9985 (min 0.986)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,7 +48,7 @@ def test_heldout_accuracy_and_agreement_with_transformers(shapes):
     rep = evaluate(pipe, N_ITEMS)
     acc = rep.accuracy()
     print("\n" + rep.table())
-    assert acc["overall"] >= 0.85, acc
+    assert acc["overall"] >= 0.95, acc
 
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -59,6 +62,29 @@ def test_heldout_accuracy_and_agreement_with_transformers(shapes):
                            do_sample=False)  # fmt: skip
         text = pipe.tokenizer.decode(out[0, len(p.ids) :].tolist(), skip_special_tokens=True)
         assert normalize(text) == normalize(ours), (it.question, text, ours)
+
+
+@pytest.mark.parametrize("precision, bound", [("int8", 0.93), ("int4", 0.90)])
+def test_quantized_bundles_answer(shapes, tmp_path, precision, bound):
+    ckpt, bundle = shapes
+    pipe = Pipeline.from_bundle(export(ckpt, tmp_path / precision, precision=precision))
+    rep = evaluate(pipe, N_ITEMS)
+    print(f"\n{precision}\n" + rep.table())
+    assert rep.accuracy()["overall"] >= bound, rep.accuracy()
+
+    ref = Pipeline.from_bundle(bundle)
+    cos = []
+    for it in task.eval_items(40):
+        a, b = (_last_logits(p, it) for p in (pipe, ref))
+        cos.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    print(f"{precision} logit cosine vs fp32: mean {np.mean(cos):.5f} min {min(cos):.5f}")
+    assert np.mean(cos) >= 0.995 and min(cos) >= 0.98
+
+
+def _last_logits(pipe: Pipeline, it: task.Item) -> np.ndarray:
+    m, p = pipe.model, pipe.prepare(task.messages(it))
+    emb, ds = m.encode_images(p.pixel_values, p.grids)
+    return m.prefill(p.ids, emb, ds, p.grids, m.new_cache())[0][-1].astype(np.float64)
 
 
 def test_eval_cli(cli, shapes):
