@@ -118,8 +118,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_stamp(random_weights: bool) -> str:
+    """Digest of what the cached demo bundle was made from: the weights' source and the exporter.
+
+    Why: the cache outlives upgrades; a bundle from an older checkpoint or exporter would otherwise
+    be reused silently (or refused for its format) after ``pip install -U``.
+    """
+    import hashlib
+
+    from . import demo, export
+    from .config import BUNDLE_FORMAT_VERSION
+    from .shapes.model import packaged_checkpoint
+
+    h = hashlib.sha256(f"{BUNDLE_FORMAT_VERSION}".encode())
+    sources = sorted(Path(export.__file__).parent.glob("*.py"))
+    weights = Path(demo.__file__).with_name("checkpoint.py") if random_weights else packaged_checkpoint() / "model.safetensors"
+    sources.append(weights)
+    for f in sources:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
-    """Checkpoint (trained shapes model, or random weights) unpacked and exported under ``work``."""
+    """Checkpoint (trained shapes model, or random weights) unpacked and exported under ``work``,
+    made again when the package's checkpoint or exporter changed (``_demo_stamp``)."""
     import shutil
     import time
 
@@ -128,8 +150,9 @@ def _demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
     from .shapes.model import unpack
 
     work = work / ("random" if random_weights else "shapes")
-    ckpt, bundle = work / "checkpoint", work / "bundle"
-    if rebuild:
+    ckpt, bundle, stamp_file = work / "checkpoint", work / "bundle", work / "stamp"
+    stamp = _demo_stamp(random_weights)
+    if rebuild or (work.exists() and (not stamp_file.is_file() or stamp_file.read_text() != stamp)):
         shutil.rmtree(work, ignore_errors=True)
     if not (ckpt / "model.safetensors").is_file():
         print(f"writing the {'random-weight' if random_weights else 'trained shapes'} checkpoint to {ckpt}", file=sys.stderr)
@@ -138,6 +161,7 @@ def _demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
         t0 = time.perf_counter()
         export(ckpt, bundle, force=True)
         print(f"exported {bundle} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    stamp_file.write_text(stamp)
     return bundle
 
 

@@ -164,6 +164,18 @@ class TokenProbe(torch.nn.Module):
         return loss
 
 
+def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The text model's last hidden states (batch, seq, hidden) for an ``Encoder.batch``."""
+    ids = batch["input_ids"]
+    return model.model(
+        input_ids=ids,
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=(ids == IMG).long(),
+    ).last_hidden_state
+
+
 def loss_fn(model, batch, negatives: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Cross-entropy on the answer tokens.
 
@@ -174,15 +186,8 @@ def loss_fn(model, batch, negatives: int = 0, generator: torch.Generator | None 
     (what evaluation and the runtime use) still lands on the answers.
     """
     ids = batch["input_ids"]
-    out = model.model(
-        input_ids=ids,
-        attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"],
-        image_grid_thw=batch["image_grid_thw"],
-        mm_token_type_ids=(ids == IMG).long(),
-    )
     sel = batch["target"][:, 1:]
-    hidden = out.last_hidden_state[:, :-1][sel]  # positions that predict an answer token
+    hidden = hidden_states(model, batch)[:, :-1][sel]  # positions that predict an answer token
     target = ids[:, 1:][sel]
     if negatives <= 0:
         return torch.nn.functional.cross_entropy(model.lm_head(hidden), target)
@@ -199,12 +204,10 @@ def first_token_accuracy(model, enc: Encoder, items: list[task.Item]) -> dict[st
     for i in range(0, len(items), 32):
         chunk = items[i : i + 32]
         batch = enc.batch(chunk)
-        ids = batch["input_ids"]
-        out = model.model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-                          image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(ids == IMG).long())  # fmt: skip
+        ids, hidden = batch["input_ids"], hidden_states(model, batch)
         for b, it in enumerate(chunk):
             start = int(batch["target"][b].nonzero()[0])  # single-question items: the answer's first token
-            pred = int(model.lm_head(out.last_hidden_state[b, start - 1]).argmax())
+            pred = int(model.lm_head(hidden[b, start - 1]).argmax())
             hits.setdefault(it.kind, []).append(int(pred == ids[b, start]))
     acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     acc["overall"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())

@@ -156,6 +156,21 @@ def test_demo_end_to_end(cli, tmp_path):
     assert (tmp_path / "demo" / "shapes" / "bundle" / "manifest.json").is_file()
 
 
+def test_demo_rebuilds_a_stale_cache(cli, tmp_path):
+    """A cached demo bundle from another checkpoint or exporter (here: an old format and no stamp)
+    is made again instead of being refused or silently reused."""
+    work = tmp_path / "demo"
+    assert cli("demo", "--random", "--workdir", work, "--max-new-tokens", "2").returncode == 0
+    manifest = work / "random" / "bundle" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["format_version"] = 1
+    manifest.write_text(json.dumps(m))
+    (work / "random" / "stamp").unlink()
+    r = cli("demo", "--random", "--workdir", work, "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "exported" in r.stderr and json.loads(manifest.read_text())["format_version"] != 1
+
+
 def test_demo_random_weights(cli, tmp_path):
     r = cli("demo", "--random", "--workdir", tmp_path / "demo", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
