@@ -94,13 +94,16 @@ class _Decoder:
         return out, total
 
     def rope(self) -> tuple[str, str]:
-        """cos/sin (B, S, 1, hd) for fused (B,S,H,hd) layout, (B, 1, S, hd) for portable (B,H,S,hd)."""
+        """Interleaved-MRoPE cos/sin: (B, S, hd/2) half-width angles for the fused graph's
+        RotaryEmbedding op, (B, 1, S, hd) for the portable (B,H,S,hd) rotate-half form."""
         g, cfg = self.g, self.cfg
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
         pos = g.op("Cast", self.ins["position_ids"], to=FLOAT)
         pos = g.op("Transpose", g.op("Gather", pos, g.const(mrope_axis(cfg)), axis=0), perm=[1, 2, 0])
         freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32), np.float32))
-        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([2 if self.opts.fused else 1]))
+        if self.opts.fused:
+            return g.op("Cos", freqs), g.op("Sin", freqs)
+        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
         return g.op("Cos", emb), g.op("Sin", emb)
 
     def causal_mask(self) -> str:
@@ -115,7 +118,8 @@ class _Decoder:
         return g.op("Where", g.op("Greater", k_pos, q_pos), neg, g.const(0.0, np.float32))
 
     def qkv(self, h: str, i: int, cos: str, sin: str) -> tuple[str, str, str]:
-        """Projected, QK-normed, rotated q/k and v as (B, S, heads, hd)."""
+        """Projected, QK-normed, rotated q/k and v: (B, S, heads * hd) for the fused graph (one
+        RotaryEmbedding op each instead of six elementwise ops), (B, heads, S, hd) otherwise."""
         g, cfg, w = self.g, self.cfg, self.w
         b = f"{P}layers.{i}.self_attn."
         heads, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -133,9 +137,12 @@ class _Decoder:
             )
         q = self.norm(g.op("Reshape", q, g.const([0, 0, heads, hd])), b + "q_norm")
         k = self.norm(g.op("Reshape", k, g.const([0, 0, kvh, hd])), b + "k_norm")
+        if self.opts.fused:
+            flat = g.const([0, 0, -1])
+            q, k = (g.op("RotaryEmbedding", g.op("Reshape", t, flat), cos, sin, num_heads=n) for t, n in ((q, heads), (k, kvh)))
+            return q, k, v
         v = g.op("Reshape", v, g.const([0, 0, kvh, hd]))
-        if not self.opts.fused:
-            q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))
+        q, k, v = (g.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))
         return g.rotary(q, cos, sin), g.rotary(k, cos, sin), v
 
     def attention(self, h: str, i: int, cos: str, sin: str, mask: str | None) -> str:
@@ -144,9 +151,8 @@ class _Decoder:
         q, k, v = self.qkv(h, i, cos, sin)
         past_k, past_v = self.ins[f"past_key.{i}"], self.ins[f"past_value.{i}"]
         if self.opts.fused:
-            flat = lambda t, n: g.op("Reshape", t, g.const([0, 0, n * hd]))  # noqa: E731
             o, pk, pv = g.op(
-                "GroupQueryAttention", flat(q, heads), flat(k, kvh), flat(v, kvh), past_k, past_v,
+                "GroupQueryAttention", q, k, v, past_k, past_v,
                 self.ins["seqlens_k"], self.ins["total_sequence_length"],
                 domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kvh, scale=hd**-0.5, n_out=3,
             )  # fmt: skip
