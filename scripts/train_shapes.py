@@ -1,6 +1,6 @@
 """Train the tiny "shapes" Qwen3-VL with transformers on CPU, reproducibly, and save it into the package.
 
-    python scripts/train_shapes.py                      # full run (3800 steps, 23 minutes on 2 cores)
+    python scripts/train_shapes.py                      # full run (3800 steps, 27-30 minutes on 2 cores)
     python scripts/train_shapes.py --steps 3 --out /tmp/x --eval 8   # smoke test
 
 The model is transformers' Qwen3VLForConditionalGeneration at SHAPES_CONFIG (real tokenizer, tied

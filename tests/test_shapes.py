@@ -24,6 +24,9 @@ from qwen3vl_onnx.shapes import task
 from qwen3vl_onnx.shapes.evaluate import evaluate, normalize
 from qwen3vl_onnx.shapes.model import packaged_checkpoint, unpack
 
+from .test_parity import _onnx_logits
+from .test_quant import _cos
+
 N_ITEMS = 200
 
 
@@ -75,16 +78,10 @@ def test_quantized_bundles_answer(shapes, tmp_path, precision, bound):
     ref = Pipeline.from_bundle(bundle)
     cos = []
     for it in task.eval_items(40):
-        a, b = (_last_logits(p, it) for p in (pipe, ref))
-        cos.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+        prompt = ref.prepare(task.messages(it))
+        cos.append(_cos(_onnx_logits(pipe, prompt)[-1], _onnx_logits(ref, prompt)[-1]))
     print(f"{precision} logit cosine vs fp32: mean {np.mean(cos):.5f} min {min(cos):.5f}")
     assert np.mean(cos) >= 0.995 and min(cos) >= 0.98
-
-
-def _last_logits(pipe: Pipeline, it: task.Item) -> np.ndarray:
-    m, p = pipe.model, pipe.prepare(task.messages(it))
-    emb, ds = m.encode_images(p.pixel_values, p.grids)
-    return m.prefill(p.ids, emb, ds, p.grids, m.new_cache())[0][-1].astype(np.float64)
 
 
 def test_eval_cli(cli, shapes):
