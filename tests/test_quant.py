@@ -4,10 +4,10 @@ Bounds on last-position logit cosine against fp32 transformers, measured on the 
 tiny checkpoints, which amplify per-layer error far more than trained weights do:
 Int4/int8 bundles also get the int8 (dynamic) vision tower by default, so the image path counts.
 - int8 (block 128): >= 0.999 (measured 0.9994-0.9997).
-- int4, block 32: >= 0.95 (measured 0.958-0.977). Round-to-nearest int4 leaves ~8% relative error
+- int4, block 32: >= 0.95 (measured 0.961-0.980; 0.958-0.977 before the range search). Round-to-nearest int4 leaves ~8% relative error
   per random Gaussian matmul whatever the width; over a few random layers that costs ~4% cosine.
 - int4, block 128 (the default, chosen for speed: +35% prefill, +16% decode at the 4B shape):
-  >= 0.935 (measured 0.943-0.962). The tiny rows are 64 wide, so a 128 block is one scale per
+  >= 0.935 (measured 0.951-0.961; 0.943-0.962 with plain min/max ranges). The tiny rows are 64 wide, so a 128 block is one scale per
   padded row, the worst case; the trained shapes model answers 96% of its held-out set at block
   128, as at fp32, with int4 logit cosine mean 0.9985 (tests/test_shapes.py).
 The issue's 0.99 target is not met on random weights; trained weights (the shapes model) are the
@@ -59,9 +59,24 @@ def test_packing_matches_matmulnbits(bits, k):
     model.ir_version = 10
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ dequantize(q).T, atol=1e-4, rtol=0)
-    # quantization error is bounded by half a step per element
-    step = q.scales.reshape(n, -1).repeat(32, axis=1)[:, :k]
-    assert (np.abs(dequantize(q) - w) <= step * 0.5 + 1e-6).all()
+    if bits == 8:  # symmetric absmax: every element within half a step
+        step = q.scales.reshape(n, -1).repeat(32, axis=1)[:, :k]
+        assert (np.abs(dequantize(q) - w) <= step * 0.5 + 1e-6).all()
+
+
+def test_int4_range_search_beats_min_max():
+    """Per block, the clipped range is never worse than min/max rounding, and better overall."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_t(4, (64, 256)).astype(np.float32)  # heavy tails, like trained weights
+    blocks = w.reshape(64, -1, 32)
+    lo, hi = np.minimum(blocks.min(2), 0), np.maximum(blocks.max(2), 0)
+    scale = (hi - lo) / 15
+    zp = np.clip(np.round(-lo / scale), 0, 15)
+    codes = np.clip(np.round(blocks / scale[..., None]) + zp[..., None], 0, 15)
+    minmax_err = np.square((codes - zp[..., None]) * scale[..., None] - blocks).sum(2)
+    ours_err = np.square(dequantize(quantize(w, 4, 32)).reshape(64, -1, 32) - blocks).sum(2)
+    assert (ours_err <= minmax_err * (1 + 1e-5) + 1e-9).all()
+    assert ours_err.sum() < 0.97 * minmax_err.sum()
 
 
 def _cos(a, b):

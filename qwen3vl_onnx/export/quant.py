@@ -10,6 +10,8 @@ dequantization independently of any kernel.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,35 +37,63 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(n, -1, block_size)
 
 
-def quantize(w: np.ndarray, bits: int, block_size: int, rows_per_chunk: int = 4096) -> Quantized:
-    """Quantize a torch-layout weight (out, in). 4 bits: asymmetric (min/max); 8 bits: symmetric.
+def quantize(w: np.ndarray, bits: int, block_size: int, chunk_elements: int = 1 << 22) -> Quantized:
+    """Quantize a torch-layout weight (out, in). 4 bits: asymmetric, range picked per block from
+    ``SHRINK`` by squared error; 8 bits: symmetric absmax (its steps are already fine).
 
-    Rows are processed in chunks so the float temporaries stay small even for a 150k-row lm_head.
+    Rows are processed in chunks (a few at a time, on threads) so the float temporaries stay small
+    even for a 150k-row lm_head.
     """
     if bits not in (4, 8):
         raise ValueError("bits must be 4 or 8")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError("block_size must be a power of two >= 16")
     n, k = w.shape
-    parts = [
-        _quantize_rows(np.asarray(w[i : i + rows_per_chunk], np.float32), bits, block_size) for i in range(0, n, rows_per_chunk)
-    ]
+    rows_per_chunk = max(1, chunk_elements // k)
+
+    def rows(i: int) -> Quantized:
+        return _quantize_rows(np.asarray(w[i : i + rows_per_chunk], np.float32), bits, block_size)
+
+    # numpy releases the GIL inside its loops, so chunks quantize in parallel on threads
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(rows, range(0, n, rows_per_chunk)))
     zps = None if bits == 8 else np.concatenate([p.zero_points for p in parts])
     return Quantized(
         np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), zps, bits, block_size, k, n
     )
 
 
+# Range shrink factors tried per 4-bit block; the one with the least squared error wins. Plain
+# min/max rounding spends most of 16 levels on the two extreme weights; clipping them a little
+# gives the bulk finer steps. Four candidates keep almost all of the gain of a 21-point search
+# (relative RMS error on Gaussian blocks of 128: 0.1006 min/max, 0.0953 these, 0.0950 fine grid;
+# Student-t(4) 0.145 / 0.138 / 0.138) at a quarter of its export time. 1.0 is in the set, so no
+# block is ever worse than min/max.
+SHRINK = (1.0, 0.94, 0.87, 0.8)
+
+
 def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> Quantized:
     n, k = w.shape
     b = _blocks(w, block_size)
     if bits == 4:
-        lo = np.minimum(b.min(axis=2), 0.0)
-        hi = np.maximum(b.max(axis=2), 0.0)
-        scale = (hi - lo) / 15.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        zp = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
-        q = np.clip(np.round(b / scale[..., None]) + zp[..., None], 0, 15).astype(np.uint8)
+        lo0 = np.minimum(b.min(axis=2), 0.0)
+        hi0 = np.maximum(b.max(axis=2), 0.0)
+        best_err = np.full(lo0.shape, np.inf, np.float32)
+        scale = np.ones(lo0.shape, np.float32)
+        zp = np.zeros(lo0.shape, np.float32)
+        q = np.zeros(b.shape, np.uint8)
+        codes, err = np.empty_like(b), np.empty_like(b)
+        for s in SHRINK:
+            sc, z = _asym4(b, lo0 * s, hi0 * s, codes)
+            np.subtract(codes, z[..., None], out=err)
+            err *= sc[..., None]
+            err -= b
+            np.square(err, out=err)
+            total = err.sum(axis=2)
+            better = total < best_err
+            best_err[better], scale[better], zp[better] = total[better], sc[better], z[better]
+            np.copyto(q, codes, casting="unsafe", where=better[..., None])
+        zp = zp.astype(np.uint8)
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         zp_flat = zp.reshape(n, -1)
         if zp_flat.shape[1] % 2:
@@ -74,6 +104,19 @@ def _quantize_rows(w: np.ndarray, bits: int, block_size: int) -> Quantized:
     scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
     q = (np.clip(np.round(b / scale[..., None]), -127, 127) + 128).astype(np.uint8)
     return Quantized(q, scale.ravel(), None, 8, block_size, k, n)
+
+
+def _asym4(b: np.ndarray, lo: np.ndarray, hi: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point for blocks quantized over [lo, hi] (lo <= 0 <= hi); codes
+    (0..15, as float) are written into ``codes`` to spare an allocation per candidate."""
+    scale = (hi - lo) / 15.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    zp = np.clip(np.round(-lo / scale), 0, 15).astype(np.float32)
+    np.multiply(b, (1.0 / scale)[..., None], out=codes)
+    np.round(codes, out=codes)
+    codes += zp[..., None]
+    np.clip(codes, 0, 15, out=codes)
+    return scale, zp
 
 
 def dequantize(q: Quantized) -> np.ndarray:
