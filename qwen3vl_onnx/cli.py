@@ -231,6 +231,7 @@ def _bench(args: argparse.Namespace) -> int:
         "shape": name,
         "precision": args.precision,
         "vision_precision": args.vision_precision,
+        "block_size": None if args.bundle else args.block_size,
         "machine": machine(),
     }
     ckpt = None
@@ -250,7 +251,8 @@ def _bench(args: argparse.Namespace) -> int:
 
         params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
         result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
-    stem = out / f"bench-{name}-{args.precision}-v{args.vision_precision}"
+    block = f"-b{args.block_size}" if not args.bundle and args.block_size != 128 else ""
+    stem = out / f"bench-{name}-{args.precision}{block}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     stem.with_suffix(".md").write_text(table)

@@ -30,7 +30,8 @@ def _median(d):
 def markdown(result: dict) -> str:
     ours, peers = result["ours"], result.get("peers", {})
     live = {k: v for k, v in peers.items() if "skipped" not in v}
-    head = ["metric", f"qwen3vl-onnx {result['precision']}"] + [f"{p}" for p in live] + [f"ratio vs {p}" for p in live]
+    block = f" b{result['block_size']}" if result.get("block_size") and result["precision"] in ("int4", "int8") else ""
+    head = ["metric", f"qwen3vl-onnx {result['precision']}{block}"] + [f"{p}" for p in live] + [f"ratio vs {p}" for p in live]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label, higher in ROWS:
         if key not in ours:
