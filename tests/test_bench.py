@@ -52,3 +52,19 @@ def test_bench_compare_runs_onnxruntime_genai_on_the_same_weights(cli, tmp_path)
     assert peer["export_s"] > 0 and peer["bundle_gb"] > 0
     assert list(res["peers"]) == ["onnxruntime-genai int4 (text)"]
     assert "ratio vs onnxruntime-genai int4 (text)" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
+
+
+def test_peak_memory_is_the_childs_own():
+    """A child of a process that holds 400 MB reports its own peak, not the parent's (Linux keeps
+    ru_maxrss across fork and exec, which once made an 8B bench report 9.4 GB for a 5.8 GB run)."""
+    import sys
+
+    from qwen3vl_onnx.bench.run import peak_rss_gb, run_measured
+
+    ballast = bytearray(400 << 20)  # zero-filled, so resident
+    small = run_measured([sys.executable, "-c", "import time; time.sleep(0.5)"], "idle child")
+    big = run_measured([sys.executable, "-c", "import time; b = bytearray(300 << 20); time.sleep(0.5)"], "big child")
+    assert small["export_peak_rss_gb"] < 0.1, small
+    assert 0.29 < big["export_peak_rss_gb"] < 0.45, big
+    assert peak_rss_gb() > 0.39  # the parent's own figure does include its ballast
+    del ballast

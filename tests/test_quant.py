@@ -4,12 +4,14 @@ Bounds on last-position logit cosine against fp32 transformers, measured on the 
 tiny checkpoints, which amplify per-layer error far more than trained weights do:
 Int4/int8 bundles also get the int8 (dynamic) vision tower by default, so the image path counts.
 - int8 (block 128): >= 0.999 (measured 0.9994-0.9997).
-- int4, block 32: >= 0.95 (measured 0.961-0.980; 0.958-0.977 before the range search). Round-to-nearest int4 leaves ~8% relative error
-  per random Gaussian matmul whatever the width; over a few random layers that costs ~4% cosine.
+- int4, block 32: >= 0.95 (measured 0.961-0.980; 0.958-0.977 before the range search).
+  Round-to-nearest int4 leaves ~8% relative error per random Gaussian matmul whatever the width;
+  over a few random layers that costs ~4% cosine.
 - int4, block 128 (the default, chosen for speed: +35% prefill, +16% decode at the 4B shape):
-  >= 0.935 (measured 0.951-0.961; 0.943-0.962 with plain min/max ranges). The tiny rows are 64 wide, so a 128 block is one scale per
-  padded row, the worst case; the trained shapes model answers 96% of its held-out set at block
-  128, as at fp32, with int4 logit cosine mean 0.9985 (tests/test_shapes.py).
+  >= 0.935 (measured 0.951-0.961; 0.943-0.962 with plain min/max ranges). The tiny rows are 64
+  wide, so a 128 block is one scale per padded row, the worst case; the trained shapes model
+  answers 96% of its held-out set at block 128, as at fp32, with int4 logit cosine mean 0.9985
+  (tests/test_shapes.py).
 The issue's 0.99 target is not met on random weights; trained weights (the shapes model) are the
 meaningful int4 check. A broken kernel or packing gives cosine near 0. Run pytest -s for figures.
 """

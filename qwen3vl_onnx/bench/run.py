@@ -50,20 +50,47 @@ def prepare_checkpoint(shape: str, workdir: Path) -> Path:
     return ckpt
 
 
+def _hwm_gb(pid: int | str) -> float | None:
+    """VmHWM (peak resident memory of the process's current image) from /proc, None where absent."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's own peak RSS.
+
+    Why VmHWM and not ``ru_maxrss``: Linux carries ``ru_maxrss`` across fork and exec, so a child
+    started by a parent that once held 9 GB (say, after writing a random 8B checkpoint) reports 9 GB
+    whatever it used itself. VmHWM belongs to the memory map that exec creates afresh.
+    """
+    own = _hwm_gb("self")
+    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_measured(cmd: list[str], what: str) -> dict:
-    """Run ``cmd`` in a child process; its wall time and peak RSS (a fresh child: RUSAGE_CHILDREN
-    holds the largest child so far, so callers run one export per process)."""
+def run_measured(cmd: list[str], what: str, poll_s: float = 0.05) -> dict:
+    """Run ``cmd`` in a child process; its wall time and its own peak RSS, read from its VmHWM
+    while it runs (see ``peak_rss_gb``; growth in its last ``poll_s`` would be missed)."""
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    peak = 0.0
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                peak = max(peak, _hwm_gb(proc.pid) or 0.0)
     secs = time.perf_counter() - t
-    if r.returncode:
-        tail = r.stderr.strip().splitlines()[-3:] or r.stdout.strip().splitlines()[-3:]
-        raise RuntimeError(f"{what} failed (exit {r.returncode}): {' | '.join(tail)}")
-    return {"export_s": secs, "export_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    if proc.returncode:
+        tail = err.strip().splitlines()[-3:] or out.strip().splitlines()[-3:]
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
+    if not peak:  # no /proc (or done within one poll): the largest child so far, an upper bound
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"export_s": secs, "export_peak_rss_gb": peak}
 
 
 def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, vision_precision: str = "fp32") -> dict:
