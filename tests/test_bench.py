@@ -59,7 +59,8 @@ def test_peak_memory_is_the_childs_own():
     ru_maxrss across fork and exec, which once made an 8B bench report 9.4 GB for a 5.8 GB run)."""
     import sys
 
-    from qwen3vl_onnx.bench.run import peak_rss_gb, run_measured
+    from qwen3vl_onnx.bench.procstats import peak_rss_gb
+    from qwen3vl_onnx.bench.run import run_measured
 
     ballast = bytearray(400 << 20)  # zero-filled, so resident
     small = run_measured([sys.executable, "-c", "import time; time.sleep(0.5)"], "idle child")

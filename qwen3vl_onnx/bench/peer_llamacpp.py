@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import peak_rss_gb, run_measured, stats
+from .procstats import peak_rss_gb, stats
+from .run import run_measured
 
 FTYPES = {"Q4_0": 2, "Q4_K_M": 15}  # llama_ftype values
 CONTEXT = 4096  # never the 262k training context: it would not fit in memory

@@ -1,12 +1,12 @@
 """OpenVINO GenAI peer: optimum-intel INT4 export and ``VLMPipeline``, run from its own virtual env.
 
 optimum-intel 2.2 exports Qwen3-VL only with transformers 5.0.0, so this file runs as a plain
-script under that environment's interpreter and imports nothing from this package (numpy,
-openvino and openvino_genai only). The export is cached in WORKDIR with the figures measured when
-it was made. Prefill rate is input tokens over the pipeline's time to first token of a text-only
-prompt, first token with a picture is wall time, decode is 1 / its time per output token. Both
-the default inference precision (bf16 on a CPU with AVX512-BF16) and ``INFERENCE_PRECISION_HINT=f32``
-are measured.
+script under that environment's interpreter, where this package is not installed: it imports
+numpy, openvino, openvino_genai and, from beside it, the stdlib-only ``procstats.py``. The export
+is cached in WORKDIR with the figures measured when it was made. Prefill rate is input tokens
+over the pipeline's time to first token of a text-only prompt, first token with a picture is wall
+time, decode is 1 / its time per output token. Both the default inference precision (bf16 on a CPU
+with AVX512-BF16) and ``INFERENCE_PRECISION_HINT=f32`` are measured.
 
     OPENVINO_VENV/bin/python peer_openvino.py CKPT WORKDIR REPEATS DECODE_TOKENS [f32|default]
 """
@@ -15,30 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def stats(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
-
-
-def own_peak_gb(pid: int | str = "self") -> float:
-    """VmHWM of a process: its own peak RSS (ru_maxrss would include the parent's, see bench/run.py)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
+from procstats import peak_rss_gb, run_polled, stats  # beside this file: sys.path[0] of a script
 
 
 def export(ckpt: Path, out: Path) -> dict:
@@ -53,15 +36,8 @@ def export(ckpt: Path, out: Path) -> dict:
     cmd = [cli, "export", "openvino", "-m", str(ckpt), "--task", "image-text-to-text", "--weight-format", "int4",
            "--group-size", str(group), str(tmp)]  # fmt: skip
     t = time.perf_counter()
-    peak = 0.0
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        while True:  # read the exporter's VmHWM while it lives
-            try:
-                _, err = proc.communicate(timeout=0.05)
-                break
-            except subprocess.TimeoutExpired:
-                peak = max(peak, own_peak_gb(proc.pid))
-    if proc.returncode:
+    code, _, err, peak = run_polled(cmd)
+    if code:
         raise RuntimeError(f"optimum-cli export failed: {err.strip().splitlines()[-1:]}")
     fig = {"export_s": time.perf_counter() - t, "export_peak_rss_gb": peak}
     (tmp / "export.json").write_text(json.dumps(fig))
@@ -119,7 +95,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, precision:
         rates.append(1000 / m.get_tpot().mean)
     res["decode_128_tok_s"] = stats(rates)
     res["decode_tokens"] = decode_tokens
-    res["peak_rss_gb"] = own_peak_gb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res["peak_rss_gb"] = peak_rss_gb()
     return res
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import dir_size, peak_rss_gb, run_measured, stats
+from .procstats import peak_rss_gb, stats
+from .run import dir_size, run_measured
 
 
 def export(ckpt: Path, out: Path) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import peak_rss_gb, stats
+from .procstats import peak_rss_gb, stats
 
 
 def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name: str) -> dict:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -21,10 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .presets import preset_config, write_random_checkpoint
-
-
-def stats(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+from .procstats import peak_rss_gb, run_polled, stats
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -50,46 +45,14 @@ def prepare_checkpoint(shape: str, workdir: Path) -> Path:
     return ckpt
 
 
-def _hwm_gb(pid: int | str) -> float | None:
-    """VmHWM (peak resident memory of the process's current image) from /proc, None where absent."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_gb() -> float:
-    """This process's own peak RSS.
-
-    Why VmHWM and not ``ru_maxrss``: Linux carries ``ru_maxrss`` across fork and exec, so a child
-    started by a parent that once held 9 GB (say, after writing a random 8B checkpoint) reports 9 GB
-    whatever it used itself. VmHWM belongs to the memory map that exec creates afresh.
-    """
-    own = _hwm_gb("self")
-    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def run_measured(cmd: list[str], what: str, poll_s: float = 0.05) -> dict:
-    """Run ``cmd`` in a child process; its wall time and its own peak RSS, read from its VmHWM
-    while it runs (see ``peak_rss_gb``; growth in its last ``poll_s`` would be missed)."""
+def run_measured(cmd: list[str], what: str) -> dict:
+    """Run ``cmd`` in a child process: its wall time and its own peak RSS (``procstats.run_polled``)."""
     t = time.perf_counter()
-    peak = 0.0
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
-        while True:
-            try:
-                out, err = proc.communicate(timeout=poll_s)
-                break
-            except subprocess.TimeoutExpired:
-                peak = max(peak, _hwm_gb(proc.pid) or 0.0)
+    code, out, err, peak = run_polled(cmd)
     secs = time.perf_counter() - t
-    if proc.returncode:
+    if code:
         tail = err.strip().splitlines()[-3:] or out.strip().splitlines()[-3:]
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
-    if not peak:  # no /proc (or done within one poll): the largest child so far, an upper bound
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        raise RuntimeError(f"{what} failed (exit {code}): {' | '.join(tail)}")
     return {"export_s": secs, "export_peak_rss_gb": peak}
 
 
