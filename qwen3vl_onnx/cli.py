@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .export.quant import DEFAULT_BLOCK_SIZE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("out")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
-    e.add_argument("--block-size", type=int, default=128, help="int4/int8 quantization block (power of two >= 16)")
+    e.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="int4/int8 quantization block (power of two >= 16)")
     e.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"],
                    help="vision tower linear layers (auto: int8 for int4/int8 bundles, else fp32)")  # fmt: skip
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", default="4b", choices=["tiny", "2b", "4b", "8b", "32b"])
     b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
     b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
-    b.add_argument("--block-size", type=int, default=128)
+    b.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"])
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
@@ -251,7 +252,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
         result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
-    block = f"-b{args.block_size}" if not args.bundle and args.block_size != 128 else ""
+    block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
     stem = out / f"bench-{name}-{args.precision}{block}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)

@@ -32,6 +32,7 @@ from .. import __version__
 from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig, weight_shapes
 from ..errors import UserError
 from .graph import OPSET, Graph
+from .quant import DEFAULT_BLOCK_SIZE
 from .text import DecoderOptions, build_decoder
 from .vision import build_vision
 from .weights import Checkpoint
@@ -108,8 +109,8 @@ def resolve_vision_precision(precision: str, vision_precision: str = "auto") -> 
     return vision_precision
 
 
-def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False, block_size: int = 128,
-           portable: bool = False, vision_precision: str = "auto") -> Path:  # fmt: skip
+def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False,
+           block_size: int = DEFAULT_BLOCK_SIZE, portable: bool = False, vision_precision: str = "auto") -> Path:  # fmt: skip
     """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and store the

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import TextConfig
 from .graph import FLOAT, INT64, MS_DOMAIN, Graph
+from .quant import DEFAULT_BLOCK_SIZE
 
 P = "model.language_model."
 INT32 = 6
@@ -32,7 +33,7 @@ INT32 = 6
 class DecoderOptions:
     fused: bool = True
     bits: int = 0  # 0: float weights; 4 or 8: MatMulNBits
-    block_size: int = 128
+    block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4  # MatMulNBits: int8 compute where the CPU has it
 
 
