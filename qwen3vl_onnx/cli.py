@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="int4/int8 quantization block (power of two >= 16)")
     e.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"],
                    help="vision tower linear layers (auto: int8 for int4/int8 bundles, else fp32)")  # fmt: skip
+    _int8_projections_arg(e)
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
     b.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"])
+    _int8_projections_arg(b)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")
@@ -218,13 +220,24 @@ def _demo_shapes(pipe, work: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _projection_list(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x not in ("", "none"))
+
+
+def _int8_projections_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8-projections", default=None, metavar="LIST", type=_projection_list,
+                   help="int4: decoder projections kept at 8 bits, comma-separated from q_proj, k_proj, v_proj, "
+                        "o_proj, gate_proj, up_proj, down_proj, lm_head, or none (default: v_proj,lm_head)")  # fmt: skip
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.report import chart, markdown
     from .bench.run import child_measure, export_measured, machine, prepare_checkpoint
     from .config import Qwen3VLConfig, weight_shapes
-    from .export.bundle import resolve_vision_precision
+    from .export.bundle import resolve_int8_projections, resolve_vision_precision
 
     args.vision_precision = resolve_vision_precision(args.precision, args.vision_precision)
+    args.int8_projections = resolve_int8_projections(args.precision, args.int8_projections)
     work, out = Path(args.workdir).expanduser(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.shape if not args.bundle else Path(args.bundle).name
@@ -233,6 +246,7 @@ def _bench(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "vision_precision": args.vision_precision,
         "block_size": None if args.bundle else args.block_size,
+        "int8_projections": None if args.bundle else list(args.int8_projections),
         "machine": machine(),
     }
     ckpt = None
@@ -240,9 +254,12 @@ def _bench(args: argparse.Namespace) -> int:
         bundle = Path(args.bundle)
     else:
         ckpt = prepare_checkpoint(args.shape, work)
-        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}-v{args.vision_precision}"
+        p8 = "-p8" + ("+".join(args.int8_projections) or "none") if args.precision == "int4" else ""
+        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{p8}-v{args.vision_precision}"
         print(f"exporting {bundle}", file=sys.stderr)
-        result.update(export_measured(ckpt, bundle, args.precision, args.block_size, args.vision_precision))
+        result.update(
+            export_measured(ckpt, bundle, args.precision, args.block_size, args.vision_precision, args.int8_projections)
+        )
     print("measuring qwen3vl-onnx", file=sys.stderr)
     result["ours"] = child_measure(bundle, args.repeats)
     if args.compare:
@@ -253,6 +270,8 @@ def _bench(args: argparse.Namespace) -> int:
         params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
         result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
     block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
+    if not args.bundle and args.int8_projections != resolve_int8_projections(args.precision):
+        block += "-p8" + ("+".join(args.int8_projections) or "none")
     stem = out / f"bench-{name}-{args.precision}{block}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
@@ -293,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             from .export.bundle import export
 
             out = export(
-                args.checkpoint, args.out, args.precision, args.force, args.block_size, args.portable, args.vision_precision
-            )
+                args.checkpoint, args.out, args.precision, args.force, args.block_size, args.portable,
+                args.vision_precision, args.int8_projections,
+            )  # fmt: skip
             print(f"wrote {out}")
             return 0
         commands = {"generate": _generate, "demo": _demo, "verify": _verify, "eval": _eval, "bench": _bench}

@@ -27,6 +27,7 @@ def test_bench_tiny_smoke(cli, tmp_path):
         assert ours[key]["median"] > 0, key
     assert ours["vision_448_tokens"] == 196 and ours["vision_896_tokens"] == 784
     assert res["export_s"] > 0 and res["export_peak_rss_gb"] > 0 and ours["peak_rss_gb"] > 0
+    assert res["block_size"] == 128 and res["int8_projections"] == ["v_proj", "lm_head"]
     assert (tmp_path / "o" / "bench-tiny-int4-vint8.png").stat().st_size > 1000
     assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
 

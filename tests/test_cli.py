@@ -95,6 +95,15 @@ def test_not_qwen3vl(cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--precision", "int4", "--int8-projections", "v_proj,qkv"], "unknown projection(s) qkv"),
+     (["--precision", "fp32", "--int8-projections", "lm_head"], "int4 bundles only")],
+)  # fmt: skip
+def test_bad_int8_projections(cli, tmp_path, args, says):
+    _one_line_error(cli("export", tmp_path / "nope", tmp_path / "out", *args), says)
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "missing_shard"])
 def test_bad_safetensors(cli, setup, tmp_path, damage):
     ck = tmp_path / "ck"

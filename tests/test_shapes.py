@@ -3,10 +3,11 @@ agreement with transformers on every held-out item.
 
 Bounds are the issue's targets, on all 200 held-out items: fp32 >= 95%, int8 >= 93%, int4 >= 90%.
 The shipped checkpoint measures 96% for transformers and every bundle precision (colour 97.5,
-compare 95, count 100, position 87.5, shape 100); a real export or runtime bug drops answers to
+compare 95, count 100, position 87.5, shape 100; int4 96.5%, position 90); a real export or runtime bug drops answers to
 chance (about 30%). The int4/int8 logit cosine against the fp32 bundle is checked on trained weights
 here, which is what quantization is for: measured over 40 held-out prompts, int8 mean 0.99999 (min
-0.9999), int4 block 128 mean 0.9985 (min 0.982)."""
+0.9999), int4 block 128 (v_proj and lm_head at 8 bits, the default) mean 0.99974 (min 0.9946; int4
+everywhere: mean 0.9985, min 0.982). Bounds: mean >= 0.999 and every prompt >= 0.99."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def test_quantized_bundles_answer(shapes, tmp_path, precision, bound):
         prompt = ref.prepare(task.messages(it))
         cos.append(_cos(_onnx_logits(pipe, prompt)[-1], _onnx_logits(ref, prompt)[-1]))
     print(f"{precision} logit cosine vs fp32: mean {np.mean(cos):.5f} min {min(cos):.5f}")
-    assert np.mean(cos) >= 0.995 and min(cos) >= 0.98
+    assert np.mean(cos) >= 0.999 and min(cos) >= 0.99
 
 
 def test_eval_cli(cli, shapes):

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +56,13 @@ def run_measured(cmd: list[str], what: str) -> dict:
     return {"export_s": secs, "export_peak_rss_gb": peak}
 
 
-def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, vision_precision: str = "fp32") -> dict:
+def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, vision_precision: str = "fp32",
+                    int8_projections: Sequence[str] = ()) -> dict:  # fmt: skip
     """Export in a child process so its time and peak memory are its own."""
     cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), "--precision", precision,
            "--block-size", str(block_size), "--vision-precision", vision_precision, "--force"]  # fmt: skip
+    if precision == "int4":
+        cmd += ["--int8-projections", ",".join(int8_projections) or "none"]
     return run_measured(cmd, "export")
 
 

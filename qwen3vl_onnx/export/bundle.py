@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig, weight_shapes
 from ..errors import UserError
 from .graph import OPSET, Graph
 from .quant import DEFAULT_BLOCK_SIZE
-from .text import DecoderOptions, build_decoder
+from .text import DEFAULT_INT8_PROJECTIONS, PROJECTIONS, DecoderOptions, build_decoder
 from .vision import build_vision
 from .weights import Checkpoint
 
@@ -109,22 +110,42 @@ def resolve_vision_precision(precision: str, vision_precision: str = "auto") -> 
     return vision_precision
 
 
+def resolve_int8_projections(precision: str, projections: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The decoder projections an int4 bundle keeps at 8 bits, in ``PROJECTIONS`` order.
+
+    None: ``DEFAULT_INT8_PROJECTIONS`` for int4, nothing otherwise; an empty list: all int4.
+    """
+    if projections is None:
+        return DEFAULT_INT8_PROJECTIONS if precision == "int4" else ()
+    chosen = set(projections)
+    if unknown := sorted(chosen - set(PROJECTIONS)):
+        raise UserError(f"unknown projection(s) {', '.join(unknown)}: choose from {', '.join(PROJECTIONS)} or none")
+    if chosen and precision != "int4":
+        raise UserError(f"8-bit projections apply to int4 bundles only, not {precision}")
+    return tuple(k for k in PROJECTIONS if k in chosen)
+
+
 def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False,
-           block_size: int = DEFAULT_BLOCK_SIZE, portable: bool = False, vision_precision: str = "auto") -> Path:  # fmt: skip
+           block_size: int = DEFAULT_BLOCK_SIZE, portable: bool = False, vision_precision: str = "auto",
+           int8_projections: Sequence[str] | None = None) -> Path:  # fmt: skip
     """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and store the
-    embedding table fp16; ``vision_precision`` "auto" then gives the vision tower int8 weights with
-    dynamically quantized activations (see ``resolve_vision_precision``). ``portable`` writes
-    standard-ONNX attention instead of ONNX Runtime contrib ops (float precisions only).
+    embedding table fp16; int4 keeps ``int8_projections`` at 8 bits (see
+    ``resolve_int8_projections``); ``vision_precision`` "auto" then gives the vision tower int8
+    weights with dynamically quantized activations (see ``resolve_vision_precision``). ``portable``
+    writes standard-ONNX attention instead of ONNX Runtime contrib ops (float precisions only).
     """
     vision_precision = resolve_vision_precision(precision, vision_precision)
+    int8_projections = resolve_int8_projections(precision, int8_projections)
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if portable and (precision in BITS or vision_precision != "fp32"):
         raise UserError(f"--portable graphs cannot be {precision}: MatMulNBits is an ONNX Runtime contrib op")
-    opts = DecoderOptions(fused=not portable, bits=BITS.get(precision, 0), block_size=block_size)
+    opts = DecoderOptions(
+        fused=not portable, bits=BITS.get(precision, 0), block_size=block_size, int8_projections=int8_projections
+    )
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise UserError(f"{out}: already exists (use --force to replace it)")

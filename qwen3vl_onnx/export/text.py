@@ -16,7 +16,8 @@ Two attention forms share everything else:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +30,30 @@ P = "model.language_model."
 INT32 = 6
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+# What int4 bundles keep at 8 bits unless told otherwise. Why these two: on random checkpoints,
+# quantizing one kind of projection at a time, v_proj alone cost the most logit cosine and
+# lm_head's ~10% per-logit error is a floor under every other choice; together they are ~5% of the
+# 4B shape's weights (README, "Precision and speed", has the table and the speed cost).
+DEFAULT_INT8_PROJECTIONS = ("v_proj", "lm_head")
+
+
 @dataclass(frozen=True)
 class DecoderOptions:
     fused: bool = True
     bits: int = 0  # 0: float weights; 4 or 8: MatMulNBits
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4  # MatMulNBits: int8 compute where the CPU has it
+    int8_projections: tuple[str, ...] = ()  # with bits=4: these projections (PROJECTIONS) get 8 bits
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.int8_projections) - set(PROJECTIONS))
+        if unknown:
+            raise ValueError(f"unknown projection(s) {', '.join(unknown)}; choose from {', '.join(PROJECTIONS)}")
+
+    def bits_for(self, kind: str) -> int:
+        """Weight bits of one projection kind (0: float)."""
+        return 8 if self.bits == 4 and kind in self.int8_projections else self.bits
 
 
 def mrope_axis(cfg: TextConfig) -> np.ndarray:
@@ -73,11 +92,26 @@ class _Decoder:
         self.ins = {name: g.input(name, t, shape) for name, (t, shape) in self.io_in.items()}
         self.num_deepstack = num_deepstack
 
-    def proj(self, x: str, w: np.ndarray, name: str) -> str:
-        o = self.opts
-        if o.bits:
-            return self.g.linear_nbits(x, w, name, o.bits, o.block_size, o.accuracy_level)
+    def proj(self, x: str, w: np.ndarray, name: str, kind: str) -> str:
+        o, bits = self.opts, self.opts.bits_for(kind)
+        if bits:
+            return self.g.linear_nbits(x, w, name, bits, o.block_size, o.accuracy_level)
         return self.g.linear(x, w, None, name)
+
+    def packed(self, x: str, prefix: str, kinds: Sequence[str]) -> list[str]:
+        """Project ``x`` by several weights that share it: one matmul per run of kinds with the same
+        bit width (q/k/v in one when all are int4, q/k + v when v_proj is kept at 8 bits), split after."""
+        outs: list[str] = []
+        for _, run in itertools.groupby(kinds, self.opts.bits_for):
+            run = list(run)
+            ws = [self.w[prefix + k + ".weight"] for k in run]
+            name = prefix + "_".join(k.removesuffix("_proj") for k in run) + "_proj"
+            y = self.proj(x, np.concatenate(ws) if len(ws) > 1 else ws[0], name, run[0])
+            if len(run) == 1:
+                outs.append(y)
+            else:
+                outs += self.g.op("Split", y, self.g.const([len(w) for w in ws]), axis=-1, n_out=len(run))
+        return outs
 
     def norm(self, x: str, name: str) -> str:
         return self.g.rms_norm(x, self.w[name + ".weight"], name, self.cfg.rms_norm_eps)
@@ -124,13 +158,10 @@ class _Decoder:
         g, cfg, w = self.g, self.cfg, self.w
         b = f"{P}layers.{i}.self_attn."
         heads, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        if self.opts.fused:  # one packed projection, split after
-            wqkv = np.concatenate([w[b + "q_proj.weight"], w[b + "k_proj.weight"], w[b + "v_proj.weight"]])
-            q, k, v = g.op(
-                "Split", self.proj(h, wqkv, b + "qkv_proj"), g.const([heads * hd, kvh * hd, kvh * hd]), axis=-1, n_out=3
-            )
+        if self.opts.fused:  # packed projections, split after
+            q, k, v = self.packed(h, b, ("q_proj", "k_proj", "v_proj"))
         else:
-            q, k, v = (self.proj(h, w[b + n + "_proj.weight"], b + n + "_proj") for n in "qkv")
+            q, k, v = (self.proj(h, w[b + n + "_proj.weight"], b + n + "_proj", n + "_proj") for n in "qkv")
         if cfg.attention_bias:
             q, k, v = (
                 g.op("Add", t, g.weight(b + n + "_proj.bias", w[b + n + "_proj.bias"], np.float32))
@@ -168,19 +199,16 @@ class _Decoder:
             o = g.op("Reshape", o, g.const([0, 0, heads * hd]))
         g.output(pk, f"present_key.{i}", *self.io_out[f"present_key.{i}"])
         g.output(pv, f"present_value.{i}", *self.io_out[f"present_value.{i}"])
-        return self.proj(o, self.w[f"{P}layers.{i}.self_attn.o_proj.weight"], f"{P}layers.{i}.self_attn.o_proj")
+        return self.proj(o, self.w[f"{P}layers.{i}.self_attn.o_proj.weight"], f"{P}layers.{i}.self_attn.o_proj", "o_proj")
 
     def mlp(self, h: str, i: int) -> str:
         g, w, b = self.g, self.w, f"{P}layers.{i}.mlp."
         if self.opts.fused:
-            both = self.proj(h, np.concatenate([w[b + "gate_proj.weight"], w[b + "up_proj.weight"]]), b + "gate_up_proj")
-            gate, up = g.op("Split", both, axis=-1, num_outputs=2, n_out=2)
+            gate, up = self.packed(h, b, ("gate_proj", "up_proj"))
         else:
-            gate, up = (
-                self.proj(h, w[b + "gate_proj.weight"], b + "gate_proj"),
-                self.proj(h, w[b + "up_proj.weight"], b + "up_proj"),
-            )
-        return self.proj(g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up), w[b + "down_proj.weight"], b + "down_proj")
+            gate, up = (self.proj(h, w[b + k + ".weight"], b + k, k) for k in ("gate_proj", "up_proj"))
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        return self.proj(act, w[b + "down_proj.weight"], b + "down_proj", "down_proj")
 
     def build(self, tied: bool, progress=None) -> None:
         g, cfg = self.g, self.cfg
@@ -204,7 +232,7 @@ class _Decoder:
                 progress(1)
         h = g.op("Slice", h, g.op("Neg", self.ins["logits_to_keep"]), g.const([np.iinfo(np.int64).max]), g.const([1]))
         head = self.w[P + "embed_tokens.weight"] if tied else self.w["lm_head.weight"]
-        g.output(self.proj(h, head, "lm_head"), "logits", *self.io_out["logits"])
+        g.output(self.proj(h, head, "lm_head", "lm_head"), "logits", *self.io_out["logits"])
 
 
 def build_decoder(
