@@ -104,6 +104,18 @@ def test_bad_int8_projections(cli, tmp_path, args, says):
     _one_line_error(cli("export", tmp_path / "nope", tmp_path / "out", *args), says)
 
 
+@pytest.mark.parametrize("flag, recorded", [("none", []), ("lm_head,o_proj", ["o_proj", "lm_head"])])
+def test_int4_export_and_generate_with_chosen_8bit_projections(cli, setup, tmp_path, flag, recorded):
+    r = cli("export", setup / "ckpt", tmp_path / "b", "--precision", "int4", "--int8-projections", flag)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["decoder_options"]["int8_projections"] == recorded
+    args = ("--prompt", "Hi", "--max-new-tokens", "4", "--ignore-eos", "--json")
+    r = cli("generate", tmp_path / "b", "--image", setup / "img.png", *args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["completion_tokens"] == 4
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "missing_shard"])
 def test_bad_safetensors(cli, setup, tmp_path, damage):
     ck = tmp_path / "ck"
