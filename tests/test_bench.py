@@ -40,6 +40,20 @@ def test_missing_peer_is_skipped_with_how_to_install(monkeypatch, tmp_path):
     assert res == {"ghost": {"skipped": "no_such_module_q3 not installed (pip install ghost)"}}
 
 
+def test_failed_peer_reports_its_error_line_not_backtrace_noise():
+    from qwen3vl_onnx.bench.peers import failure_reason
+
+    native = """loaded
+/build/vendor/llama.cpp/ggml/src/ggml.c:2072: GGML_ASSERT(ggml_can_repeat(b, a)) failed
+Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
+30	../sysdeps/unix/sysv/linux/wait4.c: No such file or directory.
+360	../csu/libc-start.c: No such file or directory.
+"""
+    assert failure_reason(native).endswith("GGML_ASSERT(ggml_can_repeat(b, a)) failed")
+    assert failure_reason("Traceback (most recent call last):\n  x\nValueError: bad shape\n") == "ValueError: bad shape"
+    assert failure_reason("just this\n") == "just this" and failure_reason("") == "no output"
+
+
 def test_bench_compare_runs_onnxruntime_genai_on_the_same_weights(cli, tmp_path):
     """The peer's builder exports the same random checkpoint; its figures land beside ours with ratios."""
     r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -53,6 +54,16 @@ def missing(modules: list[str]) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
+_REASON = re.compile(r"ASSERT|Error|error:|Exception|Killed|Aborted|Segmentation fault|out of memory")
+
+
+def failure_reason(stderr: str) -> str:
+    """The line of a failed peer's stderr that says why: the last one naming an error or assertion,
+    not whatever came last (a native abort ends with gdb's backtrace noise, not its message)."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()] or ["no output"]
+    return next((ln for ln in reversed(lines) if _REASON.search(ln)), lines[-1])[-300:]
+
+
 def run_peers(ckpt: Path, params: int, repeats: int, workdir: Path, only: list[str] | None = None,
               decode_tokens: int = 128) -> dict:  # fmt: skip
     """Run each peer (or those named in ``only``) and return name -> figures or {"skipped": why}."""
@@ -75,8 +86,7 @@ def run_peers(ckpt: Path, params: int, repeats: int, workdir: Path, only: list[s
             if r.returncode == 0 and lines:
                 peers[name] = json.loads(lines[-1])
             else:
-                why = (r.stderr.strip().splitlines() or ["no output"])[-1][-300:]
-                peers[name] = {"skipped": f"failed (exit {r.returncode}): {why}"}
+                peers[name] = {"skipped": f"failed (exit {r.returncode}): {failure_reason(r.stderr)}"}
         print(f"{name}: {peers[name].get('skipped', 'done')}", file=sys.stderr)
     return peers
 
