@@ -85,6 +85,26 @@ def test_quantized_bundles_answer(shapes, tmp_path, precision, bound):
     assert np.mean(cos) >= 0.999 and min(cos) >= 0.99
 
 
+def test_verify_cli_on_an_int4_bundle(cli, shapes, tmp_path):
+    """verify judges quantized bundles by logit cosine (no float tolerance could pass int4), and it
+    still fails a bundle of other weights."""
+    ckpt, _ = shapes
+    int4 = export(ckpt, tmp_path / "int4", precision="int4")
+    it = next(i for i in task.eval_items(20) if len(i.images) == 1)
+    it.images[0].save(tmp_path / "q.png")
+    args = ("--image", tmp_path / "q.png", "--prompt", it.question, "--steps", "4")
+    r = cli("verify", ckpt, int4, *args)
+    assert r.returncode == 0 and "PASS (mean cosine >= 0.99)" in r.stdout, r.stdout + r.stderr
+    mean = float(r.stdout.split("logit cosine")[1].split()[1])
+    assert 0.99 <= mean < 1 - 1e-6  # quantized: close, not bit-equal
+    assert "prefill max |dlogit|" in r.stdout and "greedy tokens agree" in r.stdout
+    from qwen3vl_onnx.demo.checkpoint import write_checkpoint
+
+    other = write_checkpoint(tmp_path / "other", json.loads((ckpt / "config.json").read_text()))
+    bad = cli("verify", ckpt, export(other, tmp_path / "other-int4", precision="int4"), *args)
+    assert bad.returncode == 1 and "FAIL (mean cosine >= 0.99)" in bad.stdout, bad.stdout + bad.stderr
+
+
 def test_eval_cli(cli, shapes):
     r = cli("eval", shapes[1], "-n", "20", "--json")
     assert r.returncode == 0, r.stderr
