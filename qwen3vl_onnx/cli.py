@@ -251,13 +251,14 @@ def _bench(args: argparse.Namespace) -> int:
         "int8_projections": None if args.bundle else list(args.int8_projections),
         "machine": machine(),
     }
+    p8 = "-p8" + ("+".join(args.int8_projections) or "none")  # names the 8-bit choice in file names
     ckpt = None
     if args.bundle:
         bundle = Path(args.bundle)
     else:
         ckpt = prepare_checkpoint(args.shape, work)
-        p8 = "-p8" + ("+".join(args.int8_projections) or "none") if args.precision == "int4" else ""
-        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{p8}-v{args.vision_precision}"
+        tag = p8 if args.precision == "int4" else ""
+        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{tag}-v{args.vision_precision}"
         print(f"exporting {bundle}", file=sys.stderr)
         result.update(
             export_measured(ckpt, bundle, args.precision, args.block_size, args.vision_precision, args.int8_projections)
@@ -273,7 +274,7 @@ def _bench(args: argparse.Namespace) -> int:
         result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
     block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
     if not args.bundle and args.int8_projections != resolve_int8_projections(args.precision):
-        block += "-p8" + ("+".join(args.int8_projections) or "none")
+        block += p8
     stem = out / f"bench-{name}-{args.precision}{block}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
