@@ -41,7 +41,7 @@ def test_missing_peer_is_skipped_with_how_to_install(monkeypatch, tmp_path):
 
 
 def test_failed_peer_reports_its_error_line_not_backtrace_noise():
-    from qwen3vl_onnx.bench.peers import failure_reason
+    from qwen3vl_onnx.bench.procstats import failure_reason
 
     native = """loaded
 /build/vendor/llama.cpp/ggml/src/ggml.c:2072: GGML_ASSERT(ggml_can_repeat(b, a)) failed

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from procstats import peak_rss_gb, run_polled, stats  # beside this file: sys.path[0] of a script
+from procstats import failure_reason, peak_rss_gb, run_polled, stats  # beside this file: sys.path[0] of a script
 
 
 def export(ckpt: Path, out: Path) -> dict:
@@ -38,7 +38,7 @@ def export(ckpt: Path, out: Path) -> dict:
     t = time.perf_counter()
     code, _, err, peak = run_polled(cmd)
     if code:
-        raise RuntimeError(f"optimum-cli export failed: {err.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"optimum-cli export failed (exit {code}): {failure_reason(err)}")
     fig = {"export_s": time.perf_counter() - t, "export_peak_rss_gb": peak}
     (tmp / "export.json").write_text(json.dumps(fig))
     shutil.rmtree(out, ignore_errors=True)

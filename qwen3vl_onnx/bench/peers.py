@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from .procstats import failure_reason
 
 LLAMA_BUILD = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python'
@@ -52,16 +53,6 @@ def command(module: str, workdir: Path) -> list[str]:
 
 def missing(modules: list[str]) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
-
-
-_REASON = re.compile(r"ASSERT|Error|error:|Exception|Killed|Aborted|Segmentation fault|out of memory")
-
-
-def failure_reason(stderr: str) -> str:
-    """The line of a failed peer's stderr that says why: the last one naming an error or assertion,
-    not whatever came last (a native abort ends with gdb's backtrace noise, not its message)."""
-    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()] or ["no output"]
-    return next((ln for ln in reversed(lines) if _REASON.search(ln)), lines[-1])[-300:]
 
 
 def run_peers(ckpt: Path, params: int, repeats: int, workdir: Path, only: list[str] | None = None,

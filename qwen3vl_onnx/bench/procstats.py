@@ -1,6 +1,7 @@
-"""Standard-library helpers every bench process shares: median statistics and a process's own peak
-memory. Stdlib only because ``peer_openvino.py`` runs under OpenVINO's own virtual environment,
-where this package is not installed, and imports this file from beside it.
+"""Standard-library helpers every bench process shares: median statistics, a process's own peak
+memory, and the line that says why a child failed. Stdlib only because ``peer_openvino.py`` runs
+under OpenVINO's own virtual environment, where this package is not installed, and imports this
+file from beside it.
 
 Peak memory is VmHWM, not ``ru_maxrss``: Linux carries ``ru_maxrss`` across fork and exec, so a
 child started by a parent that once held 9 GB (say, after writing a random 8B checkpoint) reports
@@ -9,6 +10,7 @@ child started by a parent that once held 9 GB (say, after writing a random 8B ch
 
 from __future__ import annotations
 
+import re
 import resource
 import statistics
 import subprocess
@@ -51,3 +53,13 @@ def run_polled(cmd: list[str], poll_s: float = 0.05) -> tuple[int, str, str, flo
     if not peak:
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     return proc.returncode, out, err, peak
+
+
+_REASON = re.compile(r"ASSERT|Error|error:|Exception|Killed|Aborted|Segmentation fault|out of memory")
+
+
+def failure_reason(stderr: str) -> str:
+    """The line of a failed child's output that says why: the last one naming an error or assertion,
+    not whatever came last (a native abort ends with gdb's backtrace noise, not its message)."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()] or ["no output"]
+    return next((ln for ln in reversed(lines) if _REASON.search(ln)), lines[-1])[-300:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .presets import preset_config, write_random_checkpoint
-from .procstats import peak_rss_gb, run_polled, stats
+from .procstats import failure_reason, peak_rss_gb, run_polled, stats
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -51,8 +51,7 @@ def run_measured(cmd: list[str], what: str) -> dict:
     code, out, err, peak = run_polled(cmd)
     secs = time.perf_counter() - t
     if code:
-        tail = err.strip().splitlines()[-3:] or out.strip().splitlines()[-3:]
-        raise RuntimeError(f"{what} failed (exit {code}): {' | '.join(tail)}")
+        raise RuntimeError(f"{what} failed (exit {code}): {failure_reason(err if err.strip() else out)}")
     return {"export_s": secs, "export_peak_rss_gb": peak}
 
 
