@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"],
                    help="vision tower linear layers (auto: int8 for int4/int8 bundles, else fp32)")  # fmt: skip
     _int8_projections_arg(e)
+    _prefill_int8_arg(e)
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
@@ -66,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"])
     _int8_projections_arg(b)
+    _prefill_int8_arg(b)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")
@@ -232,12 +234,19 @@ def _int8_projections_arg(p: argparse.ArgumentParser) -> None:
                         "o_proj, gate_proj, up_proj, down_proj, lm_head, or none (default: v_proj,lm_head)")  # fmt: skip
 
 
+def _prefill_int8_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-int8", action="store_true",
+                   help="int4/int8: add a prompt graph with int8 GEMMs (faster prefill; "
+                        "+1 byte per decoder weight in memory)")  # fmt: skip
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.report import chart, markdown
     from .bench.run import child_measure, export_measured, machine, prepare_checkpoint
     from .config import Qwen3VLConfig, weight_shapes
-    from .export.bundle import resolve_int8_projections, resolve_vision_precision
+    from .export.bundle import check_prefill_int8, resolve_int8_projections, resolve_vision_precision
 
+    check_prefill_int8(args.precision, False, args.prefill_int8)
     args.vision_precision = resolve_vision_precision(args.precision, args.vision_precision)
     args.int8_projections = resolve_int8_projections(args.precision, args.int8_projections)
     work, out = Path(args.workdir).expanduser(), Path(args.out)
@@ -249,19 +258,23 @@ def _bench(args: argparse.Namespace) -> int:
         "vision_precision": args.vision_precision,
         "block_size": None if args.bundle else args.block_size,
         "int8_projections": None if args.bundle else list(args.int8_projections),
+        "prefill_int8": None if args.bundle else args.prefill_int8,
         "machine": machine(),
     }
     p8 = "-p8" + ("+".join(args.int8_projections) or "none")  # names the 8-bit choice in file names
+    pi8 = "-prefill8" if args.prefill_int8 else ""
     ckpt = None
     if args.bundle:
         bundle = Path(args.bundle)
     else:
         ckpt = prepare_checkpoint(args.shape, work)
         tag = p8 if args.precision == "int4" else ""
-        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{tag}-v{args.vision_precision}"
+        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{tag}{pi8}-v{args.vision_precision}"
         print(f"exporting {bundle}", file=sys.stderr)
         result.update(
-            export_measured(ckpt, bundle, args.precision, args.block_size, args.vision_precision, args.int8_projections)
+            export_measured(
+                ckpt, bundle, args.precision, args.block_size, args.vision_precision, args.int8_projections, args.prefill_int8
+            )
         )
     print("measuring qwen3vl-onnx", file=sys.stderr)
     result["ours"] = child_measure(bundle, args.repeats)
@@ -275,7 +288,7 @@ def _bench(args: argparse.Namespace) -> int:
     block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
     if not args.bundle and args.int8_projections != resolve_int8_projections(args.precision):
         block += p8
-    stem = out / f"bench-{name}-{args.precision}{block}-v{args.vision_precision}"
+    stem = out / f"bench-{name}-{args.precision}{block}{'' if args.bundle else pi8}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     stem.with_suffix(".md").write_text(table)
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
             out = export(
                 args.checkpoint, args.out, args.precision, args.force, args.block_size, args.portable,
-                args.vision_precision, args.int8_projections,
+                args.vision_precision, args.int8_projections, args.prefill_int8,
             )  # fmt: skip
             print(f"wrote {out}")
             return 0

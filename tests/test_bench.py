@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qwen3vl_onnx.bench.presets import preset_config
 from qwen3vl_onnx.config import Qwen3VLConfig
 
@@ -16,20 +18,26 @@ def test_presets_are_the_released_shapes():
     assert not eight.tie_word_embeddings and eight.vision.hidden_size == 1152 and eight.text.mrope_section == (24, 20, 20)
 
 
-def test_bench_tiny_smoke(cli, tmp_path):
+@pytest.mark.parametrize("extra, tag", [((), ""), (("--prefill-int8",), "-prefill8")])
+def test_bench_tiny_smoke(cli, tmp_path, extra, tag):
     r = cli(
-        "bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", tmp_path / "w", "--out", tmp_path / "o"
-    )
+        "bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", tmp_path / "w", "--out", tmp_path / "o",
+        *extra,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vint8.json").read_text())
+    stem = tmp_path / "o" / f"bench-tiny-int4{tag}-vint8"
+    res = json.loads(stem.with_suffix(".json").read_text())
+    assert res["prefill_int8"] is bool(extra)
+    bundle = tmp_path / "w" / "tiny" / f"bundle-int4-b128-p8v_proj+lm_head{tag}-vint8"
+    assert (bundle / "decoder_prefill.onnx").is_file() is bool(extra)
     ours = res["ours"]
     for key in ("vision_448_s", "vision_896_s", "prefill_32_tok_s", "prefill_256_tok_s", "ttft_448_s", "decode_128_tok_s"):
         assert ours[key]["median"] > 0, key
     assert ours["vision_448_tokens"] == 196 and ours["vision_896_tokens"] == 784
     assert res["export_s"] > 0 and res["export_peak_rss_gb"] > 0 and ours["peak_rss_gb"] > 0
     assert res["block_size"] == 128 and res["int8_projections"] == ["v_proj", "lm_head"]
-    assert (tmp_path / "o" / "bench-tiny-int4-vint8.png").stat().st_size > 1000
-    assert "decode (tok/s)" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
+    assert stem.with_suffix(".png").stat().st_size > 1000
+    assert "decode (tok/s)" in stem.with_suffix(".md").read_text()
 
 
 def test_missing_peer_is_skipped_with_how_to_install(monkeypatch, tmp_path):

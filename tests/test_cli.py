@@ -98,9 +98,10 @@ def test_not_qwen3vl(cli, tmp_path):
 @pytest.mark.parametrize(
     "args, says",
     [(["--precision", "int4", "--int8-projections", "v_proj,qkv"], "unknown projection(s) qkv"),
-     (["--precision", "fp32", "--int8-projections", "lm_head"], "int4 bundles only")],
+     (["--precision", "fp32", "--int8-projections", "lm_head"], "int4 bundles only"),
+     (["--precision", "fp16", "--prefill-int8"], "--prefill-int8 applies to int4/int8 bundles, not fp16")],
 )  # fmt: skip
-def test_bad_int8_projections(cli, tmp_path, args, says):
+def test_bad_quantization_options(cli, tmp_path, args, says):
     _one_line_error(cli("export", tmp_path / "nope", tmp_path / "out", *args), says)
 
 
@@ -110,6 +111,20 @@ def test_int4_export_and_generate_with_chosen_8bit_projections(cli, setup, tmp_p
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["decoder_options"]["int8_projections"] == recorded
+    args = ("--prompt", "Hi", "--max-new-tokens", "4", "--ignore-eos", "--json")
+    r = cli("generate", tmp_path / "b", "--image", setup / "img.png", *args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["completion_tokens"] == 4
+
+
+def test_prefill_int8_export_and_generate(cli, setup, tmp_path):
+    """--prefill-int8 adds decoder_prefill.onnx (recorded in the manifest); generate runs the prompt
+    through it and decodes with the compact graph."""
+    r = cli("export", setup / "ckpt", tmp_path / "b", "--precision", "int4", "--prefill-int8")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["prefill_int8"] is True and manifest["graphs"]["decoder_prefill"]["file"] == "decoder_prefill.onnx"
+    assert manifest["graphs"]["decoder_prefill"]["inputs"] == manifest["graphs"]["decoder"]["inputs"]
     args = ("--prompt", "Hi", "--max-new-tokens", "4", "--ignore-eos", "--json")
     r = cli("generate", tmp_path / "b", "--image", setup / "img.png", *args)
     assert r.returncode == 0, r.stderr

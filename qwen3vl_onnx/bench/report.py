@@ -33,6 +33,8 @@ def markdown(result: dict) -> str:
     block = f" b{result['block_size']}" if result.get("block_size") and result["precision"] in ("int4", "int8") else ""
     if result.get("int8_projections") and result["precision"] == "int4":
         block += f" ({', '.join(result['int8_projections'])} 8-bit)"
+    if result.get("prefill_int8"):
+        block += " + int8 prefill graph"
     head = ["metric", f"qwen3vl-onnx {result['precision']}{block}"] + [f"{p}" for p in live] + [f"ratio vs {p}" for p in live]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label, higher in ROWS:

@@ -56,12 +56,14 @@ def run_measured(cmd: list[str], what: str) -> dict:
 
 
 def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, vision_precision: str = "fp32",
-                    int8_projections: Sequence[str] = ()) -> dict:  # fmt: skip
+                    int8_projections: Sequence[str] = (), prefill_int8: bool = False) -> dict:  # fmt: skip
     """Export in a child process so its time and peak memory are its own."""
     cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), "--precision", precision,
            "--block-size", str(block_size), "--vision-precision", vision_precision, "--force"]  # fmt: skip
     if precision == "int4":
         cmd += ["--int8-projections", ",".join(int8_projections) or "none"]
+    if prefill_int8:
+        cmd.append("--prefill-int8")
     return run_measured(cmd, "export")
 
 

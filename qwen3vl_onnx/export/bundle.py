@@ -6,6 +6,7 @@ Layout::
       manifest.json            graph inputs/outputs, dtypes, precision, parsed config, versions
       vision.onnx(.data)       patches -> merged image embeddings + DeepStack features
       decoder.onnx(.data)      embeddings + MRoPE positions + KV cache -> logits
+      decoder_prefill.onnx     (--prefill-int8 only) the same decoder with int8 GEMMs, used for prompts
       embed_tokens.npy         token embedding table (memory-mapped at run time)
       tokenizer.json, chat template, preprocessor/video/generation configs, config.json (copied)
 
@@ -125,9 +126,27 @@ def resolve_int8_projections(precision: str, projections: Sequence[str] | None =
     return tuple(k for k in PROJECTIONS if k in chosen)
 
 
+def check_prefill_int8(precision: str, portable: bool, prefill_int8: bool) -> None:
+    """A prefill graph only for quantized fused bundles.
+
+    Why the option exists: MatMulNBits' int8-compute path tops out at ~375-390 GOPS for prompt-sized
+    matmuls on this 2-core AVX512-VNNI machine, while MLAS's u8s8 GEMM runs them at 700-760. The
+    prefill graph stores every layer projection again as int8 per output channel (lm_head is
+    shared in kind: MatMulNBits on the last row), so prompts and image tokens run on the fast
+    GEMM while decode keeps the compact weights. The price is memory: ~1 byte per decoder weight
+    on top of the int4 bundle (4B: +3.6 GB). Off by default for that reason.
+    """
+    if not prefill_int8:
+        return
+    if precision not in BITS:
+        raise UserError(f"--prefill-int8 applies to int4/int8 bundles, not {precision}")
+    if portable:
+        raise UserError("--prefill-int8 needs ONNX Runtime contrib ops, so it cannot be --portable")
+
+
 def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False,
            block_size: int = DEFAULT_BLOCK_SIZE, portable: bool = False, vision_precision: str = "auto",
-           int8_projections: Sequence[str] | None = None) -> Path:  # fmt: skip
+           int8_projections: Sequence[str] | None = None, prefill_int8: bool = False) -> Path:  # fmt: skip
     """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and store the
@@ -135,6 +154,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
     ``resolve_int8_projections``); ``vision_precision`` "auto" then gives the vision tower int8
     weights with dynamically quantized activations (see ``resolve_vision_precision``). ``portable``
     writes standard-ONNX attention instead of ONNX Runtime contrib ops (float precisions only).
+    ``prefill_int8`` adds a second decoder graph for prompts (see ``check_prefill_int8``).
     """
     vision_precision = resolve_vision_precision(precision, vision_precision)
     int8_projections = resolve_int8_projections(precision, int8_projections)
@@ -143,6 +163,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if portable and (precision in BITS or vision_precision != "fp32"):
         raise UserError(f"--portable graphs cannot be {precision}: MatMulNBits is an ONNX Runtime contrib op")
+    check_prefill_int8(precision, portable, prefill_int8)
     opts = DecoderOptions(
         fused=not portable, bits=BITS.get(precision, 0), block_size=block_size, int8_projections=int8_projections
     )
@@ -170,6 +191,15 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         build_decoder(dg, cfg.text, weights, cfg.tie_word_embeddings, len(cfg.vision.deepstack_visual_indexes), opts, update)
         dg.save()
         close()
+        graphs = {"vision": vg, "decoder": dg}
+        if prefill_int8:
+            update, close = _progress(cfg.text.num_hidden_layers, "prefill")
+            pg = Graph("qwen3vl_decoder_prefill", tmp / "decoder_prefill.onnx", dtype)
+            popts = dataclasses.replace(opts, int8_rows=True)
+            build_decoder(pg, cfg.text, weights, cfg.tie_word_embeddings, len(cfg.vision.deepstack_visual_indexes), popts, update)
+            pg.save()
+            close()
+            graphs["decoder_prefill"] = pg
         embed = weights["model.language_model.embed_tokens.weight"].astype(np.float16 if precision in BITS else dtype)
         np.save(tmp / "embed_tokens.npy", embed)
         for name in COPIED_FILES:
@@ -181,10 +211,10 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
             "precision": precision,
             "vision_precision": vision_precision,
             "decoder_options": dataclasses.asdict(opts),
+            "prefill_int8": prefill_int8,
             "config": cfg.to_dict(),
             "graphs": {
-                "vision": {"file": "vision.onnx", "inputs": _io(vg.inputs), "outputs": _io(vg.outputs)},
-                "decoder": {"file": "decoder.onnx", "inputs": _io(dg.inputs), "outputs": _io(dg.outputs)},
+                key: {"file": g.path.name, "inputs": _io(g.inputs), "outputs": _io(g.outputs)} for key, g in graphs.items()
             },
             "embed_tokens": {"file": "embed_tokens.npy", "dtype": embed.dtype.name, "shape": list(embed.shape)},
             "files": sorted(p.name for p in tmp.iterdir()),

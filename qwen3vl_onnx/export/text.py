@@ -46,10 +46,19 @@ class DecoderOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4  # MatMulNBits: int8 compute where the CPU has it
     int8_projections: tuple[str, ...] = ()  # with bits=4: these PROJECTIONS get 8 bits (checked by the exporter)
+    int8_rows: bool = False  # the prefill graph: layer projections as int8 GEMMs over per-row int8 activations
 
     def bits_for(self, kind: str) -> int:
         """Weight bits of one projection kind (0: float)."""
         return 8 if self.bits == 4 and kind in self.int8_projections else self.bits
+
+    def kernel_for(self, kind: str) -> str:
+        """Which matmul a projection kind becomes: "rows" (``Graph.linear_int8_rows``), "nbits4",
+        "nbits8" (MatMulNBits) or "float". lm_head stays MatMulNBits in the prefill graph: it runs on
+        the last position only, where a weight-only kernel is the fast one."""
+        if self.int8_rows and kind != "lm_head":
+            return "rows"
+        return f"nbits{self.bits_for(kind)}" if self.bits_for(kind) else "float"
 
 
 def mrope_axis(cfg: TextConfig) -> np.ndarray:
@@ -89,16 +98,18 @@ class _Decoder:
         self.num_deepstack = num_deepstack
 
     def proj(self, x: str, w: np.ndarray, name: str, kind: str) -> str:
-        o, bits = self.opts, self.opts.bits_for(kind)
-        if bits:
-            return self.g.linear_nbits(x, w, name, bits, o.block_size, o.accuracy_level)
+        o, kernel = self.opts, self.opts.kernel_for(kind)
+        if kernel == "rows":
+            return self.g.linear_int8_rows(x, w, name)
+        if kernel.startswith("nbits"):
+            return self.g.linear_nbits(x, w, name, o.bits_for(kind), o.block_size, o.accuracy_level)
         return self.g.linear(x, w, None, name)
 
     def packed(self, x: str, prefix: str, kinds: Sequence[str]) -> list[str]:
         """Project ``x`` by several weights that share it: one matmul per run of kinds with the same
-        bit width (q/k/v in one when all are int4, q/k + v when v_proj is kept at 8 bits), split after."""
+        kernel (q/k/v in one when all are int4, q/k + v when v_proj is kept at 8 bits), split after."""
         outs: list[str] = []
-        for _, run in itertools.groupby(kinds, self.opts.bits_for):
+        for _, run in itertools.groupby(kinds, self.opts.kernel_for):
             run = list(run)
             ws = [self.w[prefix + k + ".weight"] for k in run]
             name = prefix + "_".join(k.removesuffix("_proj") for k in run) + "_proj"

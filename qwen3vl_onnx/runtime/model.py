@@ -93,6 +93,9 @@ class BundleModel:
                 raise UserError(f"{self.path}: bundle is incomplete, {f} is missing")
         self.vision = _session(self.path / "vision.onnx", providers, threads)
         self.decoder = _session(self.path / "decoder.onnx", providers, threads)
+        # --prefill-int8 bundles: a second decoder for multi-token calls (same inputs, same cache).
+        has_prefill = "decoder_prefill" in self.manifest["graphs"]
+        self.prefill_decoder = _session(self.path / "decoder_prefill.onnx", providers, threads) if has_prefill else None
         self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
         self.fused = any(i.name == "seqlens_k" for i in self.decoder.get_inputs())
@@ -147,7 +150,8 @@ class BundleModel:
         }
         total = cache.length + embeds.shape[1]
         if self.fused:
-            return self._forward_shared(feeds, cache, total)
+            multi = embeds.shape[1] > 1 and self.prefill_decoder is not None
+            return self._forward_shared(self.prefill_decoder if multi else self.decoder, feeds, cache, total)
         for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
             feeds[f"past_key.{i}"] = k
             feeds[f"past_value.{i}"] = v
@@ -160,13 +164,16 @@ class BundleModel:
         cache.length = total
         return res["logits"]
 
-    def _forward_shared(self, feeds: dict[str, np.ndarray], cache: KVCache, total: int) -> np.ndarray:
-        """One decoder call with the cache buffers bound as both past and present (written in place)."""
+    def _forward_shared(
+        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], cache: KVCache, total: int
+    ) -> np.ndarray:
+        """One decoder call with the cache buffers bound as both past and present (written in place);
+        the prefill and decode graphs share the buffers, so switching between them copies nothing."""
         cache.ensure(total)
         batch = feeds["inputs_embeds"].shape[0]
         feeds["seqlens_k"] = np.full(batch, total - 1, np.int32)
         feeds["total_sequence_length"] = np.array(total, np.int32)
-        io = self.decoder.io_binding()
+        io = session.io_binding()
         for name, arr in feeds.items():
             io.bind_cpu_input(name, arr)
         io.bind_output("logits", "cpu")
@@ -175,7 +182,7 @@ class BundleModel:
             io.bind_ortvalue_input(f"past_value.{i}", v)
             io.bind_ortvalue_output(f"present_key.{i}", k)
             io.bind_ortvalue_output(f"present_value.{i}", v)
-        self.decoder.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         cache.length = total
         return io.get_outputs()[0].numpy()
 
