@@ -165,9 +165,16 @@ def test_prefill_int8_graph(tiny, tmp_path):
         pre = m.prefill(prompt.ids, emb, ds, prompt.grids, cache, logits_to_keep=len(prompt.ids))[0]
         return pre, np.stack([m.step(t, cache) for t in toks])
 
+    short = [9707, 11, 1879]  # below PREFILL_GRAPH_MIN_TOKENS: the compact graph is faster there
+
+    def run_short() -> np.ndarray:
+        return m.prefill(short, None, None, (), m.new_cache())
+
     pre, dec = run()
+    short_default = run_short()
     m.prefill_decoder, prefill_graph = None, m.prefill_decoder
     pre4, dec4 = run()  # the same bundle with the prompt through its int4 graph
+    np.testing.assert_array_equal(short_default, run_short())
     m.prefill_decoder = prefill_graph
     ids = torch.tensor([prompt.ids + toks])
     ref = tiny.model(
