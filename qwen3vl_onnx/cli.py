@@ -240,6 +240,14 @@ def _prefill_int8_arg(p: argparse.ArgumentParser) -> None:
                         "+1 byte per decoder weight in memory)")  # fmt: skip
 
 
+def _bundle_has_prefill_graph(bundle: Path) -> bool | None:
+    """Whether a bundle given to ``bench --bundle`` was exported with --prefill-int8 (None: unreadable)."""
+    try:
+        return "decoder_prefill" in json.loads((bundle / "manifest.json").read_text())["graphs"]
+    except (OSError, ValueError, KeyError):
+        return None  # the bench child reports what is wrong with the bundle
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.report import chart, markdown
     from .bench.run import child_measure, export_measured, machine, prepare_checkpoint
@@ -258,7 +266,7 @@ def _bench(args: argparse.Namespace) -> int:
         "vision_precision": args.vision_precision,
         "block_size": None if args.bundle else args.block_size,
         "int8_projections": None if args.bundle else list(args.int8_projections),
-        "prefill_int8": None if args.bundle else args.prefill_int8,
+        "prefill_int8": _bundle_has_prefill_graph(Path(args.bundle)) if args.bundle else args.prefill_int8,
         "machine": machine(),
     }
     p8 = "-p8" + ("+".join(args.int8_projections) or "none")  # names the 8-bit choice in file names

@@ -30,6 +30,11 @@ def test_bench_tiny_smoke(cli, tmp_path, extra, tag):
     assert res["prefill_int8"] is bool(extra)
     bundle = tmp_path / "w" / "tiny" / f"bundle-int4-b128-p8v_proj+lm_head{tag}-vint8"
     assert (bundle / "decoder_prefill.onnx").is_file() is bool(extra)
+    if extra:  # --bundle reads the choice from the bundle's manifest
+        r = cli("bench", "--bundle", bundle, "--repeats", "1", "--out", tmp_path / "ob")
+        assert r.returncode == 0, r.stderr
+        res_b = json.loads((tmp_path / "ob" / f"bench-{bundle.name}-int4-vint8.json").read_text())
+        assert res_b["prefill_int8"] is True and "+ int8 prefill graph" in r.stdout
     ours = res["ours"]
     for key in ("vision_448_s", "vision_896_s", "prefill_32_tok_s", "prefill_256_tok_s", "ttft_448_s", "decode_128_tok_s"):
         assert ours[key]["median"] > 0, key
