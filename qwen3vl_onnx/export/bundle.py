@@ -131,9 +131,9 @@ def check_prefill_int8(precision: str, portable: bool, prefill_int8: bool) -> No
 
     Why the option exists: MatMulNBits' int8-compute path tops out at ~375-390 GOPS for prompt-sized
     matmuls on this 2-core AVX512-VNNI machine, while MLAS's u8s8 GEMM runs them at 700-760. The
-    prefill graph stores every layer projection again as int8 per output channel (lm_head is
-    shared in kind: MatMulNBits on the last row), so prompts and image tokens run on the fast
-    GEMM while decode keeps the compact weights. The price is memory: ~1 byte per decoder weight
+    prefill graph stores every layer projection again as int8 per output channel (its lm_head is
+    a second copy of the decode graph's MatMulNBits one, run on the last position only), so prompts
+    and image tokens run on the fast GEMM while decode keeps the compact weights. The price is memory: ~1 byte per decoder weight
     on top of the int4 bundle (4B: +3.6 GB). Off by default for that reason.
     """
     if not prefill_int8:

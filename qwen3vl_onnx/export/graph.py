@@ -143,11 +143,12 @@ class Graph:
         """x @ W^T with int8 per-channel weights and x quantized per row (per token) at run time.
 
         Why per row: ``DynamicQuantizeMatMul`` quantizes the whole activation tensor with one scale,
-        so one outlier channel in one token coarsens every token (matmul cosine 0.972-0.988 with
-        25-40x outlier channels, against 0.996-0.998 per row). A blocked QuantizeLinear (one block =
-        the row) gives uint8 with zero point 128, MatMulIntegerToFloat runs MLAS's u8s8 GEMM and
-        applies the weight scales, and the row scales multiply the result: 700-760 GOPS at the
-        4B prefill shapes here, where MatMulNBits (int8 compute) runs 375-390.
+        set by its largest value in any token; per row, each token's step follows its own largest
+        value (with two 25-40x outlier channels, matmul cosine 0.996-0.998 per row against
+        0.972-0.988 per tensor). A blocked QuantizeLinear (one block = the row) gives uint8 with zero
+        point 128, MatMulIntegerToFloat runs MLAS's u8s8 GEMM and applies the weight scales, and the
+        row scales multiply the result: 700-760 GOPS at the 4B prefill shapes here, where
+        MatMulNBits (int8 compute) runs 375-390.
         """
         k = w.shape[1]
         q, scale = quantize_per_channel(w)
