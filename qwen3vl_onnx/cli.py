@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
+                   help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
 
     v = sub.add_parser("verify", help="compare a bundle with transformers (needs torch)")
     v.add_argument("checkpoint")
@@ -93,7 +95,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from .runtime.generate import Pipeline
 
-    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads)
+    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
     content = [{"type": "image", "image": p} for p in args.image] + [{"type": "text", "text": args.prompt}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
     stream = pipe.generate(

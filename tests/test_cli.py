@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from qwen3vl_onnx.demo.checkpoint import write_checkpoint
+from qwen3vl_onnx.runtime.generate import Pipeline
 
 from .conftest import GEOMETRIES, hf_config, picture
 
@@ -126,9 +127,12 @@ def test_prefill_int8_export_and_generate(cli, setup, tmp_path):
     assert manifest["prefill_int8"] is True and manifest["graphs"]["decoder_prefill"]["file"] == "decoder_prefill.onnx"
     assert manifest["graphs"]["decoder_prefill"]["inputs"] == manifest["graphs"]["decoder"]["inputs"]
     args = ("--prompt", "Hi", "--max-new-tokens", "4", "--ignore-eos", "--json")
-    r = cli("generate", tmp_path / "b", "--image", setup / "img.png", *args)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["completion_tokens"] == 4
+    for extra in ((), ("--no-prefill-graph",)):
+        r = cli("generate", tmp_path / "b", "--image", setup / "img.png", *args, *extra)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1])["completion_tokens"] == 4
+    assert Pipeline.from_bundle(tmp_path / "b").model.prefill_decoder is not None
+    assert Pipeline.from_bundle(tmp_path / "b", prefill_graph=False).model.prefill_decoder is None
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "missing_shard"])

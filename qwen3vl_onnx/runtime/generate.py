@@ -137,8 +137,8 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                    context_length: int | None = None) -> Pipeline:  # fmt: skip
-        return cls(BundleModel(path, providers, threads), context_length)
+                    context_length: int | None = None, prefill_graph: bool = True) -> Pipeline:  # fmt: skip
+        return cls(BundleModel(path, providers, threads, prefill_graph), context_length)
 
     # ---- prompt ----
 

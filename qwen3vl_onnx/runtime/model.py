@@ -80,7 +80,10 @@ def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -
 class BundleModel:
     """The graphs and embedding table of one bundle directory."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+                 prefill_graph: bool = True):  # fmt: skip
+        """``prefill_graph=False`` leaves a --prefill-int8 bundle's prompt graph unloaded (its memory
+        back, prompts at the compact graph's speed)."""
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.is_file():
@@ -99,7 +102,7 @@ class BundleModel:
         self.vision = _session(self.path / "vision.onnx", providers, threads)
         self.decoder = _session(self.path / "decoder.onnx", providers, threads)
         # --prefill-int8 bundles: a second decoder for prompts (same inputs, same cache).
-        has_prefill = "decoder_prefill" in self.manifest["graphs"]
+        has_prefill = prefill_graph and "decoder_prefill" in self.manifest["graphs"]
         self.prefill_decoder = _session(self.path / "decoder_prefill.onnx", providers, threads) if has_prefill else None
         self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
