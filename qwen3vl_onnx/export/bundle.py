@@ -133,8 +133,9 @@ def check_prefill_int8(precision: str, portable: bool, prefill_int8: bool) -> No
     matmuls on this 2-core AVX512-VNNI machine, while MLAS's u8s8 GEMM runs them at 700-760. The
     prefill graph stores every layer projection again as int8 per output channel (its lm_head is
     a second copy of the decode graph's MatMulNBits one, run on the last position only), so prompts
-    and image tokens run on the fast GEMM while decode keeps the compact weights. The price is memory: ~1 byte per decoder weight
-    on top of the int4 bundle (4B: +3.6 GB). Off by default for that reason.
+    and image tokens run on the fast GEMM while decode keeps the compact weights. The price is
+    memory: ~1 byte per decoder weight on top of the int4 bundle (4B: +3.8 GB). Off by default for
+    that reason.
     """
     if not prefill_int8:
         return
