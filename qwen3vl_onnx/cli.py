@@ -256,7 +256,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .config import Qwen3VLConfig, weight_shapes
     from .export.bundle import check_prefill_int8, resolve_int8_projections, resolve_vision_precision
 
-    check_prefill_int8(args.precision, False, args.prefill_int8)
+    check_prefill_int8(args.precision, args.prefill_int8)
     args.vision_precision = resolve_vision_precision(args.precision, args.vision_precision)
     args.int8_projections = resolve_int8_projections(args.precision, args.int8_projections)
     work, out = Path(args.workdir).expanduser(), Path(args.out)

@@ -126,8 +126,8 @@ def resolve_int8_projections(precision: str, projections: Sequence[str] | None =
     return tuple(k for k in PROJECTIONS if k in chosen)
 
 
-def check_prefill_int8(precision: str, portable: bool, prefill_int8: bool) -> None:
-    """A prefill graph only for quantized fused bundles.
+def check_prefill_int8(precision: str, prefill_int8: bool) -> None:
+    """A prefill graph only for quantized bundles (which are never --portable: ``export`` refuses that).
 
     Why the option exists: MatMulNBits' int8-compute path tops out at ~375-390 GOPS for prompt-sized
     matmuls on this 2-core AVX512-VNNI machine, while MLAS's u8s8 GEMM runs them at 700-760. The
@@ -141,8 +141,6 @@ def check_prefill_int8(precision: str, portable: bool, prefill_int8: bool) -> No
         return
     if precision not in BITS:
         raise UserError(f"--prefill-int8 applies to int4/int8 bundles, not {precision}")
-    if portable:
-        raise UserError("--prefill-int8 needs ONNX Runtime contrib ops, so it cannot be --portable")
 
 
 def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False,
@@ -164,7 +162,7 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if portable and (precision in BITS or vision_precision != "fp32"):
         raise UserError(f"--portable graphs cannot be {precision}: MatMulNBits is an ONNX Runtime contrib op")
-    check_prefill_int8(precision, portable, prefill_int8)
+    check_prefill_int8(precision, prefill_int8)
     opts = DecoderOptions(
         fused=not portable, bits=BITS.get(precision, 0), block_size=block_size, int8_projections=int8_projections
     )
