@@ -185,20 +185,19 @@ def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", for
         build_vision(vg, cfg.vision, weights, update, int8=vision_precision == "int8", fused=not portable)
         vg.save()
         close()
-        update, close = _progress(cfg.text.num_hidden_layers, "decoder")
-        dg = Graph("qwen3vl_decoder", tmp / "decoder.onnx", dtype)
-        build_decoder(dg, cfg.text, weights, cfg.tie_word_embeddings, len(cfg.vision.deepstack_visual_indexes), opts, update)
-        dg.save()
-        close()
-        graphs = {"vision": vg, "decoder": dg}
-        if prefill_int8:
-            update, close = _progress(cfg.text.num_hidden_layers, "prefill")
-            pg = Graph("qwen3vl_decoder_prefill", tmp / "decoder_prefill.onnx", dtype)
-            popts = dataclasses.replace(opts, int8_rows=True)
-            build_decoder(pg, cfg.text, weights, cfg.tie_word_embeddings, len(cfg.vision.deepstack_visual_indexes), popts, update)
-            pg.save()
+
+        def decoder(key: str, label: str, decoder_opts: DecoderOptions) -> Graph:
+            update, close = _progress(cfg.text.num_hidden_layers, label)
+            g = Graph(f"qwen3vl_{key}", tmp / f"{key}.onnx", dtype)
+            ds = len(cfg.vision.deepstack_visual_indexes)
+            build_decoder(g, cfg.text, weights, cfg.tie_word_embeddings, ds, decoder_opts, update)
+            g.save()
             close()
-            graphs["decoder_prefill"] = pg
+            return g
+
+        graphs = {"vision": vg, "decoder": decoder("decoder", "decoder", opts)}
+        if prefill_int8:
+            graphs["decoder_prefill"] = decoder("decoder_prefill", "prefill", dataclasses.replace(opts, int8_rows=True))
         embed = weights["model.language_model.embed_tokens.weight"].astype(np.float16 if precision in BITS else dtype)
         np.save(tmp / "embed_tokens.npy", embed)
         for name in COPIED_FILES:
