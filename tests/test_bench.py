@@ -97,3 +97,18 @@ def test_peak_memory_is_the_childs_own():
     assert 0.29 < big["export_peak_rss_gb"] < 0.45, big
     assert peak_rss_gb() > 0.39  # the parent's own figure does include its ballast
     del ballast
+
+
+def test_bench_compare_times_vision_in_turns_with_pytorch(cli, tmp_path):
+    """With PyTorch bf16 among the peers, the two vision towers are also timed in turns in one process,
+    on the same image and weights (their embeddings agree), and the per-pair ratio reaches the table."""
+    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "PyTorch bf16",
+            "--workdir", tmp_path / "w", "--out", tmp_path / "o", timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vint8.json").read_text())
+    assert list(res["peers"]) == ["PyTorch bf16"] and "skipped" not in res["peers"]["PyTorch bf16"]
+    paired = res["vision_448_paired"]
+    assert paired["tokens"] == 196 and paired["embeds_cosine"] > 0.99, paired
+    assert paired["pair_ratios"]["n"] == 5 and paired["ours_s"]["n"] == 5
+    assert paired["ours_s"]["median"] > 0 and paired["torch_bf16_s"]["median"] > 0
+    assert "PyTorch bf16 in turns, one process, 5 pairs" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()

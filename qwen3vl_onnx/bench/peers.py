@@ -87,3 +87,20 @@ def child_main(measure: Callable[..., dict], argv: list[str]) -> None:
     ckpt, work, repeats, decode = Path(argv[0]), Path(argv[1]), int(argv[2]), int(argv[3])
     work.mkdir(parents=True, exist_ok=True)
     print(json.dumps(measure(ckpt, work, repeats, decode, *argv[4:])))
+
+
+# Pairs for the alternating vision timing: each ratio is one pair, so a few more than --repeats' 3.
+PAIRED_MIN_REPEATS = 5
+
+
+def run_paired_vision(ckpt: Path, bundle: Path, repeats: int) -> dict:
+    """448x448 vision encode, ours and PyTorch bf16 taking turns in one child (see paired_vision.py)."""
+    if absent := missing(PEERS["PyTorch bf16"][2]):
+        return {"skipped": f"{', '.join(absent)} not installed ({PEERS['PyTorch bf16'][3]})"}
+    print("measuring vision, ours and PyTorch bf16 in turns", file=sys.stderr)
+    cmd = [sys.executable, "-m", "qwen3vl_onnx.bench.paired_vision", str(ckpt), str(bundle), str(repeats)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode or not lines:
+        return {"skipped": f"failed (exit {r.returncode}): {failure_reason(r.stderr)}"}
+    return json.loads(lines[-1])
