@@ -22,9 +22,9 @@ import numpy as np
 from .procstats import stats
 
 PREFIX = "model.visual."
-# Idle time before each timed call: both runtimes leave their worker threads spinning for a while
-# after a call (OpenMP's block time, ONNX Runtime's spin-then-wait), which would eat into the
-# other's next call on a 2-core machine.
+# Idle time before each timed call, so that neither runtime's worker threads, which spin for a
+# while after a call (OpenMP's block time, ONNX Runtime's spin-then-wait), can overlap the other's
+# call on a 2-core machine. A precaution: with and without it the ratios stayed within this VM's noise.
 PAUSE_S = 1.0
 
 
@@ -40,8 +40,8 @@ def _torch_tower(ckpt: Path):
     tower = Qwen3VLVisionModel._from_config(cfg, dtype=torch.bfloat16).eval()
     weights = Checkpoint(ckpt)
     state = {k[len(PREFIX) :]: torch.from_numpy(np.asarray(weights[k], np.float32)) for k in weights if k.startswith(PREFIX)}
-    tower.load_state_dict(state, strict=True)  # a missing or misnamed tensor fails here
-    return tower.to(torch.bfloat16)
+    tower.load_state_dict(state, strict=True)  # a missing or misnamed tensor fails here (values cast to bf16)
+    return tower
 
 
 def measure(ckpt: Path, bundle: Path, repeats: int) -> dict:
@@ -65,8 +65,12 @@ def measure(ckpt: Path, bundle: Path, repeats: int) -> dict:
         fn()
         return time.perf_counter() - t
 
-    run_torch = lambda: tower(pv_t, grid_thw=grid_t)  # noqa: E731
-    run_ours = lambda: encode_images(session, cfg.vision, pv, [grid])  # noqa: E731
+    def run_torch():
+        return tower(pv_t, grid_thw=grid_t)
+
+    def run_ours():
+        return encode_images(session, cfg.vision, pv, [grid])
+
     theirs_out, ours_out = run_torch().pooler_output.float().numpy(), run_ours()[0]  # also the warm-up
     a, b = theirs_out.ravel().astype(np.float64), ours_out.ravel().astype(np.float64)
     theirs, ours = [], []
