@@ -111,4 +111,22 @@ def test_bench_compare_times_vision_in_turns_with_pytorch(cli, tmp_path):
     assert paired["tokens"] == 196 and paired["embeds_cosine"] > 0.99, paired
     assert paired["pair_ratios"]["n"] == 5 and paired["ours_s"]["n"] == 5
     assert paired["ours_s"]["median"] > 0 and paired["torch_bf16_s"]["median"] > 0
-    assert "PyTorch bf16 in turns, one process, 5 pairs" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
+    md = (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
+    assert "PyTorch bf16 in turns, one process, 5 pairs" in md
+    # prefill-256 also in turns, each system in its own worker process
+    turns = res["turns"]["PyTorch bf16"]["prefill_256_tok_s"]
+    assert turns["pair_ratios"]["n"] == 5 and turns["ours"]["median"] > 0 and turns["peer"]["median"] > 0
+    assert "prefill 256 tokens (tok/s), in turns with PyTorch bf16, 5 pairs" in md
+
+
+def test_turns_report_a_worker_that_dies_with_its_error_line():
+    import sys
+
+    from qwen3vl_onnx.bench.turns import take_turns
+
+    ok = [sys.executable, "-c", "from qwen3vl_onnx.bench.procstats import serve_loop; serve_loop({'ttft_448_s': lambda: 1.0})"]
+    dead = [sys.executable, "-c", "raise ValueError('no pipeline here')"]
+    with pytest.raises(RuntimeError, match="peer exited .*ValueError: no pipeline here"):
+        take_turns(ok, dead, ["ttft_448_s"], 1, pause_s=0)
+    res = take_turns(ok, ok, ["ttft_448_s"], 2, pause_s=0)["ttft_448_s"]
+    assert res["pair_ratios"] == {"median": 1.0, "min": 1.0, "max": 1.0, "n": 2}

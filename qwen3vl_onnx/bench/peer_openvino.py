@@ -9,6 +9,7 @@ time, decode is 1 / its time per output token. Both the default inference precis
 with AVX512-BF16) and ``INFERENCE_PRECISION_HINT=f32`` are measured.
 
     OPENVINO_VENV/bin/python peer_openvino.py CKPT WORKDIR REPEATS DECODE_TOKENS [f32|default]
+    OPENVINO_VENV/bin/python peer_openvino.py --serve CKPT WORKDIR f32|default   (a worker for bench/turns.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from procstats import failure_reason, peak_rss_gb, run_polled, stats  # beside this file: sys.path[0] of a script
+from procstats import failure_reason, peak_rss_gb, run_polled, serve_loop, stats  # beside this file: sys.path[0] of a script
 
 
 def export(ckpt: Path, out: Path) -> dict:
@@ -46,52 +47,71 @@ def export(ckpt: Path, out: Path) -> dict:
     return fig
 
 
-def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, precision: str = "default") -> dict:
-    import openvino as ov
+def _pipeline(out: Path, ckpt: Path, precision: str):
     import openvino_genai as og
 
-    out = work / "openvino-int4"
-    res: dict = dict(export(ckpt, out))
-    res["bundle_gb"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**30
     props = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
-    t = time.perf_counter()
     pipe = og.VLMPipeline(str(out), "CPU", **props)
-    res["load_s"] = time.perf_counter() - t
     template = ckpt / "chat_template.json"  # the checkpoint's template, where tokenizer_config.json lacks one
     if template.is_file():
         pipe.get_tokenizer().set_chat_template(json.loads(template.read_text())["chat_template"])
+    return pipe
+
+
+def _run(pipe, prompt: str, images: list, new_tokens: int):
+    import openvino_genai as og
+
+    cfg = og.GenerationConfig()
+    cfg.max_new_tokens, cfg.ignore_eos = new_tokens, True
+    return pipe.generate(prompt, images=images, generation_config=cfg).perf_metrics
+
+
+def _prompt(rng, n: int) -> str:
+    return " ".join(rng.choice(WORDS, n))
+
+
+def _ttft_448(pipe, rng, i: int) -> float:
+    import openvino as ov
+
+    img = ov.Tensor(rng.integers(0, 256, (1, 448, 448, 3), dtype=np.uint8))
+    t = time.perf_counter()
+    _run(pipe, f"What is in picture {i}?", [img], 1)
+    return time.perf_counter() - t
+
+
+def _prefill_rate(m) -> float:
+    return m.get_num_input_tokens() / (m.get_ttft().mean / 1000)
+
+
+# Every call gets a new prompt and a new picture: the pipeline reuses the KV cache of a repeated
+# prefix and caches image embeddings, which would time a cache hit instead of the work.
+WORDS = "the of and to in is was for on with as by at from that this are be it or an".split()
+
+
+def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, precision: str = "default") -> dict:
+    out = work / "openvino-int4"
+    res: dict = dict(export(ckpt, out))
+    res["bundle_gb"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**30
+    t = time.perf_counter()
+    pipe = _pipeline(out, ckpt, precision)
+    res["load_s"] = time.perf_counter() - t
     rng = np.random.default_rng(0)
-    words = "the of and to in is was for on with as by at from that this are be it or an".split()
-
-    def run(prompt: str, images: list, new_tokens: int):
-        cfg = og.GenerationConfig()
-        cfg.max_new_tokens, cfg.ignore_eos = new_tokens, True
-        return pipe.generate(prompt, images=images, generation_config=cfg).perf_metrics
-
-    # Every call gets a new prompt and a new picture: the pipeline reuses the KV cache of a repeated
-    # prefix and caches image embeddings, which would time a cache hit instead of the work.
     for n in (32, 256):
         rates = []
         for i in range(repeats + 1):
-            m = run(" ".join(rng.choice(words, n)), [], 1)
+            m = _run(pipe, _prompt(rng, n), [], 1)
             if i:
-                rates.append(m.get_num_input_tokens() / (m.get_ttft().mean / 1000))
+                rates.append(_prefill_rate(m))
         res[f"prefill_{n}_tok_s"] = stats(rates)
         res[f"prefill_{n}_input_tokens"] = m.get_num_input_tokens()  # chat template included
     # No vision figure: the pipeline's vision_encoding_duration read 0.07 s at the 4B shape while its
     # first token with the picture took 5.7 s, so it covers only part of the tower (the export splits
     # it into patch-embedding, position and merger models); time to first token stands instead.
-    ttft = []
-    for i in range(repeats + 1):
-        img = ov.Tensor(rng.integers(0, 256, (1, 448, 448, 3), dtype=np.uint8))
-        t = time.perf_counter()
-        m = run(f"What is in picture {i}?", [img], 1)
-        if i:
-            ttft.append(time.perf_counter() - t)
+    ttft = [_ttft_448(pipe, rng, i) for i in range(repeats + 1)][1:]
     res["ttft_448_s"] = stats(ttft)
     rates = []
     for _ in range(max(1, repeats - 1)):
-        m = run(f"Tell me story number {rng.integers(1000)}.", [], decode_tokens + 1)
+        m = _run(pipe, f"Tell me story number {rng.integers(1000)}.", [], decode_tokens + 1)
         rates.append(1000 / m.get_tpot().mean)
     res["decode_128_tok_s"] = stats(rates)
     res["decode_tokens"] = decode_tokens
@@ -99,7 +119,21 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, precision:
     return res
 
 
+def serve(ckpt: Path, work: Path, precision: str) -> None:
+    """Worker for ``bench/turns.py``: the cached export's pipeline answering prefill and first-token calls."""
+    pipe = _pipeline(work / "openvino-int4", ckpt, precision)
+    rng = np.random.default_rng(1)
+    calls = iter(range(10**9))
+    serve_loop({
+        "prefill_256_tok_s": lambda: _prefill_rate(_run(pipe, _prompt(rng, 256), [], 1)),
+        "ttft_448_s": lambda: _ttft_448(pipe, rng, next(calls)),
+    })  # fmt: skip
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":  # peer_openvino.py --serve CKPT WORKDIR PRECISION
+        serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+        sys.exit(0)
     work = Path(sys.argv[2])
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

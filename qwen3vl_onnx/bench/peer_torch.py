@@ -1,6 +1,7 @@
 """PyTorch transformers peer (fp32 or bf16) for ``bench --compare``: the reference a user starts from.
 
 python -m qwen3vl_onnx.bench.peer_torch CKPT WORKDIR REPEATS DECODE_TOKENS DTYPE
+python -m qwen3vl_onnx.bench.peer_torch --serve CKPT DTYPE      (a worker for bench/turns.py)
 """
 
 from __future__ import annotations
@@ -55,7 +56,31 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name
     return res
 
 
-if __name__ == "__main__":
-    from .peers import child_main
+def serve(ckpt: Path, dtype_name: str) -> None:
+    """Worker for ``bench/turns.py``: answers prefill-256 calls (the peer has no first-token figure)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
 
-    child_main(measure, sys.argv[1:])
+    from .procstats import serve_loop
+
+    torch.set_grad_enabled(False)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=dtype).eval()
+    rng = np.random.default_rng(1)
+
+    def prefill_256_tok_s() -> float:
+        ids = torch.tensor([rng.integers(0, 150000, 256).tolist()])
+        t = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        return 256 / (time.perf_counter() - t)
+
+    serve_loop({"prefill_256_tok_s": prefill_256_tok_s})
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--serve":  # python -m qwen3vl_onnx.bench.peer_torch --serve CKPT DTYPE
+        serve(Path(sys.argv[2]), sys.argv[3])
+    else:
+        from .peers import child_main
+
+        child_main(measure, sys.argv[1:])

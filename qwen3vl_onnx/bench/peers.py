@@ -104,3 +104,30 @@ def run_paired_vision(ckpt: Path, bundle: Path, repeats: int) -> dict:
     if r.returncode or not lines:
         return {"skipped": f"failed (exit {r.returncode}): {failure_reason(r.stderr)}"}
     return json.loads(lines[-1])
+
+
+# peer -> (its worker command's extra arguments, the tasks it answers) for ``bench/turns.py``
+TURN_PEERS = {
+    "PyTorch bf16": (["bf16"], ["prefill_256_tok_s"]),
+    "OpenVINO GenAI int4 (bf16 default)": (["default"], ["prefill_256_tok_s", "ttft_448_s"]),
+    "OpenVINO GenAI int4 (f32 hint)": (["f32"], ["prefill_256_tok_s", "ttft_448_s"]),
+}
+
+
+def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int) -> dict:
+    """Prefill-256 (and first token) of ours and of each peer in TURN_PEERS that ran, taken in turns."""
+    from .turns import our_worker_command, take_turns
+
+    out: dict = {}
+    for name, (extra, tasks) in TURN_PEERS.items():
+        if name not in peers or "skipped" in peers[name]:
+            continue
+        module = PEERS[name][0]
+        cmd = [*command(module, workdir), "--serve", str(ckpt)]
+        cmd += [str(workdir), *extra] if module == "openvino" else extra
+        print(f"measuring in turns with {name}", file=sys.stderr)
+        try:
+            out[name] = take_turns(our_worker_command(bundle), cmd, tasks, repeats)
+        except RuntimeError as e:
+            out[name] = {"skipped": f"failed: {e}"}
+    return out

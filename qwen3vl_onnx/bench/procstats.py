@@ -10,10 +10,13 @@ child started by a parent that once held 9 GB (say, after writing a random 8B ch
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import statistics
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -63,3 +66,10 @@ def failure_reason(stderr: str) -> str:
     not whatever came last (a native abort ends with gdb's backtrace noise, not its message)."""
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()] or ["no output"]
     return next((ln for ln in reversed(lines) if _REASON.search(ln)), lines[-1])[-300:]
+
+
+def serve_loop(answer: dict[str, Callable[[], float]]) -> None:
+    """Worker side of ``bench/turns.py``'s protocol: ``ready``, then one JSON answer per task line."""
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps({"value": answer[line.strip()]()}), flush=True)

@@ -70,6 +70,17 @@ def markdown(result: dict) -> str:
                 f"PyTorch bf16 {_fmt(paired['torch_bf16_s'])} s; ratio per pair {r['median']:.2f}x "
                 f"({r['min']:.2f}-{r['max']:.2f})."
             )
+    labels = {key: label for key, label, _ in ROWS}
+    for name, t in result.get("turns", {}).items():
+        if "skipped" in t:
+            extra.append(f"- in turns with {name}: skipped ({t['skipped']})")
+            continue
+        for task, f in t.items():
+            r = f["pair_ratios"]
+            extra.append(
+                f"{labels[task]}, in turns with {name}, {r['n']} pairs: ours {_fmt(f['ours'])}, theirs {_fmt(f['peer'])}; "
+                f"ratio per pair {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})."
+            )
     for name, p in peers.items():
         if "skipped" in p:
             extra.append(f"- {name}: skipped ({p['skipped']})")

@@ -1,0 +1,129 @@
+"""Two systems measured in turns: prefill-256 and first token with a 448x448 image (``bench --compare``).
+
+Why: each peer otherwise runs in its own process minutes after ours, and this VM's speed moves
+20-50% within minutes, more than the gaps being judged (ours against OpenVINO GenAI is within
+15%). Here both systems stay loaded in their own worker processes (each under its own Python,
+OpenVINO's from its virtual environment) and the driver asks them in turn, one call at a time
+with a pause before each, so every pair of figures comes from the same minute.
+
+Protocol, one line each way: the worker prints ``ready`` once loaded; then for each task name it
+reads it answers one JSON line ``{"value": ...}`` (tok/s for prefill, seconds for first token).
+A worker must give every call fresh input (new random prompt, new picture), since OpenVINO's
+pipeline reuses a repeated prefix's KV cache and caches image embeddings.
+
+    python -m qwen3vl_onnx.bench.turns BUNDLE       (our worker)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .procstats import failure_reason, serve_loop, stats
+
+# task -> higher value is better (prefill in tok/s) or not (first token in seconds)
+TASKS = {"prefill_256_tok_s": True, "ttft_448_s": False}
+PAUSE_S = 1.0  # idle before each call, so one system's spinning threads never overlap the other's call
+
+
+class Worker:
+    """A worker process answering tasks over stdin/stdout."""
+
+    def __init__(self, name: str, cmd: list[str]):
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._expect("ready")
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {failure_reason(self.proc.stderr.read())}")
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        while self._line() != word:
+            pass  # libraries may print to stdout while loading
+
+    def ask(self, task: str) -> float:
+        self.proc.stdin.write(task + "\n")
+        self.proc.stdin.flush()
+        while not (line := self._line()).startswith("{"):
+            pass
+        return float(json.loads(line)["value"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def take_turns(ours_cmd: list[str], theirs_cmd: list[str], tasks: list[str], repeats: int, pause_s: float = PAUSE_S) -> dict:
+    """Per task (names from TASKS): both systems' figures and the ratio of each pair (> 1: ours faster).
+
+    Workers start one after the other, so the second loads while the first is idle.
+    """
+    ours = Worker("ours", ours_cmd)
+    try:
+        theirs = Worker("peer", theirs_cmd)
+    except Exception:
+        ours.close()
+        raise
+    res: dict = {}
+    try:
+        for task in tasks:
+            higher = TASKS[task]
+            for w in (ours, theirs):  # warm-up call each
+                w.ask(task)
+            a, b = [], []
+            for _ in range(repeats):
+                for w, out in ((ours, a), (theirs, b)):
+                    time.sleep(pause_s)
+                    out.append(w.ask(task))
+            ratios = [x / y if higher else y / x for x, y in zip(a, b, strict=True)]
+            res[task] = {"ours": stats(a), "peer": stats(b), "pair_ratios": stats(ratios)}
+    finally:
+        ours.close()
+        theirs.close()
+    return res
+
+
+def our_worker_command(bundle: Path) -> list[str]:
+    return [sys.executable, "-m", "qwen3vl_onnx.bench.turns", str(bundle)]
+
+
+def serve(bundle: Path) -> None:
+    """Our side: answers TASKS for a bundle until stdin closes."""
+    from ..runtime.generate import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle)
+    m = pipe.model
+    rng = np.random.default_rng(1)
+
+    def prefill_256_tok_s() -> float:
+        ids = rng.integers(0, 150000, 256).tolist()
+        t = time.perf_counter()
+        m.prefill(ids, None, None, (), m.new_cache(capacity=256))
+        return 256 / (time.perf_counter() - t)
+
+    def ttft_448_s() -> float:
+        img = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
+        q = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is in this picture?"}]}]
+        t = time.perf_counter()
+        pipe.generate(q, max_new_tokens=1, temperature=0)
+        return time.perf_counter() - t
+
+    answer = {"prefill_256_tok_s": prefill_256_tok_s, "ttft_448_s": ttft_448_s}
+    serve_loop(answer)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))
