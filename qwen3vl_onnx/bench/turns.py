@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,14 +37,18 @@ class Worker:
 
     def __init__(self, name: str, cmd: list[str]):
         self.name = name
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # stderr to a file, not a pipe: a chatty worker (progress bars, warnings) would fill a pipe
+        # nobody reads until it fails, and block
+        self.err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
         self._expect("ready")
 
     def _line(self) -> str:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {failure_reason(self.proc.stderr.read())}")
+            self.err.seek(0)
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {failure_reason(self.err.read())}")
         return line.strip()
 
     def _expect(self, word: str) -> None:
@@ -64,6 +69,7 @@ class Worker:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.err.close()
 
 
 def take_turns(ours_cmd: list[str], theirs_cmd: list[str], tasks: list[str], repeats: int, pause_s: float = PAUSE_S) -> dict:
