@@ -57,13 +57,15 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name
 
 
 def serve(ckpt: Path, dtype_name: str) -> None:
-    """Worker for ``bench/turns.py``: answers prefill-256 calls (the peer has no first-token figure)."""
+    """Worker for ``bench/turns.py``: answers vision and prefill-256 calls (no first-token figure here)."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
+    from ..runtime.preprocess import ImageProcessorConfig, preprocess_image
     from .procstats import serve_loop
 
     torch.set_grad_enabled(False)
+    pcfg = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=dtype).eval()
     rng = np.random.default_rng(1)
@@ -74,7 +76,15 @@ def serve(ckpt: Path, dtype_name: str) -> None:
         model(input_ids=ids, logits_to_keep=1)
         return 256 / (time.perf_counter() - t)
 
-    serve_loop({"prefill_256_tok_s": prefill_256_tok_s})
+    pv, grid = preprocess_image(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), pcfg)
+    pv_t, grid_t = torch.from_numpy(pv).to(dtype), torch.tensor([grid])
+
+    def vision_448_s() -> float:
+        t = time.perf_counter()
+        model.model.visual(pv_t, grid_thw=grid_t)
+        return time.perf_counter() - t
+
+    serve_loop({"vision_448_s": vision_448_s, "prefill_256_tok_s": prefill_256_tok_s})
 
 
 if __name__ == "__main__":

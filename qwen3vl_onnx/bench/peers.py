@@ -89,33 +89,20 @@ def child_main(measure: Callable[..., dict], argv: list[str]) -> None:
     print(json.dumps(measure(ckpt, work, repeats, decode, *argv[4:])))
 
 
-# Pairs for the alternating vision timing: each ratio is one pair, so a few more than --repeats' 3.
+# Pairs for the measurements in turns: each ratio is one pair, so a few more than --repeats' 3.
 PAIRED_MIN_REPEATS = 5
-
-
-def run_paired_vision(ckpt: Path, bundle: Path, repeats: int) -> dict:
-    """448x448 vision encode, ours and PyTorch bf16 taking turns in one child (see paired_vision.py)."""
-    if absent := missing(PEERS["PyTorch bf16"][2]):
-        return {"skipped": f"{', '.join(absent)} not installed ({PEERS['PyTorch bf16'][3]})"}
-    print("measuring vision, ours and PyTorch bf16 in turns", file=sys.stderr)
-    cmd = [sys.executable, "-m", "qwen3vl_onnx.bench.paired_vision", str(ckpt), str(bundle), str(repeats)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    lines = r.stdout.strip().splitlines()
-    if r.returncode or not lines:
-        return {"skipped": f"failed (exit {r.returncode}): {failure_reason(r.stderr)}"}
-    return json.loads(lines[-1])
 
 
 # peer -> (its worker command's extra arguments, the tasks it answers) for ``bench/turns.py``
 TURN_PEERS = {
-    "PyTorch bf16": (["bf16"], ["prefill_256_tok_s"]),
+    "PyTorch bf16": (["bf16"], ["vision_448_s", "prefill_256_tok_s"]),
     "OpenVINO GenAI int4 (bf16 default)": (["default"], ["prefill_256_tok_s", "ttft_448_s"]),
     "OpenVINO GenAI int4 (f32 hint)": (["f32"], ["prefill_256_tok_s", "ttft_448_s"]),
 }
 
 
 def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int) -> dict:
-    """Prefill-256 (and first token) of ours and of each peer in TURN_PEERS that ran, taken in turns."""
+    """The tasks of each peer in TURN_PEERS that ran, ours and theirs taken in turns (see turns.py)."""
     from .turns import our_worker_command, take_turns
 
     out: dict = {}

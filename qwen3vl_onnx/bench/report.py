@@ -60,16 +60,6 @@ def markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}. Medians (min-max) of repeated runs; "
         "ratios > 1 mean qwen3vl-onnx is faster.",
     ]
-    if paired := result.get("vision_448_paired"):
-        if "skipped" in paired:
-            extra.append(f"- vision 448x448 in turns with PyTorch bf16: skipped ({paired['skipped']})")
-        else:
-            r = paired["pair_ratios"]
-            extra.append(
-                f"Vision 448x448 with PyTorch bf16 in turns, one process, {r['n']} pairs: ours {_fmt(paired['ours_s'])} s, "
-                f"PyTorch bf16 {_fmt(paired['torch_bf16_s'])} s; ratio per pair {r['median']:.2f}x "
-                f"({r['min']:.2f}-{r['max']:.2f})."
-            )
     labels = {key: label for key, label, _ in ROWS}
     for name, t in result.get("turns", {}).items():
         if "skipped" in t:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig, VisionConfig
+from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig
 from ..errors import UserError
 from .positions import rope_index
 from .vision_geometry import Grid, same_length_runs, vision_inputs
@@ -56,7 +56,7 @@ class KVCache:
         ]
 
 
-def load_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
+def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
     """An ONNX Runtime session without the CPU memory arena.
 
     Why no arena: it keeps every activation buffer it ever handed out, which for an 896x896 image and
@@ -75,25 +75,6 @@ def load_session(path: Path, providers: Sequence[str] | None = None, threads: in
         return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     except Exception as e:
         raise UserError(f"{path}: cannot load graph ({str(e).splitlines()[0][:200]})") from None
-
-
-def encode_images(
-    session: ort.InferenceSession, cfg: VisionConfig, pixel_values: np.ndarray, grids: Sequence[Grid]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run a bundle's vision graph: merged embeddings (M, D) and DeepStack features (K, M, D).
-
-    One vision call per run of consecutive images (or videos) whose frames have the same size,
-    so each call attends over unpadded, unmasked blocks. A function of the session alone so the
-    bench can time the tower without loading the decoder.
-    """
-    grids = [tuple(int(x) for x in g) for g in grids]
-    sizes = np.cumsum([0] + [t * h * w for t, h, w in grids])
-    parts = [
-        session.run(None, vision_inputs(cfg, pixel_values[sizes[a] : sizes[b]], grids[a:b])) for a, b in same_length_runs(grids)
-    ]
-    if len(parts) == 1:
-        return parts[0][0], parts[0][1]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=1)
 
 
 class BundleModel:
@@ -118,18 +99,30 @@ class BundleModel:
         for f in files:
             if not (self.path / f).is_file():
                 raise UserError(f"{self.path}: bundle is incomplete, {f} is missing")
-        self.vision = load_session(self.path / "vision.onnx", providers, threads)
-        self.decoder = load_session(self.path / "decoder.onnx", providers, threads)
+        self.vision = _session(self.path / "vision.onnx", providers, threads)
+        self.decoder = _session(self.path / "decoder.onnx", providers, threads)
         # --prefill-int8 bundles: a second decoder for prompts (same inputs, same cache).
         has_prefill = prefill_graph and "decoder_prefill" in self.manifest["graphs"]
-        self.prefill_decoder = load_session(self.path / "decoder_prefill.onnx", providers, threads) if has_prefill else None
+        self.prefill_decoder = _session(self.path / "decoder_prefill.onnx", providers, threads) if has_prefill else None
         self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
         self.fused = any(i.name == "seqlens_k" for i in self.decoder.get_inputs())
 
     def encode_images(self, pixel_values: np.ndarray, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
-        """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images."""
-        return encode_images(self.vision, self.config.vision, pixel_values, grids)
+        """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images.
+
+        One vision call per run of consecutive images (or videos) whose frames have the same size,
+        so each call attends over unpadded, unmasked blocks.
+        """
+        grids = [tuple(int(x) for x in g) for g in grids]
+        sizes = np.cumsum([0] + [t * h * w for t, h, w in grids])
+        parts = [
+            self.vision.run(None, vision_inputs(self.config.vision, pixel_values[sizes[a] : sizes[b]], grids[a:b]))
+            for a, b in same_length_runs(grids)
+        ]
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=1)
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
