@@ -9,8 +9,9 @@ with a pause before each, so every pair of figures comes from the same minute.
 Protocol, one line each way: the worker prints ``ready`` once loaded; then for each task name it
 reads it answers one JSON line ``{"value": ...}`` (tok/s for prefill, seconds for the vision
 encode of a preprocessed 448x448 picture and for the first token).
-A worker must give every call fresh input (new random prompt, new picture), since OpenVINO's
-pipeline reuses a repeated prefix's KV cache and caches image embeddings.
+Prompt and first-token calls get fresh input each time (new random prompt, new picture), since
+OpenVINO's pipeline reuses a repeated prefix's KV cache and caches image embeddings; the vision
+task encodes one preprocessed picture, which neither ours nor transformers' tower caches.
 
     python -m qwen3vl_onnx.bench.turns BUNDLE       (our worker)
 """
@@ -28,7 +29,7 @@ import numpy as np
 
 from .procstats import failure_reason, serve_loop, stats
 
-# task -> higher value is better (prefill in tok/s) or not (first token in seconds)
+# task -> higher value is better (prefill in tok/s) or not (vision encode and first token in seconds)
 TASKS = {"vision_448_s": False, "prefill_256_tok_s": True, "ttft_448_s": False}
 PAUSE_S = 1.0  # idle before each call, so one system's spinning threads never overlap the other's call
 
