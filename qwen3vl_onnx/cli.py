@@ -291,11 +291,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.compare:
         if ckpt is None:
             raise UserError("--compare needs --shape (peers run on the same random checkpoint)")
-        from .bench.peers import PAIRED_MIN_REPEATS, run_peers, run_turns
+        from .bench.peers import TURN_MIN_PAIRS, run_peers, run_turns
 
         params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
         result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
-        pairs = max(args.repeats, PAIRED_MIN_REPEATS)
+        pairs = max(args.repeats, TURN_MIN_PAIRS)
         result["turns"] = run_turns(ckpt, bundle, result["peers"], work / args.shape / "peers", pairs)
     block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
     if not args.bundle and args.int8_projections != resolve_int8_projections(args.precision):

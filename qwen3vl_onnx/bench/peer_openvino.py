@@ -14,6 +14,7 @@ with AVX512-BF16) and ``INFERENCE_PRECISION_HINT=f32`` are measured.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -123,7 +124,7 @@ def serve(ckpt: Path, work: Path, precision: str) -> None:
     """Worker for ``bench/turns.py``: the cached export's pipeline answering prefill and first-token calls."""
     pipe = _pipeline(work / "openvino-int4", ckpt, precision)
     rng = np.random.default_rng(1)
-    calls = iter(range(10**9))
+    calls = itertools.count()
     serve_loop({
         "prefill_256_tok_s": lambda: _prefill_rate(_run(pipe, _prompt(rng, 256), [], 1)),
         "ttft_448_s": lambda: _ttft_448(pipe, rng, next(calls)),

@@ -15,21 +15,36 @@ import numpy as np
 from .procstats import peak_rss_gb, stats
 
 
-def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name: str) -> dict:
+def _load(ckpt: Path, dtype_name: str):
+    """The checkpoint as a transformers model in ``dtype_name`` (fp32 or bf16), for inference."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from ..runtime.preprocess import ImageProcessorConfig, preprocess_image
-
     torch.set_grad_enabled(False)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    t = time.perf_counter()
-    model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=dtype).eval()
-    res: dict = {"load_s": time.perf_counter() - t}
-    rng = np.random.default_rng(0)
+    return Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=dtype).eval()
+
+
+def _picture(ckpt: Path, rng: np.random.Generator, model):
+    """A random 448x448 picture through our processor (same pixels as transformers'), as the vision
+    tower's (pixel_values, grid_thw) in the model's dtype."""
+    import torch
+
+    from ..runtime.preprocess import ImageProcessorConfig, preprocess_image
+
     pcfg = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
     pv, grid = preprocess_image(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), pcfg)
-    pv_t, g_t = torch.from_numpy(pv).to(dtype), torch.tensor([grid])
+    return torch.from_numpy(pv).to(model.dtype), torch.tensor([grid])
+
+
+def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name: str) -> dict:
+    import torch
+
+    t = time.perf_counter()
+    model = _load(ckpt, dtype_name)
+    res: dict = {"load_s": time.perf_counter() - t}
+    rng = np.random.default_rng(0)
+    pv_t, g_t = _picture(ckpt, rng, model)
     model.model.visual(pv_t, grid_thw=g_t)
     secs = []
     for _ in range(repeats):
@@ -59,15 +74,10 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name
 def serve(ckpt: Path, dtype_name: str) -> None:
     """Worker for ``bench/turns.py``: answers vision and prefill-256 calls (no first-token figure here)."""
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
 
-    from ..runtime.preprocess import ImageProcessorConfig, preprocess_image
     from .procstats import serve_loop
 
-    torch.set_grad_enabled(False)
-    pcfg = ImageProcessorConfig.from_file(ckpt / "preprocessor_config.json")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=dtype).eval()
+    model = _load(ckpt, dtype_name)
     rng = np.random.default_rng(1)
 
     def prefill_256_tok_s() -> float:
@@ -76,8 +86,7 @@ def serve(ckpt: Path, dtype_name: str) -> None:
         model(input_ids=ids, logits_to_keep=1)
         return 256 / (time.perf_counter() - t)
 
-    pv, grid = preprocess_image(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), pcfg)
-    pv_t, grid_t = torch.from_numpy(pv).to(dtype), torch.tensor([grid])
+    pv_t, grid_t = _picture(ckpt, rng, model)
 
     def vision_448_s() -> float:
         t = time.perf_counter()

@@ -90,7 +90,7 @@ def child_main(measure: Callable[..., dict], argv: list[str]) -> None:
 
 
 # Pairs for the measurements in turns: each ratio is one pair, so a few more than --repeats' 3.
-PAIRED_MIN_REPEATS = 5
+TURN_MIN_PAIRS = 5
 
 
 # peer -> (its worker command's extra arguments, the tasks it answers) for ``bench/turns.py``

@@ -67,6 +67,16 @@ def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, v
     return run_measured(cmd, "export")
 
 
+def prefill_once(m, ids: list[int]) -> None:
+    """A prompt-only prefill into a fresh cache: the call prefill tok/s times (here and in bench turns)."""
+    m.prefill(ids, None, None, (), m.new_cache(capacity=len(ids)))
+
+
+def image_question(img: np.ndarray) -> list[dict]:
+    """The first-token prompt: one picture and a short question (here and in bench turns)."""
+    return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is in this picture?"}]}]
+
+
 def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> dict:
     """Inference figures for one bundle (run in a fresh process to get its own peak RSS)."""
     from ..runtime.generate import Pipeline
@@ -84,10 +94,10 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
         res[f"vision_{side}_tokens"] = len(p.pixel_values) // 4
     for n in (32, 256):
         ids = rng.integers(0, 150000, n).tolist()
-        secs = timed(lambda ids=ids, n=n: m.prefill(ids, None, None, (), m.new_cache(capacity=n)), repeats)
+        secs = timed(lambda ids=ids: prefill_once(m, ids), repeats)
         res[f"prefill_{n}_tok_s"] = stats([n / s for s in secs])
     img = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
-    q = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is in this picture?"}]}]
+    q = image_question(img)
     res["ttft_448_s"] = stats(timed(lambda: pipe.generate(q, max_new_tokens=1, temperature=0), repeats))
     dec = []
     for _ in range(max(1, repeats - 1)):

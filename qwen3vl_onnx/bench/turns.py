@@ -112,6 +112,7 @@ def serve(bundle: Path) -> None:
     """Our side: answers TASKS for a bundle until stdin closes."""
     from ..runtime.generate import Pipeline
     from ..runtime.preprocess import preprocess_image
+    from .run import image_question, prefill_once
 
     pipe = Pipeline.from_bundle(bundle)
     m = pipe.model
@@ -120,7 +121,7 @@ def serve(bundle: Path) -> None:
     def prefill_256_tok_s() -> float:
         ids = rng.integers(0, 150000, 256).tolist()
         t = time.perf_counter()
-        m.prefill(ids, None, None, (), m.new_cache(capacity=256))
+        prefill_once(m, ids)
         return 256 / (time.perf_counter() - t)
 
     pv, grid = preprocess_image(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8), pipe.image_config)
@@ -131,8 +132,7 @@ def serve(bundle: Path) -> None:
         return time.perf_counter() - t
 
     def ttft_448_s() -> float:
-        img = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
-        q = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is in this picture?"}]}]
+        q = image_question(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8))
         t = time.perf_counter()
         pipe.generate(q, max_new_tokens=1, temperature=0)
         return time.perf_counter() - t
