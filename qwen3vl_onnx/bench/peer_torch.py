@@ -37,6 +37,20 @@ def _picture(ckpt: Path, rng: np.random.Generator, model):
     return torch.from_numpy(pv).to(model.dtype), torch.tensor([grid])
 
 
+def _vision_s(model, pv_t, grid_t) -> float:
+    """Seconds for one vision-tower encode (here and in the turns worker)."""
+    t = time.perf_counter()
+    model.model.visual(pv_t, grid_thw=grid_t)
+    return time.perf_counter() - t
+
+
+def _prefill_s(model, ids) -> float:
+    """Seconds for one prompt-only forward over ``ids``, logits for the last position only."""
+    t = time.perf_counter()
+    model(input_ids=ids, logits_to_keep=1)
+    return time.perf_counter() - t
+
+
 def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name: str) -> dict:
     import torch
 
@@ -46,20 +60,10 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name
     rng = np.random.default_rng(0)
     pv_t, g_t = _picture(ckpt, rng, model)
     model.model.visual(pv_t, grid_thw=g_t)
-    secs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model.model.visual(pv_t, grid_thw=g_t)
-        secs.append(time.perf_counter() - t)
-    res["vision_448_s"] = stats(secs)
+    res["vision_448_s"] = stats([_vision_s(model, pv_t, g_t) for _ in range(repeats)])
     ids = torch.tensor([rng.integers(0, 150000, 256).tolist()])
     model(input_ids=ids[:, :32])
-    secs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(input_ids=ids, logits_to_keep=1)
-        secs.append(time.perf_counter() - t)
-    res["prefill_256_tok_s"] = stats([256 / s for s in secs])
+    res["prefill_256_tok_s"] = stats([256 / _prefill_s(model, ids) for _ in range(repeats)])
     model.generate(input_ids=ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     t = time.perf_counter()
     model.generate(input_ids=ids[:, :16], max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1, do_sample=False)
@@ -79,21 +83,11 @@ def serve(ckpt: Path, dtype_name: str) -> None:
 
     model = _load(ckpt, dtype_name)
     rng = np.random.default_rng(1)
-
-    def prefill_256_tok_s() -> float:
-        ids = torch.tensor([rng.integers(0, 150000, 256).tolist()])
-        t = time.perf_counter()
-        model(input_ids=ids, logits_to_keep=1)
-        return 256 / (time.perf_counter() - t)
-
     pv_t, grid_t = _picture(ckpt, rng, model)
-
-    def vision_448_s() -> float:
-        t = time.perf_counter()
-        model.model.visual(pv_t, grid_thw=grid_t)
-        return time.perf_counter() - t
-
-    serve_loop({"vision_448_s": vision_448_s, "prefill_256_tok_s": prefill_256_tok_s})
+    serve_loop({
+        "vision_448_s": lambda: _vision_s(model, pv_t, grid_t),
+        "prefill_256_tok_s": lambda: 256 / _prefill_s(model, torch.tensor([rng.integers(0, 150000, 256).tolist()])),
+    })  # fmt: skip
 
 
 if __name__ == "__main__":
