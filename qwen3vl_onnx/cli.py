@@ -6,25 +6,93 @@ Every user-fixable problem surfaces as one ``error: ...`` line on stderr and exi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
-import numpy as np
-
+from . import __version__
+from .bench.turns import PAUSE_S
 from .errors import UserError
+from .export.options import ExportOptions
 from .export.quant import DEFAULT_BLOCK_SIZE
+from .shapes.model import PACKAGED_SHAPES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one ``error: ...`` line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth showing (not None, not a flag's)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def _at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _cosine(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a cosine is at most 1, got {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen3vl-onnx", description="Run Qwen3-VL on ONNX Runtime.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="qwen3vl-onnx", description="Export Qwen3-VL checkpoints to ONNX bundles and run them on ONNX Runtime.",
+                formatter_class=_Help)  # fmt: skip
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, formatter_class=_Help)
 
-    e = sub.add_parser("export", help="export a checkpoint directory or hub id to a bundle")
-    e.add_argument("checkpoint")
-    e.add_argument("out")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
-    e.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="int4/int8 quantization block (power of two >= 16)")
+    e = add("export", help="export a checkpoint to a bundle", description="Export a checkpoint to a self-contained bundle.")
+    e.add_argument("checkpoint", help=f"checkpoint directory (Hugging Face layout), a hub id such as Qwen/Qwen3-VL-2B-Instruct, "
+                                      f"or '{PACKAGED_SHAPES}' for the packaged demo model")  # fmt: skip
+    e.add_argument("out", help="bundle directory to write (written whole or not at all)")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"], help="decoder weights")
+    e.add_argument(
+        "--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE, help="int4/int8 quantization block (power of two >= 16)"
+    )
     e.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"],
                    help="vision tower linear layers (auto: int8 for int4/int8 bundles, else fp32)")  # fmt: skip
     _int8_projections_arg(e)
@@ -32,71 +100,97 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
-    g = sub.add_parser("generate", help="answer a prompt (with images) from a bundle")
-    g.add_argument("bundle")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--image", action="append", default=[], help="image path (repeatable, placed before the text)")
+    g = add("generate", help="answer a prompt (with images) from a bundle", description="Answer one prompt from a bundle.")
+    g.add_argument("bundle", help="bundle directory written by export")
+    g.add_argument("--prompt", required=True, help="the user's text; '-' reads it from standard input")
+    g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file (repeatable, placed before the text)")
     g.add_argument("--system", default=None, help="optional system message")
     _sampling_args(g)
-    g.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of the stream")
+    _threads_arg(g)
     g.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
                    help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
 
-    v = sub.add_parser("verify", help="compare a bundle with transformers (needs torch)")
-    v.add_argument("checkpoint")
-    v.add_argument("bundle")
-    v.add_argument("--image", action="append", default=[])
-    v.add_argument("--prompt", default="Describe this image.")
-    v.add_argument("--steps", type=int, default=8)
-    v.add_argument("--tolerance", type=float, default=None, help="float bundles: max |logit difference| (fp32 1e-3, fp16 5e-2)")
-    v.add_argument("--min-cosine", type=float, default=None,
+    v = add("verify", help="compare a bundle with transformers (needs torch)",
+            description="Compare a bundle's logits with transformers' on the same inputs (needs the torch extra).")  # fmt: skip
+    v.add_argument("checkpoint", help=f"the checkpoint the bundle was exported from (directory, hub id or '{PACKAGED_SHAPES}')")
+    v.add_argument("bundle", help="bundle directory")
+    v.add_argument("--image", action="append", default=[], metavar="PATH", help="image file (repeatable)")
+    v.add_argument("--prompt", default="Describe this image.", help="the user's text")
+    v.add_argument("--steps", type=_at_least(1), default=8, help="greedy decode steps compared after the prompt")
+    v.add_argument("--tolerance", type=_positive_float, default=None,
+                   help="float bundles: max |logit difference| (default fp32 1e-3, fp16 5e-2)")  # fmt: skip
+    v.add_argument("--min-cosine", type=_cosine, default=None,
                    help="pass on mean logit cosine instead (default for int8 0.999, int4 0.99)")  # fmt: skip
 
-    d = sub.add_parser("demo", help="export the embedded shapes model and ask it about a fresh picture")
-    d.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "demo"))
-    d.add_argument("--rebuild", action="store_true")
-    d.add_argument("--seed", type=int, default=None, help="picture/question seed (default: random)")
-    d.add_argument("--questions", type=int, default=4)
+    d = add("demo", help="export the packaged shapes model and ask it about fresh pictures",
+            description="Export the packaged shapes model (once, cached) and ask it about freshly drawn pictures.")  # fmt: skip
+    d.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "demo"), help="where the bundle is cached")
+    d.add_argument("--rebuild", action="store_true", help="export the bundle again")
+    d.add_argument("--seed", type=_at_least(0), default=None, help="picture/question seed (default: random)")
+    d.add_argument("--questions", type=_at_least(1), default=4, help="how many pictures to ask about")
     d.add_argument("--random", action="store_true", help="use a random-weight model instead of the trained one")
     d.add_argument("--prompt", default="What shapes are in this picture?", help="question for --random")
-    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--max-new-tokens", type=_at_least(1), default=24, help="answer length for --random")
 
-    b = sub.add_parser("bench", help="speed figures on random weights of a released shape (or a bundle)")
-    b.add_argument("--shape", default="4b", choices=["tiny", "2b", "4b", "8b", "32b"])
+    b = add("bench", help="speed figures on random weights of a released shape (or a bundle)",
+            description="Speed figures on random weights of a released shape, or of a given bundle.")  # fmt: skip
+    b.add_argument("--shape", default="4b", choices=["tiny", "2b", "4b", "8b", "32b"], help="released model shape")
     b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
-    b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"])
-    b.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"])
+    b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"], help="decoder weights")
+    b.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE, help="int4/int8 quantization block")
+    b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"], help="vision tower linear layers")
     _int8_projections_arg(b)
     _prefill_int8_arg(b)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=_at_least(1), default=3, help="timed runs per figure (the median is reported)")
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
+    b.add_argument("--kernels", action="store_true",
+                   help="instead, measure this CPU's matmul kernels in GOPS (fp32/int8 peaks, the bundles' kernels)")  # fmt: skip
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")
-    b.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "bench"))
-    b.add_argument("--out", default="bench-results")
+    b.add_argument("--turn-pause", type=_non_negative_float, default=PAUSE_S, metavar="S",
+                   help="with --compare: seconds each system idles before its call when measured in turns")  # fmt: skip
+    b.add_argument("--workdir", default=str(Path.home() / ".cache" / "qwen3vl-onnx" / "bench"),
+                   help="random checkpoints and bundles (kept for reuse)")  # fmt: skip
+    b.add_argument("--out", default="bench-results", help="directory for the JSON, markdown and chart")
 
-    ev = sub.add_parser("eval", help="accuracy on the held-out shapes questions, per type")
-    ev.add_argument("bundle")
-    ev.add_argument("-n", type=int, default=200, help="number of held-out items")
-    ev.add_argument("--json", action="store_true")
+    ev = add("eval", help="accuracy on the held-out shapes questions, per type",
+             description="Score a bundle of the shapes model on its held-out questions.")  # fmt: skip
+    ev.add_argument("bundle", help="bundle of the shapes model")
+    ev.add_argument("-n", type=_at_least(1), default=200, help="number of held-out items")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
+def _block_size(text: str) -> int:
+    value = _at_least(16)(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
+    return value
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_at_least(1), default=None, help="ONNX Runtime intra-op threads (default: one per core)")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation config)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's generation config)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: generation config)")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k likeliest tokens, 0 = all (default: generation config)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: random)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .runtime.generate import Pipeline
+    from .runtime.generate import Pipeline, stats_line
+    from .runtime.sampling import check_sampling
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
-    content = [{"type": "image", "image": p} for p in args.image] + [{"type": "text", "text": args.prompt}]
+    content = [{"type": "image", "image": p} for p in args.image] + [{"type": "text", "text": prompt}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
     stream = pipe.generate(
         messages,
@@ -118,111 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps(res.to_dict(), ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-        t = res.timings
-        print(
-            f"[{res.prompt_tokens} prompt + {res.completion_tokens} new tokens; first token {t['ttft_s']:.2f}s, "
-            f"vision {t['vision_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s, decode {t['decode_tok_per_s']:.1f} tok/s]",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _demo_stamp(random_weights: bool) -> str:
-    """Digest of what the cached demo bundle was made from: the weights' source and the exporter.
-
-    Why: the cache outlives upgrades; a bundle from an older checkpoint or exporter would otherwise
-    be reused silently (or refused for its format) after ``pip install -U``.
-    """
-    import hashlib
-
-    from . import demo, export
-    from .config import BUNDLE_FORMAT_VERSION
-    from .shapes.model import packaged_checkpoint
-
-    h = hashlib.sha256(f"{BUNDLE_FORMAT_VERSION}".encode())
-    sources = sorted(Path(export.__file__).parent.glob("*.py"))
-    weights = Path(demo.__file__).with_name("checkpoint.py") if random_weights else packaged_checkpoint() / "model.safetensors"
-    sources.append(weights)
-    for f in sources:
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
-    """Checkpoint (trained shapes model, or random weights) unpacked and exported under ``work``,
-    made again when the package's checkpoint or exporter changed (``_demo_stamp``)."""
-    import shutil
-    import time
-
-    from .demo.checkpoint import write_checkpoint
-    from .export.bundle import export
-    from .shapes.model import unpack
-
-    work = work / ("random" if random_weights else "shapes")
-    ckpt, bundle, stamp_file = work / "checkpoint", work / "bundle", work / "stamp"
-    stamp = _demo_stamp(random_weights)
-    if rebuild or (work.exists() and (not stamp_file.is_file() or stamp_file.read_text() != stamp)):
-        shutil.rmtree(work, ignore_errors=True)
-    if not (ckpt / "model.safetensors").is_file():
-        print(f"writing the {'random-weight' if random_weights else 'trained shapes'} checkpoint to {ckpt}", file=sys.stderr)
-        write_checkpoint(ckpt) if random_weights else unpack(ckpt)
-    if not (bundle / "manifest.json").is_file():
-        t0 = time.perf_counter()
-        export(ckpt, bundle, force=True)
-        print(f"exported {bundle} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    stamp_file.write_text(stamp)
-    return bundle
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .runtime.generate import Pipeline
-    from .shapes.model import packaged_checkpoint
-
-    work = Path(args.workdir).expanduser()
-    if not args.random and not (packaged_checkpoint() / "model.safetensors").is_file():
-        print("the trained shapes checkpoint is not in this installation; using random weights", file=sys.stderr)
-        args.random = True
-    pipe = Pipeline.from_bundle(_demo_bundle(work, args.random, args.rebuild))
-    if not args.random:
-        return _demo_shapes(pipe, work, args)
-    from .demo.checkpoint import sample_image_path
-
-    image = sample_image_path()
-    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": args.prompt}]}]
-    print(f"user: [image {image.name}] {args.prompt}")
-    print("assistant (random weights, so the words mean nothing): ", end="", flush=True)
-    stream = pipe.generate(messages, max_new_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True, stream=True)
-    for piece in stream:
-        print(piece, end="", flush=True)
-    res = stream.result
-    assert res is not None
-    t = res.timings
-    print(
-        f"\n[{res.prompt_tokens} prompt tokens incl. image, {res.completion_tokens} generated; vision {t['vision_s']:.2f}s, "
-        f"first token {t['ttft_s']:.2f}s, decode {t['decode_tok_per_s']:.1f} tok/s]"
-    )
-    return 0
-
-
-def _demo_shapes(pipe, work: Path, args: argparse.Namespace) -> int:
-    import random
-
-    from .shapes import task
-
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    right = 0
-    for q in range(args.questions):
-        item = task.make_item(seed + q, task.KINDS[q % len(task.KINDS)])
-        paths = []
-        for k, im in enumerate(item.images):
-            paths.append(work / f"picture-{q}-{k}.png")
-            im.save(paths[-1])
-        res = pipe.generate(task.messages(item), max_new_tokens=4, temperature=0.0)
-        ok = res.text.strip().lower() == item.answer
-        right += ok
-        print(f"[{', '.join(p.name for p in paths)}] {item.question}")
-        print(f"  model: {res.text.strip()!r:12} expected: {item.answer!r:12} {'ok' if ok else 'WRONG'}")
-    print(f"{right}/{args.questions} correct (seed {seed}; pictures in {work})")
+        print(stats_line(res), file=sys.stderr)
     return 0
 
 
@@ -242,72 +232,10 @@ def _prefill_int8_arg(p: argparse.ArgumentParser) -> None:
                         "+1 byte per decoder weight in memory)")  # fmt: skip
 
 
-def _bundle_has_prefill_graph(bundle: Path) -> bool | None:
-    """Whether a bundle given to ``bench --bundle`` was exported with --prefill-int8 (None: unreadable)."""
-    try:
-        return "decoder_prefill" in json.loads((bundle / "manifest.json").read_text())["graphs"]
-    except (OSError, ValueError, KeyError):
-        return None  # the bench child reports what is wrong with the bundle
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from .bench.report import chart, markdown
-    from .bench.run import child_measure, export_measured, machine, prepare_checkpoint
-    from .config import Qwen3VLConfig, weight_shapes
-    from .export.bundle import check_prefill_int8, resolve_int8_projections, resolve_vision_precision
-
-    check_prefill_int8(args.precision, args.prefill_int8)
-    args.vision_precision = resolve_vision_precision(args.precision, args.vision_precision)
-    args.int8_projections = resolve_int8_projections(args.precision, args.int8_projections)
-    work, out = Path(args.workdir).expanduser(), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = args.shape if not args.bundle else Path(args.bundle).name
-    result: dict = {
-        "shape": name,
-        "precision": args.precision,
-        "vision_precision": args.vision_precision,
-        "block_size": None if args.bundle else args.block_size,
-        "int8_projections": None if args.bundle else list(args.int8_projections),
-        "prefill_int8": _bundle_has_prefill_graph(Path(args.bundle)) if args.bundle else args.prefill_int8,
-        "machine": machine(),
-    }
-    p8 = "-p8" + ("+".join(args.int8_projections) or "none")  # names the 8-bit choice in file names
-    pi8 = "-prefill8" if args.prefill_int8 else ""
-    ckpt = None
-    if args.bundle:
-        bundle = Path(args.bundle)
-    else:
-        ckpt = prepare_checkpoint(args.shape, work)
-        tag = p8 if args.precision == "int4" else ""
-        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{tag}{pi8}-v{args.vision_precision}"
-        print(f"exporting {bundle}", file=sys.stderr)
-        result.update(
-            export_measured(
-                ckpt, bundle, args.precision, args.block_size, args.vision_precision, args.int8_projections, args.prefill_int8
-            )
-        )
-    print("measuring qwen3vl-onnx", file=sys.stderr)
-    result["ours"] = child_measure(bundle, args.repeats)
-    if args.compare:
-        if ckpt is None:
-            raise UserError("--compare needs --shape (peers run on the same random checkpoint)")
-        from .bench.peers import TURN_MIN_PAIRS, run_peers, run_turns
-
-        params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
-        result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
-        pairs = max(args.repeats, TURN_MIN_PAIRS)
-        result["turns"] = run_turns(ckpt, bundle, result["peers"], work / args.shape / "peers", pairs)
-    block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
-    if not args.bundle and args.int8_projections != resolve_int8_projections(args.precision):
-        block += p8
-    stem = out / f"bench-{name}-{args.precision}{block}{'' if args.bundle else pi8}-v{args.vision_precision}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    stem.with_suffix(".md").write_text(table)
-    chart(result, stem.with_suffix(".png"))
-    print(table)
-    print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
-    return 0
+def _export_options(args: argparse.Namespace) -> ExportOptions:
+    return ExportOptions(precision=args.precision, block_size=args.block_size, vision_precision=args.vision_precision,
+                         int8_projections=args.int8_projections, prefill_int8=args.prefill_int8,
+                         portable=getattr(args, "portable", False))  # fmt: skip
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -341,13 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .export.bundle import export
 
-            out = export(
-                args.checkpoint, args.out, args.precision, args.force, args.block_size, args.portable,
-                args.vision_precision, args.int8_projections, args.prefill_int8,
-            )  # fmt: skip
-            print(f"wrote {out}")
+            print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force)}")
             return 0
-        commands = {"generate": _generate, "demo": _demo, "verify": _verify, "eval": _eval, "bench": _bench}
+        if args.command == "bench":
+            from .bench.command import run_bench
+
+            return run_bench(args, _export_options(args))
+        if args.command == "demo":
+            from .demo.command import run_demo
+
+            return run_demo(args)
+        commands = {"generate": _generate, "verify": _verify, "eval": _eval}
         return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

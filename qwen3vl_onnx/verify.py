@@ -52,12 +52,19 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
     return list(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
 
 
-def load_reference(checkpoint: Path):
+def _require_torch() -> None:
     try:
-        import torch
-        from transformers import Qwen3VLForConditionalGeneration
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError:
         raise UserError("verify needs torch and transformers: pip install 'qwen3vl-onnx[torch]'") from None
+
+
+def load_reference(checkpoint: Path):
+    _require_torch()
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
     torch.set_grad_enabled(False)
     model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="eager")
     return model.eval()
@@ -65,12 +72,14 @@ def load_reference(checkpoint: Path):
 
 def verify(checkpoint: str | Path, bundle: str | Path, images: list[str], prompt: str, steps: int = 8,
            tolerance: float | None = None, min_mean_cosine: float | None = None) -> Report:  # fmt: skip
+    _require_torch()
     import torch
 
-    from .export.bundle import resolve_checkpoint
+    from .export.bundle import open_checkpoint
 
     pipe = Pipeline.from_bundle(bundle)
-    ref = load_reference(resolve_checkpoint(checkpoint))
+    with open_checkpoint(checkpoint) as src:
+        ref = load_reference(src)
     content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": prompt}]
     p = pipe.prepare([{"role": "user", "content": content}])
     ids = torch.tensor([p.ids])

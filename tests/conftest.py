@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from PIL import Image
 from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template
 from qwen3vl_onnx.demo.tokenizer import write_tokenizer_files
 from qwen3vl_onnx.export.bundle import export
+from qwen3vl_onnx.export.options import ExportOptions
 
 # Small pixel budget so test images give tens of tokens, not hundreds.
 TEST_PREPROCESSOR = {
@@ -100,8 +102,24 @@ def build_checkpoint(
     return directory
 
 
+class Bundles:
+    """Bundles of one checkpoint by export options, each exported on first use and then shared by
+    every test that asks for the same options (tests must not change them: copy one first)."""
+
+    def __init__(self, checkpoint: Path, root: Path):
+        self.checkpoint, self.root = checkpoint, root
+        self._made: dict[tuple, Path] = {}
+
+    def __call__(self, **options) -> Path:
+        key = tuple(sorted(options.items()))
+        if key not in self._made:
+            self._made[key] = export(self.checkpoint, self.root / f"bundle-{len(self._made)}", ExportOptions(**options))
+        return self._made[key]
+
+
 class Tiny:
-    """A checkpoint, its fp32 bundle, and the transformers model loaded from the checkpoint."""
+    """A checkpoint, its fp32 bundle, the transformers model loaded from the checkpoint, and
+    ``bundle_with(**export_options)`` for its other bundles."""
 
     def __init__(self, root: Path, name: str, tokenizer_dir: Path, init: float = 0.1):
         import torch
@@ -109,22 +127,73 @@ class Tiny:
 
         self.name = name
         self.checkpoint = build_checkpoint(root / "ckpt", GEOMETRIES[name], tokenizer_dir, init=init)
-        self.bundle = export(self.checkpoint, root / "bundle")
+        self.bundle_with = Bundles(self.checkpoint, root)
+        self.bundle = self.bundle_with()
         torch.set_grad_enabled(False)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(
             str(self.checkpoint), dtype=torch.float32, attn_implementation="eager"
         ).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_files):
+    """Geometry name -> its Tiny, built once per session whichever fixture asks first."""
+    built: dict[str, Tiny] = {}
+
+    def get(name: str) -> Tiny:
+        if name not in built:
+            built[name] = Tiny(tmp_path_factory.mktemp(name), name, tokenizer_files)
+        return built[name]
+
+    return get
+
+
 @pytest.fixture(scope="session", params=list(GEOMETRIES))
-def tiny(request, tmp_path_factory, tokenizer_files) -> Tiny:
-    return Tiny(tmp_path_factory.mktemp(request.param), request.param, tokenizer_files)
+def tiny(request, tiny_models) -> Tiny:
+    return tiny_models(request.param)
 
 
 @pytest.fixture(scope="session")
-def tiny_one(tmp_path_factory, tokenizer_files) -> Tiny:
+def tiny_one(tiny_models) -> Tiny:
     """One geometry for tests that need a model but not every geometry."""
-    return Tiny(tmp_path_factory.mktemp("one"), "tied_gqa2", tokenizer_files)
+    return tiny_models("tied_gqa2")
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tiny_one) -> Path:
+    """An int8 bundle with --prefill-int8: int8 vision tower, MatMulNBits decoder, per-row int8 prompt graph."""
+    return tiny_one.bundle_with(precision="int8", prefill_int8=True)
+
+
+CONTEXT = 160  # the short context of the ``setup`` bundle
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory) -> Path:
+    """A directory with a numpy-built checkpoint (``ckpt``: real tokenizer, no torch needed, a
+    context of ``CONTEXT`` tokens), its bundle exported through the CLI (``bundle``) and a picture
+    (``img.png``). Shared: tests copy what they damage."""
+    import subprocess
+
+    from qwen3vl_onnx.demo.checkpoint import write_checkpoint
+
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = write_checkpoint(root / "ckpt", hf_config(GEOMETRIES["tied_gqa2"], max_positions=CONTEXT))
+    r = subprocess.run([sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(root / "bundle")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    picture(64, 40).save(root / "img.png")
+    return root
+
+
+def one_line_error(r, *needles: str) -> str:
+    """Assert the CLI's error convention: exit 2 and exactly one ``error: ...`` line naming ``needles``."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
 
 
 def picture(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -134,6 +203,25 @@ def picture(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.
     arr[: height // 3, : width // 2] = (200, 30, 30, 255)
     img = Image.fromarray(arr, "RGBA")
     return img if mode == "RGBA" else img.convert(mode)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in this process: the same ``main`` a user's command reaches, without the second
+    or so a fresh interpreter takes to import numpy and ONNX Runtime. For checks of exit status and
+    output; tests of what only a real process shows (stdin, imports, streaming) use ``cli``."""
+    from qwen3vl_onnx.cli import main
+
+    def run(*args: str) -> SimpleNamespace:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, --version, usage errors
+            code = e.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
 
 
 @pytest.fixture

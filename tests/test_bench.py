@@ -10,6 +10,13 @@ from qwen3vl_onnx.bench.presets import preset_config
 from qwen3vl_onnx.config import Qwen3VLConfig
 
 
+@pytest.fixture(scope="module")
+def bench_workdir(tmp_path_factory):
+    """One bench work directory for the module: the random tiny checkpoint is written once (bundles
+    are exported again by each run, as the bench always does)."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
 def test_presets_are_the_released_shapes():
     four = Qwen3VLConfig.from_dict(preset_config("4b"))
     assert (four.text.hidden_size, four.text.num_hidden_layers, four.text.intermediate_size) == (2560, 36, 9728)
@@ -19,16 +26,16 @@ def test_presets_are_the_released_shapes():
 
 
 @pytest.mark.parametrize("extra, tag", [((), ""), (("--prefill-int8",), "-prefill8")])
-def test_bench_tiny_smoke(cli, tmp_path, extra, tag):
+def test_bench_tiny_smoke(cli, tmp_path, bench_workdir, extra, tag):
     r = cli(
-        "bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", tmp_path / "w", "--out", tmp_path / "o",
+        "bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", bench_workdir, "--out", tmp_path / "o",
         *extra,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     stem = tmp_path / "o" / f"bench-tiny-int4{tag}-vint8"
     res = json.loads(stem.with_suffix(".json").read_text())
     assert res["prefill_int8"] is bool(extra)
-    bundle = tmp_path / "w" / "tiny" / f"bundle-int4-b128-p8v_proj+lm_head{tag}-vint8"
+    bundle = bench_workdir / "tiny" / f"bundle-int4-b128-p8v_proj+lm_head{tag}-vint8"
     assert (bundle / "decoder_prefill.onnx").is_file() is bool(extra)
     if extra:  # --bundle reads the choice from the bundle's manifest
         r = cli("bench", "--bundle", bundle, "--repeats", "1", "--out", tmp_path / "ob")
@@ -67,21 +74,6 @@ Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
     assert failure_reason("just this\n") == "just this" and failure_reason("") == "no output"
 
 
-def test_bench_compare_runs_onnxruntime_genai_on_the_same_weights(cli, tmp_path):
-    """The peer's builder exports the same random checkpoint; its figures land beside ours with ratios."""
-    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",
-            "--workdir", tmp_path / "w", "--out", tmp_path / "o", timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vint8.json").read_text())
-    peer = res["peers"]["onnxruntime-genai int4 (text)"]
-    assert "skipped" not in peer, peer
-    for key in ("prefill_32_tok_s", "prefill_256_tok_s", "decode_128_tok_s"):
-        assert peer[key]["median"] > 0, key
-    assert peer["export_s"] > 0 and peer["bundle_gb"] > 0
-    assert list(res["peers"]) == ["onnxruntime-genai int4 (text)"]
-    assert "ratio vs onnxruntime-genai int4 (text)" in (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
-
-
 def test_peak_memory_is_the_childs_own():
     """A child of a process that holds 400 MB reports its own peak, not the parent's (Linux keeps
     ru_maxrss across fork and exec, which once made an 8B bench report 9.4 GB for a 5.8 GB run)."""
@@ -99,18 +91,25 @@ def test_peak_memory_is_the_childs_own():
     del ballast
 
 
-def test_bench_compare_measures_in_turns_with_pytorch(cli, tmp_path):
-    """With PyTorch bf16 among the peers, its vision encode and prefill-256 are also measured in turns
-    with ours (each system loaded in its own worker), and each pair's ratio reaches the table."""
-    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "PyTorch bf16",
-            "--workdir", tmp_path / "w", "--out", tmp_path / "o", timeout=600)  # fmt: skip
+def test_bench_compare_runs_peers_on_the_same_weights_and_in_turns(cli, tmp_path, bench_workdir):
+    """onnxruntime-genai's builder exports the same random checkpoint and its figures land beside ours
+    with ratios; PyTorch bf16 runs too, and its vision encode and prefill-256 are also measured in
+    turns with ours (each system loaded in its own worker), each pair's ratio reaching the table."""
+    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",
+            "PyTorch bf16", "--turn-pause", "0", "--workdir", bench_workdir, "--out", tmp_path / "o", timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "o" / "bench-tiny-int4-vint8.json").read_text())
-    assert list(res["peers"]) == ["PyTorch bf16"] and "skipped" not in res["peers"]["PyTorch bf16"]
+    assert list(res["peers"]) == ["PyTorch bf16", "onnxruntime-genai int4 (text)"]
+    peer = res["peers"]["onnxruntime-genai int4 (text)"]
+    assert "skipped" not in peer and "skipped" not in res["peers"]["PyTorch bf16"], res["peers"]
+    for key in ("prefill_32_tok_s", "prefill_256_tok_s", "decode_128_tok_s"):
+        assert peer[key]["median"] > 0, key
+    assert peer["export_s"] > 0 and peer["bundle_gb"] > 0
+    md = (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
+    assert "ratio vs onnxruntime-genai int4 (text)" in md and "ratio vs PyTorch bf16" in md
     assert list(res["turns"]) == ["PyTorch bf16"]
     turns = res["turns"]["PyTorch bf16"]
     assert list(turns) == ["vision_448_s", "prefill_256_tok_s"]  # PyTorch's peer has no first-token figure
-    md = (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
     for task, label in (("vision_448_s", "vision encode 448x448 (s)"), ("prefill_256_tok_s", "prefill 256 tokens (tok/s)")):
         f = turns[task]
         assert f["pair_ratios"]["n"] == 5 and f["ours"]["n"] == 5 and f["ours"]["median"] > 0 and f["peer"]["median"] > 0

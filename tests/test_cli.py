@@ -7,35 +7,9 @@ import shutil
 
 import pytest
 
-from qwen3vl_onnx.demo.checkpoint import write_checkpoint
 from qwen3vl_onnx.runtime.generate import Pipeline
 
-from .conftest import GEOMETRIES, hf_config, picture
-
-CONTEXT = 160
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A numpy-built checkpoint with the real tokenizer and a short context, exported through the CLI."""
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("cli")
-    ckpt = write_checkpoint(root / "ckpt", hf_config(GEOMETRIES["tied_gqa2"], max_positions=CONTEXT))
-    r = subprocess.run([sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(root / "bundle")],
-                       capture_output=True, text=True)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    picture(64, 40).save(root / "img.png")
-    return root
-
-
-def _one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+from .conftest import CONTEXT, one_line_error, picture
 
 
 def test_generate_json_schema(cli, setup):
@@ -84,15 +58,15 @@ def test_multibyte_stream_pieces_are_whole_characters(setup):
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
 
 
-def test_missing_checkpoint_dir(cli, tmp_path):
-    _one_line_error(cli("export", tmp_path / "nope", tmp_path / "out"), "not found")
+def test_missing_checkpoint_dir(run_cli, tmp_path):
+    one_line_error(run_cli("export", tmp_path / "nope", tmp_path / "out"), "not found")
     assert not (tmp_path / "out").exists()
 
 
-def test_not_qwen3vl(cli, tmp_path):
+def test_not_qwen3vl(run_cli, tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    _one_line_error(cli("export", tmp_path / "ck", tmp_path / "out"), "LlamaForCausalLM")
+    one_line_error(run_cli("export", tmp_path / "ck", tmp_path / "out"), "LlamaForCausalLM")
     assert not (tmp_path / "out").exists()
 
 
@@ -102,33 +76,33 @@ def test_not_qwen3vl(cli, tmp_path):
      (["--precision", "fp32", "--int8-projections", "lm_head"], "int4 bundles only"),
      (["--precision", "fp16", "--prefill-int8"], "--prefill-int8 applies to int4/int8 bundles, not fp16")],
 )  # fmt: skip
-def test_bad_quantization_options(cli, tmp_path, args, says):
-    _one_line_error(cli("export", tmp_path / "nope", tmp_path / "out", *args), says)
+def test_bad_quantization_options(run_cli, tmp_path, args, says):
+    one_line_error(run_cli("export", tmp_path / "nope", tmp_path / "out", *args), says)
 
 
 @pytest.mark.parametrize("flag, recorded", [("none", []), ("lm_head,o_proj", ["o_proj", "lm_head"])])
-def test_int4_export_and_generate_with_chosen_8bit_projections(cli, setup, tmp_path, flag, recorded):
-    r = cli("export", setup / "ckpt", tmp_path / "b", "--precision", "int4", "--int8-projections", flag)
+def test_int4_export_and_generate_with_chosen_8bit_projections(run_cli, setup, tmp_path, flag, recorded):
+    r = run_cli("export", setup / "ckpt", tmp_path / "b", "--precision", "int4", "--int8-projections", flag)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["decoder_options"]["int8_projections"] == recorded
     args = ("--prompt", "Hi", "--max-new-tokens", "4", "--ignore-eos", "--json")
-    r = cli("generate", tmp_path / "b", "--image", setup / "img.png", *args)
+    r = run_cli("generate", tmp_path / "b", "--image", setup / "img.png", *args)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["completion_tokens"] == 4
 
 
-def test_prefill_int8_export_and_generate(cli, setup, tmp_path):
+def test_prefill_int8_export_and_generate(run_cli, setup, tmp_path):
     """--prefill-int8 adds decoder_prefill.onnx (recorded in the manifest); generate runs the prompt
     through it and decodes with the compact graph."""
-    r = cli("export", setup / "ckpt", tmp_path / "b", "--precision", "int4", "--prefill-int8")
+    r = run_cli("export", setup / "ckpt", tmp_path / "b", "--precision", "int4", "--prefill-int8")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["prefill_int8"] is True and manifest["graphs"]["decoder_prefill"]["file"] == "decoder_prefill.onnx"
     assert manifest["graphs"]["decoder_prefill"]["inputs"] == manifest["graphs"]["decoder"]["inputs"]
     args = ("--prompt", "Hi", "--max-new-tokens", "4", "--ignore-eos", "--json")
     for extra in ((), ("--no-prefill-graph",)):
-        r = cli("generate", tmp_path / "b", "--image", setup / "img.png", *args, *extra)
+        r = run_cli("generate", tmp_path / "b", "--image", setup / "img.png", *args, *extra)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout.strip().splitlines()[-1])["completion_tokens"] == 4
     assert Pipeline.from_bundle(tmp_path / "b").model.prefill_decoder is not None
@@ -136,7 +110,7 @@ def test_prefill_int8_export_and_generate(cli, setup, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "missing_shard"])
-def test_bad_safetensors(cli, setup, tmp_path, damage):
+def test_bad_safetensors(run_cli, setup, tmp_path, damage):
     ck = tmp_path / "ck"
     shutil.copytree(setup / "ckpt", ck)
     st = ck / "model.safetensors"
@@ -150,40 +124,40 @@ def test_bad_safetensors(cli, setup, tmp_path, damage):
     else:
         (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002-of-00002.safetensors"}}))
         needle = "missing"
-    _one_line_error(cli("export", ck, tmp_path / "out"), needle)
+    one_line_error(run_cli("export", ck, tmp_path / "out"), needle)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_bad_images(cli, setup, tmp_path):
+def test_bad_images(run_cli, setup, tmp_path):
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
-    _one_line_error(
-        cli("generate", setup / "bundle", "--prompt", "x", "--image", tmp_path / "corrupt.jpg"), "corrupt.jpg", "cannot read"
+    one_line_error(
+        run_cli("generate", setup / "bundle", "--prompt", "x", "--image", tmp_path / "corrupt.jpg"), "corrupt.jpg", "cannot read"
     )
-    _one_line_error(
-        cli("generate", setup / "bundle", "--prompt", "x", "--image", tmp_path / "absent.png"), "absent.png", "not found"
+    one_line_error(
+        run_cli("generate", setup / "bundle", "--prompt", "x", "--image", tmp_path / "absent.png"), "absent.png", "not found"
     )
 
 
-def test_prompt_longer_than_context(cli, setup):
-    r = cli("generate", setup / "bundle", "--prompt", "word " * (CONTEXT + 10))
-    _one_line_error(r, "context", str(CONTEXT))
+def test_prompt_longer_than_context(run_cli, setup):
+    r = run_cli("generate", setup / "bundle", "--prompt", "word " * (CONTEXT + 10))
+    one_line_error(r, "context", str(CONTEXT))
 
 
-def test_bundle_missing_graph(cli, setup, tmp_path):
+def test_bundle_missing_graph(run_cli, setup, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(setup / "bundle", b)
     (b / "vision.onnx").unlink()
-    _one_line_error(cli("generate", b, "--prompt", "x"), "vision.onnx")
-    _one_line_error(cli("generate", tmp_path / "nobundle", "--prompt", "x"), "manifest.json")
+    one_line_error(run_cli("generate", b, "--prompt", "x"), "vision.onnx")
+    one_line_error(run_cli("generate", tmp_path / "nobundle", "--prompt", "x"), "manifest.json")
 
 
-def test_verify_passes_and_catches_a_wrong_bundle(cli, tiny_one, setup, tmp_path):
+def test_verify_passes_and_catches_a_wrong_bundle(run_cli, tiny_one, setup, tmp_path):
     picture(50, 70).save(tmp_path / "v.png")
-    ok = cli("verify", tiny_one.checkpoint, tiny_one.bundle, "--image", tmp_path / "v.png", "--steps", "4")
+    ok = run_cli("verify", tiny_one.checkpoint, tiny_one.bundle, "--image", tmp_path / "v.png", "--steps", "4")
     assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stdout + ok.stderr
     # Same geometry, other weights (the numpy-built checkpoint): verify must fail, not shrug.
-    bad = cli("verify", tiny_one.checkpoint, setup / "bundle", "--image", tmp_path / "v.png", "--steps", "4")
+    bad = run_cli("verify", tiny_one.checkpoint, setup / "bundle", "--image", tmp_path / "v.png", "--steps", "4")
     assert bad.returncode == 1 and "FAIL" in bad.stdout, bad.stdout + bad.stderr
 
 
@@ -191,30 +165,30 @@ def test_demo_end_to_end(cli, tmp_path):
     r = cli("demo", "--workdir", tmp_path / "demo", "--seed", "11", "--questions", "5")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert sum("expected:" in line for line in lines) == 5 and lines[-1].split("/")[0].isdigit()
-    assert int(lines[-1].split("/")[0]) >= 4  # the trained model gets fresh pictures right
+    score = next(line for line in lines if " correct (seed 11;" in line)
+    assert sum("expected:" in line for line in lines) == 5 and score.split("/")[0].isdigit()
+    assert int(score.split("/")[0]) >= 4  # the trained model gets fresh pictures right
+    assert lines[-1].startswith(f"bundle:     {tmp_path / 'demo' / 'shapes' / 'bundle'}")  # where to find it again
     assert (tmp_path / "demo" / "shapes" / "bundle" / "manifest.json").is_file()
 
 
-def test_demo_rebuilds_a_stale_cache(cli, tmp_path):
-    """A cached demo bundle from another checkpoint or exporter (here: an old format and no stamp)
-    is made again instead of being refused or silently reused."""
+def test_demo_random_weights_and_a_stale_cache(run_cli, tmp_path):
+    """The random-weight demo answers (meaninglessly) and says where its bundle is; a cached bundle
+    from another checkpoint or exporter (here: an old format and no stamp) is then made again
+    instead of being refused or silently reused."""
     work = tmp_path / "demo"
-    assert cli("demo", "--random", "--workdir", work, "--max-new-tokens", "2").returncode == 0
+    r = run_cli("demo", "--random", "--workdir", work, "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "assistant" in r.stdout and "random weights" in r.stdout
+    assert f"bundle:     {work / 'random' / 'bundle'}" in r.stdout
     manifest = work / "random" / "bundle" / "manifest.json"
     m = json.loads(manifest.read_text())
     m["format_version"] = 1
     manifest.write_text(json.dumps(m))
     (work / "random" / "stamp").unlink()
-    r = cli("demo", "--random", "--workdir", work, "--max-new-tokens", "2")
+    r = run_cli("demo", "--random", "--workdir", work, "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert "exported" in r.stderr and json.loads(manifest.read_text())["format_version"] != 1
-
-
-def test_demo_random_weights(cli, tmp_path):
-    r = cli("demo", "--random", "--workdir", tmp_path / "demo", "--max-new-tokens", "4")
-    assert r.returncode == 0, r.stderr
-    assert "assistant" in r.stdout and "random weights" in r.stdout
 
 
 def test_runtime_needs_no_torch(setup):

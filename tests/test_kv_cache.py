@@ -63,14 +63,12 @@ def test_cache_grows_without_losing_state(tiny_one):
     np.testing.assert_allclose(out[-1], full, atol=1e-4, rtol=0)
 
 
-def test_prefill_graph_continues_a_cache(tiny_one, tmp_path):
+def test_prefill_graph_continues_a_cache(int8_bundle):
     """A --prefill-int8 bundle: a prompt in two chunks of >= 8 tokens (the second attends to the first
     through the shared cache, as a second chat turn does) equals the whole prompt in one call, and
     decoding continues from it. Per-row activation quantization does not depend on how the rows are
     chunked, so the match is float-exact up to summation order (1e-4), not a quantization tolerance."""
-    from qwen3vl_onnx.export.bundle import export
-
-    m = Pipeline.from_bundle(export(tiny_one.checkpoint, tmp_path / "pi8", precision="int8", prefill_int8=True)).model
+    m = Pipeline.from_bundle(int8_bundle).model
     ids = list(range(2000, 2032))
     pos, _ = rope_index(ids, 151655, 151656)
     full_cache = m.new_cache()

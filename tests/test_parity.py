@@ -91,6 +91,7 @@ def test_bf16_checkpoint_and_fp16_bundle(tmp_path, tokenizer_files):
     from transformers import Qwen3VLForConditionalGeneration
 
     from qwen3vl_onnx.export.bundle import export
+    from qwen3vl_onnx.export.options import ExportOptions
 
     from .conftest import GEOMETRIES, build_checkpoint
 
@@ -98,7 +99,7 @@ def test_bf16_checkpoint_and_fp16_bundle(tmp_path, tokenizer_files):
     ckpt = build_checkpoint(tmp_path / "ckpt", GEOMETRIES["tied_gqa2"], tokenizer_files, seed=5, bf16=True)
     ref_model = Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager")
     for precision, tol in (("fp32", TOL), ("fp16", 0.05)):
-        pipe = Pipeline.from_bundle(export(ckpt, tmp_path / precision, precision=precision))
+        pipe = Pipeline.from_bundle(export(ckpt, tmp_path / precision, ExportOptions(precision)))
         prompt = pipe.prepare(_messages([picture(64, 64, seed=9)]))
         ids = torch.tensor([prompt.ids])
         ref = (

@@ -1,19 +1,22 @@
 """INT4/INT8 weight-only quantization: packing matches the kernel, accuracy on tiny checkpoints.
 
 Bounds on last-position logit cosine against fp32 transformers, measured on the wide-init (std 0.1)
-tiny checkpoints, which amplify per-layer error far more than trained weights do.
+tiny checkpoints, which amplify per-layer error far more than trained weights do. Every bound holds
+on both CPU kinds: the figures are the same on a 2-core AVX-512 VNNI EPYC and under an emulated
+AVX2-only EPYC (qemu-x86_64 -cpu max), since the u8 x s8 weights cannot saturate (test_u8s8.py).
 Int4/int8 bundles also get the int8 (dynamic) vision tower by default, so the image path counts.
-- int8 (block 128): >= 0.999 (measured 0.9994-0.9997).
+- int8 (block 128): >= 0.999 (measured 0.99935-0.99958; with full-range int8 vision weights it was
+  0.9994-0.9997 on VNNI and 0.99878-0.99948 on AVX2, where they saturated).
 - int4 as exported by default (v_proj and lm_head at 8 bits), block 128: >= 0.96 (measured
-  0.971-0.985); block 32: >= 0.96 (0.973-0.986).
-- int4 everywhere (``int8_projections=()``), block 128: >= 0.935 (measured 0.951-0.961; 0.943-0.962
-  with plain min/max ranges). Round-to-nearest int4 leaves ~9.5% relative error per random Gaussian
-  matmul whatever the width; over a few random layers that costs ~4% cosine. The tiny rows are 64
-  wide, so a 128 block is one scale per padded row, the worst case.
-The issue's 0.99 is not reachable on these random weights by anything that is still int4: fake-
-quantizing in torch, even every attention projection and lm_head at 8 bits leaves 0.986-0.994.
+  0.973-0.983); block 32: >= 0.96 (0.976-0.986).
+- int4 everywhere (``int8_projections=()``), block 128: >= 0.935 (measured 0.955-0.961). Round-to-
+  nearest int4 leaves ~9.5% relative error per random Gaussian matmul whatever the width; over a
+  few random layers that costs ~4% cosine. The tiny rows are 64 wide, so a 128 block is one scale
+  per padded row, the worst case.
+0.99 is not reachable on these random weights by anything that is still int4: fake-quantizing in
+torch, even every attention projection and lm_head at 8 bits leaves 0.986-0.994.
 Trained weights are the meaningful check: the shapes model's int4 logits keep cosine >= 0.99 on every
-held-out prompt measured (mean 0.9997, min 0.9946; tests/test_shapes.py). A broken kernel or packing
+held-out prompt measured (mean 0.9997, min 0.995; tests/test_shapes.py). A broken kernel or packing
 gives cosine near 0. Run pytest -s for figures.
 """
 
@@ -26,7 +29,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.quant import dequantize, quantize
 from qwen3vl_onnx.export.text import PROJECTIONS
 from qwen3vl_onnx.runtime.generate import Pipeline
@@ -93,9 +95,9 @@ def _matmulnbits_bits(bundle) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("projections", [None, (), ("o_proj", "gate_proj", "lm_head")])
-def test_int4_keeps_chosen_projections_at_8_bits(tiny_one, tmp_path, projections):
+def test_int4_keeps_chosen_projections_at_8_bits(tiny_one, projections):
     """Default int4 keeps v_proj and lm_head at 8 bits; q/k (and gate/up) stay packed per width."""
-    bits = _matmulnbits_bits(export(tiny_one.checkpoint, tmp_path / "b", precision="int4", int8_projections=projections))
+    bits = _matmulnbits_bits(tiny_one.bundle_with(precision="int4", int8_projections=projections))
     eight = {"v_proj", "lm_head"} if projections is None else set(projections)
     layers = GEOMETRIES[tiny_one.name]["layers"]
     assert len(bits) == layers * (4 + ("v_proj" in eight) + ("gate_proj" in eight)) + 1
@@ -111,8 +113,8 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("precision,block,projections", list(BOUNDS))
-def test_quantized_bundle_accuracy(tiny, tmp_path, precision, block, projections):
-    bundle = export(tiny.checkpoint, tmp_path / precision, precision=precision, block_size=block, int8_projections=projections)
+def test_quantized_bundle_accuracy(tiny, precision, block, projections):
+    bundle = tiny.bundle_with(precision=precision, block_size=block, int8_projections=projections)
     pipe = Pipeline.from_bundle(bundle)
     ref_pipe = Pipeline.from_bundle(tiny.bundle)
     msgs = [{"role": "user", "content": [{"type": "image", "image": picture(96, 64, seed=4)}, {"type": "text", "text": "What?"}]}]
@@ -140,16 +142,18 @@ def _ops(path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
-def test_prefill_int8_graph(tiny, tmp_path):
+def test_prefill_int8_graph(tiny):
     """--prefill-int8: prompts run through int8 GEMMs (per-row activations), decode through int4.
 
-    Bounds (cosine against fp32 transformers): prefill logits at every position, image included,
-    >= 0.999 (measured 0.99945-0.99951) and above the same bundle's int4 graph on the same prompt
-    (0.970-0.982), which shows the prompt ran on the prefill graph. Four teacher-forced decode steps
-    after it (int4 weights, random tokens) >= 0.94 (measured min 0.950-0.978), and no worse than
-    after an int4 prompt (0.917-0.956) but for 0.005 of slack: the int8-filled cache is the better one.
+    Bounds (cosine against fp32 transformers, both CPU kinds): prefill logits at every position,
+    image included, >= 0.998 (measured 0.99878-0.99907 with weight codes within +-64; 0.99945-0.99951
+    with full-range codes on VNNI, 0.978-0.990 on AVX2, where those saturated) and above the same
+    bundle's int4 graph on the same prompt (0.971-0.982), which shows the prompt ran on the prefill
+    graph. Four teacher-forced decode steps after it (int4 weights, random tokens) >= 0.94 (measured
+    min 0.951-0.972), and no worse than after an int4 prompt (0.919-0.953) but for 0.005 of slack:
+    the int8-filled cache is the better one.
     """
-    bundle = export(tiny.checkpoint, tmp_path / "pi8", precision="int4", prefill_int8=True)
+    bundle = tiny.bundle_with(precision="int4", prefill_int8=True)
     ops = _ops(bundle / "decoder_prefill.onnx")
     layers = GEOMETRIES[tiny.name]["layers"]
     assert ops.count("MatMulIntegerToFloat") == 4 * layers  # qkv, o, gate/up, down
@@ -186,13 +190,13 @@ def test_prefill_int8_graph(tiny, tmp_path):
     cos_pre4, cos_dec4 = _cos(pre4, ref[:n]), min(_cos(d, r) for d, r in zip(dec4, ref[n:], strict=True))
     print(f"\n{tiny.name} int4 + int8 prefill: prefill cosine {cos_pre:.5f}, decode min {cos_dec:.5f}; "
           f"int4 prompt: {cos_pre4:.5f}, {cos_dec4:.5f}")  # fmt: skip
-    assert cos_pre >= 0.999 and cos_pre > cos_pre4
+    assert cos_pre >= 0.998 and cos_pre > cos_pre4
     assert cos_dec >= 0.94 and cos_dec >= cos_dec4 - 0.005
 
 
-def test_portable_graph_matches_fused(tiny_one, tmp_path):
+def test_portable_graph_matches_fused(tiny_one):
     fused = Pipeline.from_bundle(tiny_one.bundle)
-    portable = Pipeline.from_bundle(export(tiny_one.checkpoint, tmp_path / "portable", portable=True))
+    portable = Pipeline.from_bundle(tiny_one.bundle_with(portable=True))
     assert portable.model.fused is False and fused.model.fused is True
     msgs = [{"role": "user", "content": [{"type": "image", "image": picture(64, 64)}, {"type": "text", "text": "Hi"}]}]
     prompt = fused.prepare(msgs)
@@ -202,11 +206,12 @@ def test_portable_graph_matches_fused(tiny_one, tmp_path):
     assert a.token_ids == b.token_ids
 
 
-def test_int8_vision_tower(tiny_one, tmp_path):
-    """--vision-precision int8: image embeddings and DeepStack features keep cosine >= 0.999."""
+def test_int8_vision_tower(tiny_one):
+    """--vision-precision int8: image embeddings and DeepStack features keep cosine >= 0.999 on both CPU
+    kinds (measured 0.99956-0.9996; full-range codes gave 0.9998 on VNNI but 0.99896 on AVX2)."""
     grids = [(1, 6, 8)]
     pv = np.random.default_rng(2).standard_normal((48, 1536), dtype=np.float32)
-    q = Pipeline.from_bundle(export(tiny_one.checkpoint, tmp_path / "v8", vision_precision="int8")).model
+    q = Pipeline.from_bundle(tiny_one.bundle_with(vision_precision="int8")).model
     emb, ds = q.encode_images(pv, grids)
     ref = tiny_one.model.model.visual(torch.from_numpy(pv), grid_thw=torch.tensor(grids))
     cos = [_cos(emb, ref.pooler_output.numpy())] + [_cos(ds[k], f.numpy()) for k, f in enumerate(ref.deepstack_features)]

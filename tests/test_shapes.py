@@ -16,17 +16,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from qwen3vl_onnx.export.bundle import export
+from qwen3vl_onnx.export.options import ExportOptions
 from qwen3vl_onnx.runtime.generate import Pipeline
 from qwen3vl_onnx.shapes import task
 from qwen3vl_onnx.shapes.evaluate import evaluate, normalize
 from qwen3vl_onnx.shapes.model import packaged_checkpoint, unpack
 
+from .conftest import Bundles
 from .test_parity import _onnx_logits
 from .test_quant import _cos
 
@@ -34,10 +37,11 @@ N_ITEMS = 200
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def shapes(tmp_path_factory) -> tuple[Path, Bundles]:
+    """The unpacked trained checkpoint and its bundles by export options (fp32: ``bundles()``)."""
     root = tmp_path_factory.mktemp("shapes")
     ckpt = unpack(root / "ckpt")
-    return ckpt, export(ckpt, root / "bundle")
+    return ckpt, Bundles(ckpt, root)
 
 
 def test_checkpoint_is_small_and_real_architecture():
@@ -49,8 +53,8 @@ def test_checkpoint_is_small_and_real_architecture():
 
 
 def test_heldout_accuracy_and_agreement_with_transformers(shapes):
-    ckpt, bundle = shapes
-    pipe = Pipeline.from_bundle(bundle)
+    ckpt, bundles = shapes
+    pipe = Pipeline.from_bundle(bundles())
     rep = evaluate(pipe, N_ITEMS)
     acc = rep.accuracy()
     print("\n" + rep.table())
@@ -71,15 +75,15 @@ def test_heldout_accuracy_and_agreement_with_transformers(shapes):
 
 
 @pytest.mark.parametrize("precision, prefill_int8, bound", [("int8", False, 0.93), ("int4", False, 0.90), ("int4", True, 0.90)])
-def test_quantized_bundles_answer(shapes, tmp_path, precision, prefill_int8, bound):
-    ckpt, bundle = shapes
-    pipe = Pipeline.from_bundle(export(ckpt, tmp_path / precision, precision=precision, prefill_int8=prefill_int8))
+def test_quantized_bundles_answer(shapes, precision, prefill_int8, bound):
+    _, bundles = shapes
+    pipe = Pipeline.from_bundle(bundles(precision=precision, prefill_int8=prefill_int8))
     assert (pipe.model.prefill_decoder is not None) is prefill_int8
     rep = evaluate(pipe, N_ITEMS)
     print(f"\n{precision}{' + int8 prefill' * prefill_int8}\n" + rep.table())
     assert rep.accuracy()["overall"] >= bound, rep.accuracy()
 
-    ref = Pipeline.from_bundle(bundle)
+    ref = Pipeline.from_bundle(bundles())
     cos = []
     for it in task.eval_items(40):
         prompt = ref.prepare(task.messages(it))
@@ -88,15 +92,15 @@ def test_quantized_bundles_answer(shapes, tmp_path, precision, prefill_int8, bou
     assert np.mean(cos) >= 0.999 and min(cos) >= 0.99
 
 
-def test_verify_cli_on_an_int4_bundle(cli, shapes, tmp_path):
+def test_verify_cli_on_an_int4_bundle(run_cli, shapes, tmp_path):
     """verify judges quantized bundles by logit cosine (no float tolerance could pass int4), and it
     still fails a bundle of other weights."""
-    ckpt, _ = shapes
-    int4 = export(ckpt, tmp_path / "int4", precision="int4")
+    ckpt, bundles = shapes
+    int4 = bundles(precision="int4", prefill_int8=False)
     it = next(i for i in task.eval_items(20) if len(i.images) == 1)
     it.images[0].save(tmp_path / "q.png")
     args = ("--image", tmp_path / "q.png", "--prompt", it.question, "--steps", "4")
-    r = cli("verify", ckpt, int4, *args)
+    r = run_cli("verify", ckpt, int4, *args)
     assert r.returncode == 0 and "PASS (mean cosine >= 0.99)" in r.stdout, r.stdout + r.stderr
     mean = float(r.stdout.split("logit cosine")[1].split()[1])
     assert 0.99 <= mean < 1 - 1e-6  # quantized: close, not bit-equal
@@ -104,12 +108,12 @@ def test_verify_cli_on_an_int4_bundle(cli, shapes, tmp_path):
     from qwen3vl_onnx.demo.checkpoint import write_checkpoint
 
     other = write_checkpoint(tmp_path / "other", json.loads((ckpt / "config.json").read_text()))
-    bad = cli("verify", ckpt, export(other, tmp_path / "other-int4", precision="int4"), *args)
+    bad = run_cli("verify", ckpt, export(other, tmp_path / "other-int4", ExportOptions("int4")), *args)
     assert bad.returncode == 1 and "FAIL (mean cosine >= 0.99)" in bad.stdout, bad.stdout + bad.stderr
 
 
-def test_eval_cli(cli, shapes):
-    r = cli("eval", shapes[1], "-n", "20", "--json")
+def test_eval_cli(run_cli, shapes):
+    r = run_cli("eval", shapes[1](), "-n", "20", "--json")
     assert r.returncode == 0, r.stderr
     acc = json.loads(r.stdout.strip().splitlines()[-1])["accuracy"]
     assert set(acc) == set(task.KINDS) | {"overall"}

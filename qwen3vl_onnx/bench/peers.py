@@ -101,7 +101,7 @@ TURN_PEERS = {
 }
 
 
-def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int) -> dict:
+def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int, pause_s: float) -> dict:
     """The tasks of each peer in TURN_PEERS that ran, ours and theirs taken in turns (see turns.py)."""
     from .turns import our_worker_command, take_turns
 
@@ -114,7 +114,7 @@ def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int
         cmd += [str(workdir), *extra] if module == "openvino" else extra
         print(f"measuring in turns with {name}", file=sys.stderr)
         try:
-            out[name] = take_turns(our_worker_command(bundle), cmd, tasks, repeats)
+            out[name] = take_turns(our_worker_command(bundle), cmd, tasks, repeats, pause_s)
         except RuntimeError as e:
             out[name] = {"skipped": f"failed: {e}"}
     return out

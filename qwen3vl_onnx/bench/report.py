@@ -57,7 +57,8 @@ def markdown(result: dict) -> str:
         f"Shape {result['shape']}, {result['precision']}; export {result.get('export_s', float('nan')):.1f} s, "
         f"export peak RSS {result.get('export_peak_rss_gb', float('nan')):.2f} GB; bundle {ours['bundle_gb']:.2f} GB; "
         f"load {ours['load_s']:.2f} s; inference peak RSS {ours['peak_rss_gb']:.2f} GB.",
-        f"Machine: {m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}. Medians (min-max) of repeated runs; "
+        f"Machine: {m['cpu']}, {m['cores']} cores, CPU flags: {' '.join(m.get('cpu_flags', [])) or 'unknown'}, "
+        f"onnxruntime {m['onnxruntime']}. Medians (min-max) of repeated runs; "
         "ratios > 1 mean qwen3vl-onnx is faster.",
     ]
     labels = {key: label for key, label, _ in ROWS}

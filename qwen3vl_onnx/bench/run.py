@@ -13,11 +13,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from ..export.options import ExportOptions
 from .presets import preset_config, write_random_checkpoint
 from .procstats import failure_reason, peak_rss_gb, run_polled, stats
 
@@ -55,15 +56,9 @@ def run_measured(cmd: list[str], what: str) -> dict:
     return {"export_s": secs, "export_peak_rss_gb": peak}
 
 
-def export_measured(ckpt: Path, bundle: Path, precision: str, block_size: int, vision_precision: str = "fp32",
-                    int8_projections: Sequence[str] = (), prefill_int8: bool = False) -> dict:  # fmt: skip
+def export_measured(ckpt: Path, bundle: Path, options: ExportOptions) -> dict:
     """Export in a child process so its time and peak memory are its own."""
-    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), "--precision", precision,
-           "--block-size", str(block_size), "--vision-precision", vision_precision, "--force"]  # fmt: skip
-    if precision == "int4":
-        cmd += ["--int8-projections", ",".join(int8_projections) or "none"]
-    if prefill_int8:
-        cmd.append("--prefill-int8")
+    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), *options.checked().argv(), "--force"]
     return run_measured(cmd, "export")
 
 
@@ -108,18 +103,26 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
     return res
 
 
+# The instruction-set extensions that decide which ONNX Runtime kernels run (AMX is listed where a
+# CPU advertises it; the project never relies on it, as it traps on some of its machines).
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+
+
 def machine() -> dict:
-    cpu = "unknown"
+    """CPU model, core count, the CPU_FLAGS it has, and the runtime versions: every figure is read against these."""
+    cpu, flags = "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     import onnxruntime
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+            "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}  # fmt: skip
 
 
 def child_measure(bundle: Path, repeats: int) -> dict:

@@ -9,6 +9,7 @@ tokens 151643..151668 are the Qwen3-VL ones.
 from __future__ import annotations
 
 import base64
+import functools
 from importlib import resources
 from pathlib import Path
 
@@ -83,11 +84,18 @@ def build_tokenizer() -> Tokenizer:
     return tk
 
 
+@functools.lru_cache(maxsize=1)
+def tokenizer_json() -> str:
+    """``build_tokenizer()`` serialised: deriving 151k merges from the ranks takes ~4 s, and every
+    checkpoint a process writes (demo, bench presets, the packaged model) carries the same file."""
+    return build_tokenizer().to_str()
+
+
 def write_tokenizer_files(directory: Path, chat_template: str) -> None:
     """tokenizer.json, tokenizer_config.json and chat_template.json as a Qwen3-VL checkpoint has them."""
     import json
 
-    build_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
     added = {
         str(FIRST_SPECIAL_ID + i): {"content": t, "special": t not in NOT_SPECIAL, "lstrip": False, "rstrip": False,
                                     "normalized": False, "single_word": False}

@@ -16,6 +16,7 @@ so an interrupted export leaves nothing that looks like a bundle.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,10 @@ import onnx
 from .. import __version__
 from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig, weight_shapes
 from ..errors import UserError
+from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .graph import OPSET, Graph
-from .quant import DEFAULT_BLOCK_SIZE
-from .text import DEFAULT_INT8_PROJECTIONS, PROJECTIONS, DecoderOptions, build_decoder
+from .options import ExportOptions
+from .text import DecoderOptions, build_decoder
 from .vision import build_vision
 from .weights import Checkpoint
 
@@ -53,9 +55,26 @@ COPIED_FILES = (
     "video_preprocessor_config.json",
     "generation_config.json",
 )
+# Storage dtype of float weights per precision (int4/int8 store their quantized weights apart).
 PRECISIONS = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32, "int4": np.float32}
-BITS = {"int8": 8, "int4": 4}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@contextlib.contextmanager
+def open_checkpoint(source: str | Path) -> Iterator[Path]:
+    """The checkpoint directory for ``source`` while the block runs: a local directory, a hub id
+    (downloaded to the hub cache), or the packaged shapes model (by name or by its installed path),
+    which ships without its tokenizer and is unpacked complete into a temporary directory."""
+    packaged = packaged_checkpoint()
+    is_packaged = str(source) == PACKAGED_SHAPES and not Path(source).exists()
+    if is_packaged or (Path(source).is_dir() and Path(source).resolve() == packaged.resolve()):
+        with tempfile.TemporaryDirectory(prefix="qwen3vl-shapes-") as tmp:
+            try:
+                yield unpack(Path(tmp) / "checkpoint")
+            except FileNotFoundError as e:
+                raise UserError(str(e)) from None
+        return
+    yield resolve_checkpoint(source)
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -96,148 +115,103 @@ def _progress(total: int, desc: str):
     return bar.update, bar.close
 
 
-def resolve_vision_precision(precision: str, vision_precision: str = "auto") -> str:
-    """ "auto": int8 for int4/int8 bundles, else fp32.
-
-    Why int8 there: at the 4B shape's vision matmuls (784 x 1024 x 4096) DynamicQuantizeMatMul ran
-    at 600-660 GOPS on this 2-core AVX512-VNNI machine against 120-130 for fp32 MatMul and 230 for
-    MatMulNBits int8 (per-matmul cosine 0.9999); a user who asked for a quantized bundle wants the
-    picture encoded fast too. Float bundles keep the reference-exact fp32 tower.
-    """
-    if vision_precision == "auto":
-        return "int8" if precision in BITS else "fp32"
-    if vision_precision not in ("fp32", "int8"):
-        raise UserError(f"vision precision {vision_precision!r} is not one of auto, fp32, int8")
-    return vision_precision
-
-
-def resolve_int8_projections(precision: str, projections: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The decoder projections an int4 bundle keeps at 8 bits, in ``PROJECTIONS`` order.
-
-    None: ``DEFAULT_INT8_PROJECTIONS`` for int4, nothing otherwise; an empty list: all int4.
-    """
-    if projections is None:
-        return DEFAULT_INT8_PROJECTIONS if precision == "int4" else ()
-    chosen = set(projections)
-    if unknown := sorted(chosen - set(PROJECTIONS)):
-        raise UserError(f"unknown projection(s) {', '.join(unknown)}: choose from {', '.join(PROJECTIONS)} or none")
-    if chosen and precision != "int4":
-        raise UserError(f"8-bit projections apply to int4 bundles only, not {precision}")
-    return tuple(k for k in PROJECTIONS if k in chosen)
-
-
-def check_prefill_int8(precision: str, prefill_int8: bool) -> None:
-    """A prefill graph only for quantized bundles (which are never --portable: ``export`` refuses that).
-
-    Why the option exists: MatMulNBits' int8-compute path tops out at ~375-390 GOPS for prompt-sized
-    matmuls on this 2-core AVX512-VNNI machine, while MLAS's u8s8 GEMM runs them at 700-760. The
-    prefill graph stores every layer projection again as int8 per output channel (its lm_head is
-    a second copy of the decode graph's MatMulNBits one, run on the last position only), so prompts
-    and image tokens run on the fast GEMM while decode keeps the compact weights. The price is
-    memory: ~1 byte per decoder weight on top of the int4 bundle (4B: +3.8 GB). Off by default for
-    that reason.
-    """
-    if not prefill_int8:
-        return
-    if precision not in BITS:
-        raise UserError(f"--prefill-int8 applies to int4/int8 bundles, not {precision}")
-
-
-def export(checkpoint: str | Path, out: str | Path, precision: str = "fp32", force: bool = False,
-           block_size: int = DEFAULT_BLOCK_SIZE, portable: bool = False, vision_precision: str = "auto",
-           int8_projections: Sequence[str] | None = None, prefill_int8: bool = False) -> Path:  # fmt: skip
-    """Export ``checkpoint`` to a bundle at ``out``; returns the bundle path.
+def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, force: bool = False) -> Path:
+    """Export ``checkpoint`` (see ``open_checkpoint``) to a bundle at ``out``; returns its path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and store the
-    embedding table fp16; int4 keeps ``int8_projections`` at 8 bits (see
-    ``resolve_int8_projections``); ``vision_precision`` "auto" then gives the vision tower int8
-    weights with dynamically quantized activations (see ``resolve_vision_precision``). ``portable``
-    writes standard-ONNX attention instead of ONNX Runtime contrib ops (float precisions only).
-    ``prefill_int8`` adds a second decoder graph for prompts (see ``check_prefill_int8``).
+    embedding table fp16; see ``ExportOptions.checked`` for the vision tower, the 8-bit projections
+    of int4 and the prefill graph. Nothing is written at ``out`` unless the whole bundle is.
     """
-    vision_precision = resolve_vision_precision(precision, vision_precision)
-    int8_projections = resolve_int8_projections(precision, int8_projections)
     t0 = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if portable and (precision in BITS or vision_precision != "fp32"):
-        raise UserError(f"--portable graphs cannot be {precision}: MatMulNBits is an ONNX Runtime contrib op")
-    check_prefill_int8(precision, prefill_int8)
-    opts = DecoderOptions(
-        fused=not portable, bits=BITS.get(precision, 0), block_size=block_size, int8_projections=int8_projections
-    )
+    opts = (options or ExportOptions()).checked()
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise UserError(f"{out}: already exists (use --force to replace it)")
-    src = resolve_checkpoint(checkpoint)
-    cfg = Qwen3VLConfig.from_file(src / "config.json")
-    if not (src / "tokenizer.json").is_file():
-        raise UserError(f"{src}: tokenizer.json is missing")
-    weights = Checkpoint(src)
-    weights.check(weight_shapes(cfg))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        dtype = PRECISIONS[precision]
-        update, close = _progress(cfg.vision.depth, "vision ")
-        vg = Graph("qwen3vl_vision", tmp / "vision.onnx", dtype)
-        build_vision(vg, cfg.vision, weights, update, int8=vision_precision == "int8", fused=not portable)
-        vg.save()
-        close()
-
-        def decoder(key: str, label: str, decoder_opts: DecoderOptions) -> Graph:
-            update, close = _progress(cfg.text.num_hidden_layers, label)
-            g = Graph(f"qwen3vl_{key}", tmp / f"{key}.onnx", dtype)
-            ds = len(cfg.vision.deepstack_visual_indexes)
-            build_decoder(g, cfg.text, weights, cfg.tie_word_embeddings, ds, decoder_opts, update)
-            g.save()
-            close()
-            return g
-
-        graphs = {"vision": vg, "decoder": decoder("decoder", "decoder", opts)}
-        if prefill_int8:
-            graphs["decoder_prefill"] = decoder("decoder_prefill", "prefill", dataclasses.replace(opts, int8_rows=True))
-        embed = weights["model.language_model.embed_tokens.weight"].astype(np.float16 if precision in BITS else dtype)
-        np.save(tmp / "embed_tokens.npy", embed)
-        for name in COPIED_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        manifest = {
-            "format": "qwen3vl-onnx-bundle",
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "precision": precision,
-            "vision_precision": vision_precision,
-            "decoder_options": dataclasses.asdict(opts),
-            "prefill_int8": prefill_int8,
-            "config": cfg.to_dict(),
-            "graphs": {
-                key: {"file": g.path.name, "inputs": _io(g.inputs), "outputs": _io(g.outputs)} for key, g in graphs.items()
-            },
-            "embed_tokens": {"file": "embed_tokens.npy", "dtype": embed.dtype.name, "shape": list(embed.shape)},
-            "files": sorted(p.name for p in tmp.iterdir()),
-            "versions": {
-                "qwen3vl_onnx": __version__,
-                "onnx": onnx.__version__,
-                "opset": OPSET,
-                "checkpoint_transformers": cfg.raw.get("transformers_version"),
-            },
-            "source": str(checkpoint),
-            "export_seconds": round(time.perf_counter() - t0, 2),
-        }
-        del embed
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
-        if out.exists():  # --force: swap only once the new bundle is complete
-            old = out.with_name(f".{out.name}.old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with open_checkpoint(checkpoint) as src:
+        cfg = Qwen3VLConfig.from_file(src / "config.json")
+        if not (src / "tokenizer.json").is_file():
+            raise UserError(f"{src}: tokenizer.json is missing")
+        weights = Checkpoint(src)
+        weights.check(weight_shapes(cfg))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            graphs = _write_graphs(tmp, cfg, weights, opts)
+            embed_dtype = np.float16 if opts.bits else PRECISIONS[opts.precision]
+            embed = weights["model.language_model.embed_tokens.weight"].astype(embed_dtype)
+            np.save(tmp / "embed_tokens.npy", embed)
+            embed_info = {"file": "embed_tokens.npy", "dtype": embed.dtype.name, "shape": list(embed.shape)}
+            del embed
+            for name in COPIED_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+            manifest = _manifest(cfg, opts, graphs, embed_info, tmp, str(checkpoint), time.perf_counter() - t0)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            _publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
+
+
+def _write_graphs(tmp: Path, cfg: Qwen3VLConfig, weights: Checkpoint, opts: ExportOptions) -> dict[str, Graph]:
+    """vision.onnx, decoder.onnx and (--prefill-int8) decoder_prefill.onnx, each saved as built."""
+    dtype = PRECISIONS[opts.precision]
+    update, close = _progress(cfg.vision.depth, "vision ")
+    vg = Graph("qwen3vl_vision", tmp / "vision.onnx", dtype)
+    build_vision(vg, cfg.vision, weights, update, int8=opts.vision_precision == "int8", fused=not opts.portable)
+    vg.save()
+    close()
+
+    def decoder(key: str, label: str, decoder_opts: DecoderOptions) -> Graph:
+        update, close = _progress(cfg.text.num_hidden_layers, label)
+        g = Graph(f"qwen3vl_{key}", tmp / f"{key}.onnx", dtype)
+        ds = len(cfg.vision.deepstack_visual_indexes)
+        build_decoder(g, cfg.text, weights, cfg.tie_word_embeddings, ds, decoder_opts, update)
+        g.save()
+        close()
+        return g
+
+    graphs = {"vision": vg, "decoder": decoder("decoder", "decoder", opts.decoder())}
+    if opts.prefill_int8:
+        graphs["decoder_prefill"] = decoder("decoder_prefill", "prefill", opts.decoder(int8_rows=True))
+    return graphs
+
+
+def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, tmp: Path, source: str,
+              seconds: float) -> dict:  # fmt: skip
+    return {
+        "format": "qwen3vl-onnx-bundle",
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "precision": opts.precision,
+        "vision_precision": opts.vision_precision,
+        "export_options": dataclasses.asdict(opts),
+        "decoder_options": dataclasses.asdict(opts.decoder()),
+        "prefill_int8": opts.prefill_int8,
+        "config": cfg.to_dict(),
+        "graphs": {key: {"file": g.path.name, "inputs": _io(g.inputs), "outputs": _io(g.outputs)} for key, g in graphs.items()},
+        "embed_tokens": embed,
+        "files": sorted([p.name for p in tmp.iterdir()] + ["manifest.json"]),
+        "versions": {
+            "qwen3vl_onnx": __version__,
+            "onnx": onnx.__version__,
+            "opset": OPSET,
+            "checkpoint_transformers": cfg.raw.get("transformers_version"),
+        },
+        "source": source,
+        "export_seconds": round(seconds, 2),
+    }
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Give the finished bundle its name; with --force, swap only once the new one is complete."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)

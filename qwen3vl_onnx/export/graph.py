@@ -130,8 +130,9 @@ class Graph:
         return y
 
     def linear_int8_dynamic(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
-        """x @ W^T (+ b) through DynamicQuantizeMatMul: MLAS runs it as a u8s8 GEMM (AVX512-VNNI),
-        for large-M matmuls such as a vision tower's, where MatMulNBits' int8 path is slower."""
+        """x @ W^T (+ b) through DynamicQuantizeMatMul: MLAS runs it as a u8 x s8 GEMM, for large-M
+        matmuls such as a vision tower's, where MatMulNBits' int8 path is slower. Weight codes stay
+        within ``U8S8_WEIGHT_MAX`` so CPUs without VNNI compute it without int16 saturation."""
         q, scale = quantize_per_channel(w)
         ins = [x, self.weight(name + ".qweight", q, np.int8), self.weight(name + ".scale", scale, np.float32),
                self.weight(name + ".zero_point", np.zeros(q.shape[1], np.int8), np.int8)]  # fmt: skip
@@ -147,8 +148,9 @@ class Graph:
         value (with two 25-40x outlier channels, matmul cosine 0.996-0.998 per row against
         0.972-0.988 per tensor). A blocked QuantizeLinear (one block = the row) gives uint8 with zero
         point 128, MatMulIntegerToFloat runs MLAS's u8s8 GEMM and applies the weight scales, and the
-        row scales multiply the result: 700-760 GOPS at the 4B prefill shapes here, where
-        MatMulNBits (int8 compute) runs 375-390.
+        row scales multiply the result: 700-760 GOPS at the 4B prefill shapes on a 2-core AVX-512
+        VNNI EPYC, where MatMulNBits (int8 compute) runs 375-390. Weight codes as in
+        ``linear_int8_dynamic``.
         """
         k = w.shape[1]
         q, scale = quantize_per_channel(w)

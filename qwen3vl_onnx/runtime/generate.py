@@ -7,6 +7,7 @@ all images in one vision call, prefills, then decodes with the KV cache until an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ from ..errors import UserError
 from .chat import load_chat_template, render, split_messages
 from .model import BundleModel
 from .preprocess import ImageProcessorConfig, preprocess_images
-from .sampling import sample
+from .sampling import check_sampling, sample
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,31 @@ def build_prompt(tokenizer: Tokenizer, chat_template: str, image_config: ImagePr
     for i in ids:
         expanded.extend([image_token_id] * next(counts) if i == image_token_id else [i])
     return Prompt(expanded, pixel_values, grids)
+
+
+def load_tokenizer(directory: Path) -> Tokenizer:
+    """The bundle's ``tokenizer.json``, or a one-line error naming what is wrong with it.
+
+    Parsing Qwen's 151k-token vocabulary takes ~0.5-1 s; bundles of one model family carry the same
+    file, so a process shares one parsed tokenizer per file content (it is never mutated).
+    """
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{directory}: bundle is incomplete, tokenizer.json is missing")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in _TOKENIZERS:
+        try:
+            tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # the tokenizers library raises plain Exceptions with a parser message
+            raise UserError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0][:160]})") from None
+        while len(_TOKENIZERS) >= 4:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        _TOKENIZERS[digest] = tokenizer
+    return _TOKENIZERS[digest]
+
+
+_TOKENIZERS: dict[str, Tokenizer] = {}  # sha256 of tokenizer.json -> parsed tokenizer, oldest first
 
 
 class Detokenizer:
@@ -126,7 +152,7 @@ class Pipeline:
         self.model = model
         self.config = model.config
         path = model.path
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(path)
         self.chat_template = load_chat_template(path)
         self.image_config = ImageProcessorConfig.from_file(path / "preprocessor_config.json")
         gen = path / "generation_config.json"
@@ -152,6 +178,7 @@ class Pipeline:
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stream: bool = False,
                  ignore_eos: bool = False) -> Result | Stream:  # fmt: skip
         """Answer ``messages``; returns a :class:`Result`, or a :class:`Stream` of text deltas."""
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
         g = self.generation_config
         if temperature is None:
             temperature = float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0
@@ -207,6 +234,17 @@ class Pipeline:
             "decode_s": decode_s,
             "total_s": t_end - t0,
             "prefill_tok_per_s": n / max(t_prefill - t_vis, 1e-9),
-            "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else 0.0,
+            # None when fewer than two tokens came: one token is the prefill's, there is no decode rate
+            "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else None,
         }
-        yield Result(detok.text(), list(detok.ids), n, k, finish, {a: round(b, 4) for a, b in timings.items()})
+        yield Result(
+            detok.text(), list(detok.ids), n, k, finish, {a: b if b is None else round(b, 4) for a, b in timings.items()}
+        )
+
+
+def stats_line(res: Result) -> str:
+    """The bracketed figures after an answer; decode speed only when there was a decode step."""
+    t = res.timings
+    decode = "" if t["decode_tok_per_s"] is None else f", decode {t['decode_tok_per_s']:.1f} tok/s"
+    return (f"[{res.prompt_tokens} prompt + {res.completion_tokens} new tokens; first token {t['ttft_s']:.2f}s, "
+            f"vision {t['vision_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s{decode}]")  # fmt: skip

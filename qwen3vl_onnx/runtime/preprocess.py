@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,12 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import UserError
 
 ImageLike = str | Path | Image.Image | np.ndarray
+
+# Largest image file read, in pixels: Pillow's own refusal threshold (twice the size at which it
+# warns of a possible decompression bomb). A photo is resized to the processor's pixel budget
+# anyway, so files up to this size are read without Pillow's warning reaching the user; larger
+# ones are refused in one line before their pixels are decoded.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
 @dataclass(frozen=True)
@@ -90,8 +97,12 @@ def load_image(image: ImageLike) -> Image.Image:
     if not path.is_file():
         raise UserError(f"{path}: image file not found")
     try:
-        img = Image.open(path)
-        img.load()
+        with warnings.catch_warnings():  # sizes up to MAX_IMAGE_PIXELS are read on purpose (see there)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: image has over {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels; downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
     return img

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from ..errors import UserError
+
+
+def check_sampling(max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
+                   top_k: int | None = None, seed: int | None = None) -> None:  # fmt: skip
+    """Refuse, in one line naming the value, what no sampler can take (None: the generation config decides)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature is not None and not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise UserError(f"top_k must be an integer >= 0 (0 = no limit), got {top_k!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UserError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> int:

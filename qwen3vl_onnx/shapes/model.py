@@ -48,6 +48,8 @@ SHAPES_CONFIG = {
         "num_position_embeddings": 2304,
     },
 }
+# The name that stands for the packaged checkpoint where a command takes a checkpoint.
+PACKAGED_SHAPES = "shapes"
 # The released processor settings with a small pixel budget: 9 to 25 image tokens per picture.
 PREPROCESSOR = {**RELEASED_PREPROCESSOR, "size": {"shortest_edge": 96 * 96, "longest_edge": 160 * 160}}
 GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": False}

@@ -1,0 +1,94 @@
+"""``qwen3vl-onnx bench``: what the command does with its arguments (the measuring lives in run.py and peers.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..export.options import ExportOptions
+from ..export.quant import DEFAULT_BLOCK_SIZE
+
+
+def _bundle_has_prefill_graph(bundle: Path) -> bool | None:
+    """Whether a bundle given to ``bench --bundle`` was exported with --prefill-int8 (None: unreadable)."""
+    try:
+        return "decoder_prefill" in json.loads((bundle / "manifest.json").read_text())["graphs"]
+    except (OSError, ValueError, KeyError):
+        return None  # the bench child reports what is wrong with the bundle
+
+
+def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
+    """Export (or take ``--bundle``), measure ours in a child process, run the peers, write JSON/markdown/chart."""
+    from ..config import Qwen3VLConfig, weight_shapes
+    from .report import chart, markdown
+    from .run import child_measure, export_measured, machine, prepare_checkpoint
+
+    if args.kernels:
+        return _run_kernels(args)
+    opts = opts.checked()
+    args.vision_precision, args.int8_projections = opts.vision_precision, opts.int8_projections
+    work, out = Path(args.workdir).expanduser(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.shape if not args.bundle else Path(args.bundle).name
+    result: dict = {
+        "shape": name,
+        "precision": args.precision,
+        "vision_precision": args.vision_precision,
+        "block_size": None if args.bundle else args.block_size,
+        "int8_projections": None if args.bundle else list(args.int8_projections),
+        "prefill_int8": _bundle_has_prefill_graph(Path(args.bundle)) if args.bundle else args.prefill_int8,
+        "machine": machine(),
+    }
+    p8 = "-p8" + ("+".join(args.int8_projections) or "none")  # names the 8-bit choice in file names
+    pi8 = "-prefill8" if args.prefill_int8 else ""
+    ckpt = None
+    if args.bundle:
+        bundle = Path(args.bundle)
+    else:
+        ckpt = prepare_checkpoint(args.shape, work)
+        tag = p8 if args.precision == "int4" else ""
+        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{tag}{pi8}-v{args.vision_precision}"
+        print(f"exporting {bundle}", file=sys.stderr)
+        result.update(export_measured(ckpt, bundle, opts))
+    print("measuring qwen3vl-onnx", file=sys.stderr)
+    result["ours"] = child_measure(bundle, args.repeats)
+    if args.compare:
+        if ckpt is None:
+            raise UserError("--compare needs --shape (peers run on the same random checkpoint)")
+        from .peers import TURN_MIN_PAIRS, run_peers, run_turns
+
+        params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
+        result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
+        pairs = max(args.repeats, TURN_MIN_PAIRS)
+        result["turns"] = run_turns(ckpt, bundle, result["peers"], work / args.shape / "peers", pairs, args.turn_pause)
+    block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
+    if not args.bundle and args.int8_projections != ExportOptions(args.precision).checked().int8_projections:
+        block += p8
+    stem = out / f"bench-{name}-{args.precision}{block}{'' if args.bundle else pi8}-v{args.vision_precision}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    stem.with_suffix(".md").write_text(table)
+    chart(result, stem.with_suffix(".png"))
+    print(table)
+    print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
+    return 0
+
+
+def _run_kernels(args: argparse.Namespace) -> int:
+    from .kernels import kernels_markdown, measure_kernels
+    from .run import machine
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine(), "kernels": measure_kernels(max(args.repeats, 3))}
+    table = kernels_markdown(result["kernels"], result["machine"])
+    (out / "bench-kernels.json").write_text(json.dumps(result, indent=1))
+    (out / "bench-kernels.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'bench-kernels.json'}, .md", file=sys.stderr)
+    return 0
