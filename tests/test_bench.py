@@ -25,23 +25,10 @@ def test_presets_are_the_released_shapes():
     assert not eight.tie_word_embeddings and eight.vision.hidden_size == 1152 and eight.text.mrope_section == (24, 20, 20)
 
 
-@pytest.mark.parametrize("extra, tag", [((), ""), (("--prefill-int8",), "-prefill8")])
-def test_bench_tiny_smoke(cli, tmp_path, bench_workdir, extra, tag):
-    r = cli(
-        "bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--workdir", bench_workdir, "--out", tmp_path / "o",
-        *extra,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    stem = tmp_path / "o" / f"bench-tiny-int4{tag}-vint8"
-    res = json.loads(stem.with_suffix(".json").read_text())
-    assert res["prefill_int8"] is bool(extra)
-    bundle = bench_workdir / "tiny" / f"bundle-int4-b128-p8v_proj+lm_head{tag}-vint8"
-    assert (bundle / "decoder_prefill.onnx").is_file() is bool(extra)
-    if extra:  # --bundle reads the choice from the bundle's manifest
-        r = cli("bench", "--bundle", bundle, "--repeats", "1", "--out", tmp_path / "ob")
-        assert r.returncode == 0, r.stderr
-        res_b = json.loads((tmp_path / "ob" / f"bench-{bundle.name}-int4-vint8.json").read_text())
-        assert res_b["prefill_int8"] is True and "+ int8 prefill graph" in r.stdout
+def _check_ours(res: dict, stem, prefill_int8: bool) -> None:
+    """What every bench run on the tiny int4 preset must have written: all our figures, export
+    figures, the chosen options, the chart and the table."""
+    assert res["prefill_int8"] is prefill_int8
     ours = res["ours"]
     for key in ("vision_448_s", "vision_896_s", "prefill_32_tok_s", "prefill_256_tok_s", "ttft_448_s", "decode_128_tok_s"):
         assert ours[key]["median"] > 0, key
@@ -50,6 +37,22 @@ def test_bench_tiny_smoke(cli, tmp_path, bench_workdir, extra, tag):
     assert res["block_size"] == 128 and res["int8_projections"] == ["v_proj", "lm_head"]
     assert stem.with_suffix(".png").stat().st_size > 1000
     assert "decode (tok/s)" in stem.with_suffix(".md").read_text()
+
+
+def test_bench_tiny_prefill_int8_and_bundle(cli, tmp_path, bench_workdir):
+    """bench --prefill-int8 exports and measures the prompt graph; bench --bundle then reads that
+    choice from the bundle's manifest. (The plain int4 run is checked by the --compare test.)"""
+    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--prefill-int8", "--repeats", "1", "--workdir", bench_workdir,
+            "--out", tmp_path / "o")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    stem = tmp_path / "o" / "bench-tiny-int4-prefill8-vint8"
+    _check_ours(json.loads(stem.with_suffix(".json").read_text()), stem, True)
+    bundle = bench_workdir / "tiny" / "bundle-int4-b128-p8v_proj+lm_head-prefill8-vint8"
+    assert (bundle / "decoder_prefill.onnx").is_file()
+    r = cli("bench", "--bundle", bundle, "--repeats", "1", "--out", tmp_path / "ob")
+    assert r.returncode == 0, r.stderr
+    res_b = json.loads((tmp_path / "ob" / f"bench-{bundle.name}-int4-vint8.json").read_text())
+    assert res_b["prefill_int8"] is True and "+ int8 prefill graph" in r.stdout
 
 
 def test_missing_peer_is_skipped_with_how_to_install(monkeypatch, tmp_path):
@@ -98,7 +101,10 @@ def test_bench_compare_runs_peers_on_the_same_weights_and_in_turns(cli, tmp_path
     r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",
             "PyTorch bf16", "--turn-pause", "0", "--workdir", bench_workdir, "--out", tmp_path / "o", timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "o" / "bench-tiny-int4-vint8.json").read_text())
+    stem = tmp_path / "o" / "bench-tiny-int4-vint8"
+    res = json.loads(stem.with_suffix(".json").read_text())
+    _check_ours(res, stem, False)
+    assert not (bench_workdir / "tiny" / "bundle-int4-b128-p8v_proj+lm_head-vint8" / "decoder_prefill.onnx").exists()
     assert list(res["peers"]) == ["PyTorch bf16", "onnxruntime-genai int4 (text)"]
     peer = res["peers"]["onnxruntime-genai int4 (text)"]
     assert "skipped" not in peer and "skipped" not in res["peers"]["PyTorch bf16"], res["peers"]
