@@ -184,7 +184,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .runtime.generate import Pipeline, stats_line
+    from .runtime.generate import stats_line
+    from .runtime.pipeline import Pipeline
     from .runtime.sampling import check_sampling
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
@@ -239,7 +240,7 @@ def _export_options(args: argparse.Namespace) -> ExportOptions:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .runtime.generate import Pipeline
+    from .runtime.pipeline import Pipeline
     from .shapes.evaluate import evaluate
 
     rep = evaluate(Pipeline.from_bundle(args.bundle), args.n)

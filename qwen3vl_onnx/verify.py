@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .runtime.generate import Pipeline
+from .runtime.pipeline import Pipeline
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 MIN_MEAN_COSINE = {"int8": 0.999, "int4": 0.99}
@@ -105,7 +105,7 @@ def verify(checkpoint: str | Path, bundle: str | Path, images: list[str], prompt
         if step:  # step 0 compares the last prefill row again
             cosines += _cosines(last, ref_logits[step])
         agree += int(np.argmax(last)) == tok
-        last = m.step(tok, cache)
+        last = m.step([tok], cache)[0]
     precision = m.manifest["precision"]
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(precision, 1e-3)
     if min_mean_cosine is None:

@@ -27,8 +27,8 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from qwen3vl_onnx.demo.checkpoint import chat_template
 from qwen3vl_onnx.demo.tokenizer import build_tokenizer
 from qwen3vl_onnx.export.weights import Checkpoint, save_safetensors
-from qwen3vl_onnx.runtime.generate import build_prompt
 from qwen3vl_onnx.runtime.preprocess import ImageProcessorConfig
+from qwen3vl_onnx.runtime.prompt import build_prompt
 from qwen3vl_onnx.shapes import task
 from qwen3vl_onnx.shapes.model import GENERATION, PREPROCESSOR, SHAPES_CONFIG, packaged_checkpoint
 

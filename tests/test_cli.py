@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from qwen3vl_onnx.runtime.generate import Pipeline
+from qwen3vl_onnx import Pipeline
 
 from .conftest import CONTEXT, one_line_error, picture
 
@@ -31,7 +31,7 @@ def test_streaming_equals_non_streaming(cli, setup):
     assert plain.returncode == 0 and js.returncode == 0, plain.stderr + js.stderr
     assert plain.stdout[:-1] == json.loads(js.stdout.strip().splitlines()[-1])["text"]
 
-    from qwen3vl_onnx.runtime.generate import Pipeline
+    from qwen3vl_onnx import Pipeline
 
     pipe = Pipeline.from_bundle(setup / "bundle")
     msgs = [

@@ -14,10 +14,9 @@ import warnings
 import pytest
 from PIL import Image
 
-from qwen3vl_onnx import __version__
+from qwen3vl_onnx import Pipeline, __version__
 from qwen3vl_onnx.cli import _parser
 from qwen3vl_onnx.errors import UserError
-from qwen3vl_onnx.runtime.generate import Pipeline
 from qwen3vl_onnx.runtime.preprocess import MAX_IMAGE_PIXELS, ImageProcessorConfig, preprocess_image
 
 from .conftest import one_line_error

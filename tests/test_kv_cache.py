@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen3vl_onnx.runtime.generate import Pipeline
+from qwen3vl_onnx import Pipeline
 from qwen3vl_onnx.runtime.positions import rope_index
 
 from .conftest import picture
@@ -77,4 +77,4 @@ def test_prefill_graph_continues_a_cache(int8_bundle):
     m.forward(m.embed(ids[:20])[None], pos[:, None, :20], cache, logits_to_keep=1)
     second = m.forward(m.embed(ids[20:])[None], pos[:, None, 20:], cache, logits_to_keep=12)[0]
     np.testing.assert_allclose(second, full, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(m.step(7, cache), m.step(7, full_cache), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(m.step([7], cache), m.step([7], full_cache), atol=1e-4, rtol=0)

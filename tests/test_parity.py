@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3vl_onnx.runtime.generate import Pipeline
+from qwen3vl_onnx import Pipeline
 
 from .conftest import picture
 

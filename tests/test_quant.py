@@ -29,9 +29,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qwen3vl_onnx import Pipeline
 from qwen3vl_onnx.export.quant import dequantize, quantize
 from qwen3vl_onnx.export.text import PROJECTIONS
-from qwen3vl_onnx.runtime.generate import Pipeline
 
 from .conftest import GEOMETRIES, picture
 from .test_parity import _onnx_logits

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+from qwen3vl_onnx import Pipeline
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
-from qwen3vl_onnx.runtime.generate import Pipeline
 from qwen3vl_onnx.shapes import task
 from qwen3vl_onnx.shapes.evaluate import evaluate, normalize
 from qwen3vl_onnx.shapes.model import packaged_checkpoint, unpack

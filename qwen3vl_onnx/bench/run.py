@@ -74,7 +74,7 @@ def image_question(img: np.ndarray) -> list[dict]:
 
 def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> dict:
     """Inference figures for one bundle (run in a fresh process to get its own peak RSS)."""
-    from ..runtime.generate import Pipeline
+    from ..runtime.pipeline import Pipeline
 
     res: dict = {"bundle_gb": dir_size(bundle) / 2**30}
     t = time.perf_counter()

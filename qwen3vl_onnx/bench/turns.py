@@ -110,7 +110,7 @@ def our_worker_command(bundle: Path) -> list[str]:
 
 def serve(bundle: Path) -> None:
     """Our side: answers TASKS for a bundle until stdin closes."""
-    from ..runtime.generate import Pipeline
+    from ..runtime.pipeline import Pipeline
     from ..runtime.preprocess import preprocess_image
     from .run import image_question, prefill_once
 

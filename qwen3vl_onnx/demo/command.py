@@ -57,7 +57,7 @@ def demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..runtime.generate import Pipeline
+    from ..runtime.pipeline import Pipeline
     from ..shapes.model import packaged_checkpoint
 
     work = Path(args.workdir).expanduser()

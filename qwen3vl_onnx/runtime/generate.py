@@ -1,28 +1,28 @@
-"""The user-facing pipeline: messages with images in, text out (streamed or whole).
+"""Token generation over a bundle, in three layers as mlx-lm has them.
 
-``Pipeline.from_bundle(dir).generate(messages, ...)`` renders the checkpoint's chat template,
-preprocesses images, expands each image pad to its token count, computes MRoPE positions, encodes
-all images in one vision call, prefills, then decodes with the KV cache until an end-of-turn id.
+- ``generate_step``: a generator of (token id, logits) for one sequence: prefill, then one decode
+  step each time the consumer asks for the next token (stopping costs nothing).
+- ``batch_generate_step``: the same for B sequences at once, one decoder call per step for all
+  rows, each row at its own length (right-padded prompts, per-row ``seqlens_k``).
+- ``stream_generate``: images encoded, tokens detokenised into text deltas, timings, a ``Result``.
+``Pipeline`` (pipeline.py) puts a chat template and a tokenizer in front of these.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..errors import UserError
-from .chat import load_chat_template, render, split_messages
+from .cache import KVCache
 from .model import BundleModel
-from .preprocess import ImageProcessorConfig, preprocess_images
-from .sampling import check_sampling, sample
+from .positions import rope_index
+from .prompt import Prompt
+from .sampling import Sampler
 
 
 @dataclass
@@ -45,61 +45,42 @@ class Result:
         }
 
 
-@dataclass
-class Prompt:
-    """A tokenized prompt with its images already preprocessed."""
-
-    ids: list[int]
-    pixel_values: np.ndarray | None
-    grids: list[tuple[int, int, int]]
-
-
-def build_prompt(tokenizer: Tokenizer, chat_template: str, image_config: ImageProcessorConfig, image_token_id: int,
-                 messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:  # fmt: skip
-    """Render, tokenize and expand each image pad to its token count; preprocess the images.
-
-    Shared by inference and by the shapes training script, so both see byte-identical prompts.
-    """
-    tmpl_messages, images = split_messages(messages)
-    text = render(chat_template, tmpl_messages, add_generation_prompt)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    n_pads = sum(1 for i in ids if i == image_token_id)
-    if n_pads != len(images):
-        raise UserError(f"chat template produced {n_pads} image markers for {len(images)} images")
-    if not images:
-        return Prompt(ids, None, [])
-    pixel_values, grids = preprocess_images(images, image_config)
-    merge2 = image_config.merge_size**2
-    counts = iter(t * h * w // merge2 for t, h, w in grids)
-    expanded: list[int] = []
-    for i in ids:
-        expanded.extend([image_token_id] * next(counts) if i == image_token_id else [i])
-    return Prompt(expanded, pixel_values, grids)
+def generate_step(model: BundleModel, ids: Sequence[int], cache: KVCache, sampler: Sampler, max_tokens: int,
+                  image_embeds: np.ndarray | None = None, deepstack: np.ndarray | None = None,
+                  grids: Sequence[tuple[int, int, int]] = ()) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """Prefill ``ids`` after what ``cache`` (batch 1) holds, then yield up to ``max_tokens`` (token,
+    logits it was drawn from); the next decode step runs only when the next token is asked for."""
+    logits = model.prefill(ids, image_embeds, deepstack, grids, cache)[0, -1]
+    for n in range(max_tokens):
+        token = int(sampler(logits[None])[0])
+        yield token, logits
+        if n + 1 < max_tokens:
+            logits = model.step([token], cache)[0]
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
-    """The bundle's ``tokenizer.json``, or a one-line error naming what is wrong with it.
-
-    Parsing Qwen's 151k-token vocabulary takes ~0.5-1 s; bundles of one model family carry the same
-    file, so a process shares one parsed tokenizer per file content (it is never mutated).
-    """
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{directory}: bundle is incomplete, tokenizer.json is missing")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest not in _TOKENIZERS:
-        try:
-            tokenizer = Tokenizer.from_str(data.decode("utf-8"))
-        except Exception as e:  # the tokenizers library raises plain Exceptions with a parser message
-            raise UserError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0][:160]})") from None
-        while len(_TOKENIZERS) >= 4:
-            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
-        _TOKENIZERS[digest] = tokenizer
-    return _TOKENIZERS[digest]
-
-
-_TOKENIZERS: dict[str, Tokenizer] = {}  # sha256 of tokenizer.json -> parsed tokenizer, oldest first
+def batch_generate_step(model: BundleModel, prompts: Sequence[Sequence[int]], cache: KVCache, sampler: Sampler,
+                        max_tokens: int) -> Iterator[np.ndarray]:  # fmt: skip
+    """Text prompts of different lengths decoded together: one right-padded prefill call into an
+    empty cache of ``len(prompts)`` rows, then one decoder call per step for every row. Yields the
+    (B,) tokens of each step; a caller stops rows it no longer needs by ignoring them."""
+    if cache.batch != len(prompts) or cache.length:
+        raise ValueError("batch_generate_step needs an empty cache with one row per prompt")
+    cfg = model.config
+    lengths = np.array([len(p) for p in prompts], np.int64)
+    width = int(lengths.max())
+    ids = np.zeros((len(prompts), width), np.int64)  # padding is masked by seqlens_k: its id does not matter
+    pos = np.zeros((3, len(prompts), width), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = p
+        pos[:, b, : len(p)], cache.rope_deltas[b] = rope_index(p, cfg.image_token_id, cfg.video_token_id)
+    embeds = model.embed(ids.ravel()).reshape(*ids.shape, -1)
+    logits = model.forward(embeds, pos, cache, logits_to_keep=width, new_lengths=lengths)
+    last = logits[np.arange(len(prompts)), lengths - 1]
+    for n in range(max_tokens):
+        tokens = sampler(last)
+        yield tokens
+        if n + 1 < max_tokens:
+            last = model.step(tokens, cache)
 
 
 class Detokenizer:
@@ -133,7 +114,7 @@ class Detokenizer:
 
 
 class Stream:
-    """Iterator of text deltas; ``result`` is set once it is exhausted."""
+    """Iterator of text deltas; ``result`` (a :class:`Result`) is set once it is exhausted."""
 
     def __init__(self, events: Iterator[str | Result]):
         self._events = events
@@ -146,100 +127,55 @@ class Stream:
             elif ev:
                 yield ev
 
+    def finish(self) -> Result:
+        """Run to the end (if not yet) and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
 
-class Pipeline:
-    def __init__(self, model: BundleModel, context_length: int | None = None):
-        self.model = model
-        self.config = model.config
-        path = model.path
-        self.tokenizer = load_tokenizer(path)
-        self.chat_template = load_chat_template(path)
-        self.image_config = ImageProcessorConfig.from_file(path / "preprocessor_config.json")
-        gen = path / "generation_config.json"
-        self.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
-        eos = self.generation_config.get("eos_token_id", self.tokenizer.token_to_id("<|im_end|>"))
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.context_length = context_length or self.config.text.max_position_embeddings
 
-    @classmethod
-    def from_bundle(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                    context_length: int | None = None, prefill_graph: bool = True) -> Pipeline:  # fmt: skip
-        return cls(BundleModel(path, providers, threads, prefill_graph), context_length)
-
-    # ---- prompt ----
-
-    def prepare(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:
-        return build_prompt(self.tokenizer, self.chat_template, self.image_config, self.config.image_token_id, messages,
-                            add_generation_prompt)  # fmt: skip
-
-    # ---- generation ----
-
-    def generate(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stream: bool = False,
-                 ignore_eos: bool = False) -> Result | Stream:  # fmt: skip
-        """Answer ``messages``; returns a :class:`Result`, or a :class:`Stream` of text deltas."""
-        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
-        g = self.generation_config
-        if temperature is None:
-            temperature = float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0
-        top_p = float(g.get("top_p", 1.0)) if top_p is None else top_p
-        top_k = int(g.get("top_k", 0)) if top_k is None else top_k
-        events = self._run(messages, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
-        if stream:
-            return Stream(events)
-        for ev in events:
-            if isinstance(ev, Result):
-                return ev
-        raise RuntimeError("generation ended without a result")
-
-    def _run(self, messages, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos) -> Iterator[str | Result]:
-        t0 = time.perf_counter()
-        prompt = self.prepare(messages)
-        n = len(prompt.ids)
-        if n >= self.context_length:
-            raise UserError(f"prompt is {n} tokens, the context holds {self.context_length}")
-        max_new_tokens = min(max_new_tokens, self.context_length - n)
-        t_pre = time.perf_counter()
-        m = self.model
-        image_embeds = deepstack = None
-        if prompt.pixel_values is not None:
-            image_embeds, deepstack = m.encode_images(prompt.pixel_values, prompt.grids)
-        t_vis = time.perf_counter()
-        cache = m.new_cache(capacity=n + max_new_tokens)
-        logits = m.prefill(prompt.ids, image_embeds, deepstack, prompt.grids, cache)[0, -1]
-        rng = np.random.default_rng(seed)
-        detok = Detokenizer(self.tokenizer)
-        t_first = t_prefill = time.perf_counter()
-        finish = "length"
-        for step in range(max_new_tokens):
-            tok = sample(logits, rng, temperature, top_k, top_p)
-            if step == 0:
-                t_first = time.perf_counter()
-            if tok in self.eos_ids and not ignore_eos:
-                finish = "stop"
-                break
-            yield detok.push(tok)
-            if step == max_new_tokens - 1:
-                break
-            logits = m.step(tok, cache)
-        yield detok.flush()
-        t_end = time.perf_counter()
-        k = len(detok.ids)
-        decode_s = t_end - t_first
-        timings = {
-            "preprocess_s": t_pre - t0,
-            "vision_s": t_vis - t_pre,
-            "prefill_s": t_prefill - t_vis,
-            "ttft_s": t_first - t0,
-            "decode_s": decode_s,
-            "total_s": t_end - t0,
-            "prefill_tok_per_s": n / max(t_prefill - t_vis, 1e-9),
-            # None when fewer than two tokens came: one token is the prefill's, there is no decode rate
-            "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else None,
-        }
-        yield Result(
-            detok.text(), list(detok.ids), n, k, finish, {a: b if b is None else round(b, 4) for a, b in timings.items()}
-        )
+def stream_generate(model: BundleModel, tokenizer: Tokenizer, prompt: Prompt, sampler: Sampler, max_new_tokens: int,
+                    eos_ids: set[int], t0: float | None = None) -> Iterator[str | Result]:  # fmt: skip
+    """Encode the prompt's images, generate, and yield text deltas then a :class:`Result` with
+    timings (``t0``: when the request started, for time to first token; default now). An empty
+    ``eos_ids`` generates ``max_new_tokens`` whatever comes."""
+    t0 = time.perf_counter() if t0 is None else t0
+    t_pre = time.perf_counter()
+    image_embeds = deepstack = None
+    if prompt.pixel_values is not None:
+        image_embeds, deepstack = model.encode_images(prompt.pixel_values, prompt.grids)
+    t_vis = time.perf_counter()
+    n = len(prompt.ids)
+    cache = model.new_cache(capacity=n + max_new_tokens)
+    steps = generate_step(model, prompt.ids, cache, sampler, max_new_tokens, image_embeds, deepstack, prompt.grids)
+    detok = Detokenizer(tokenizer)
+    t_first = t_vis
+    finish = "length"
+    for k, (token, _) in enumerate(steps):
+        if k == 0:
+            t_first = time.perf_counter()
+        if token in eos_ids:
+            finish = "stop"
+            break
+        yield detok.push(token)
+    yield detok.flush()
+    t_end = time.perf_counter()
+    k = len(detok.ids)
+    decode_s = t_end - t_first
+    timings = {
+        "preprocess_s": t_pre - t0,
+        "vision_s": t_vis - t_pre,
+        "prefill_s": t_first - t_vis,
+        "ttft_s": t_first - t0,
+        "decode_s": decode_s,
+        "total_s": t_end - t0,
+        "prefill_tok_per_s": n / max(t_first - t_vis, 1e-9),
+        # None when fewer than two tokens came: one token is the prefill's, there is no decode rate
+        "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else None,
+    }
+    rounded = {a: b if b is None else round(b, 4) for a, b in timings.items()}
+    yield Result(detok.text(), list(detok.ids), n, k, finish, rounded)
 
 
 def stats_line(res: Result) -> str:
@@ -248,3 +184,12 @@ def stats_line(res: Result) -> str:
     decode = "" if t["decode_tok_per_s"] is None else f", decode {t['decode_tok_per_s']:.1f} tok/s"
     return (f"[{res.prompt_tokens} prompt + {res.completion_tokens} new tokens; first token {t['ttft_s']:.2f}s, "
             f"vision {t['vision_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s{decode}]")  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """``from qwen3vl_onnx.runtime.generate import Pipeline`` keeps working (it lives in pipeline.py)."""
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(name)

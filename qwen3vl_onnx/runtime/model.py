@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import onnxruntime as ort
 
 from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig
 from ..errors import UserError
+from .cache import KVCache
 from .positions import rope_index
 from .vision_geometry import Grid, same_length_runs, vision_inputs
 
@@ -23,37 +23,6 @@ from .vision_geometry import Grid, same_length_runs, vision_inputs
 # compact graph wins: it reads half the weight bytes. 4B int4, median ms per call, compact vs
 # prefill graph: 2 tokens 92 vs 165, 4: 133 vs 174, 8: 220 vs 211, 16: 371 vs 276, 32: 703 vs 476.
 PREFILL_GRAPH_MIN_TOKENS = 8
-
-
-@dataclass
-class KVCache:
-    """Per-layer key/value arrays (batch, kv_heads, capacity or length, head_dim).
-
-    Fused bundles preallocate ``capacity`` slots that GroupQueryAttention writes in place (the same
-    buffer is bound as past and present); the buffer only grows, by doubling, when a prompt outgrows
-    it. Portable bundles replace the arrays with the concatenated ``present`` outputs each step.
-    """
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
-    length: int = 0
-    rope_delta: int = 0  # MRoPE: decode position = length + rope_delta (images compress positions)
-    _ort: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
-
-    def ensure(self, needed: int) -> None:
-        """Make room for ``needed`` tokens (fused layout), keeping what is cached."""
-        cap = self.keys[0].shape[2]
-        if self._ort and needed <= cap:
-            return
-        if needed > cap:
-            new_cap = max(needed, 2 * cap)
-            new_cap += -new_cap % 256
-            grow = lambda a: np.concatenate([a, np.zeros((*a.shape[:2], new_cap - cap, a.shape[3]), a.dtype)], axis=2)  # noqa: E731
-            self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
-        self._ort = [
-            (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
-            for k, v in zip(self.keys, self.values, strict=True)
-        ]
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
@@ -128,12 +97,9 @@ class BundleModel:
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
-        """An empty cache; fused bundles preallocate ``capacity`` positions (grown on demand)."""
+        """An empty cache; fused bundles preallocate ``capacity`` positions per row (grown on demand)."""
         t = self.config.text
-        cap = capacity + (-capacity % 256) if self.fused else 0
-        empty = lambda: np.zeros((batch, t.num_key_value_heads, cap, t.head_dim), np.float32)  # noqa: E731
-        n = t.num_hidden_layers
-        return KVCache([empty() for _ in range(n)], [empty() for _ in range(n)])
+        return KVCache.empty(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity, self.fused)
 
     def forward(
         self,
@@ -143,8 +109,22 @@ class BundleModel:
         visual_index: np.ndarray | None = None,
         deepstack: np.ndarray | None = None,
         logits_to_keep: int = 1,
+        new_lengths: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Run the decoder on (B, S, D) embeddings; appends to ``cache`` and returns logits."""
+        """Run the decoder on (B, S, D) embeddings at (3, B, S) positions; appends to ``cache`` and
+        returns the last ``logits_to_keep`` positions' logits (B, keep, V).
+
+        Each row continues from its own cached length. ``new_lengths`` (B,) says how many of the S
+        tokens of each row are real when rows are right-padded; only an empty cache can take padded
+        rows (GroupQueryAttention's first-prompt case), and only fused bundles take batch > 1.
+        """
+        b, s = embeds.shape[:2]
+        if b != cache.batch:
+            raise ValueError(f"{b} rows of embeddings for a cache of {cache.batch}")
+        if new_lengths is None:
+            new_lengths = np.full(b, s, np.int64)
+        elif cache.length:
+            raise ValueError("right-padded rows need an empty cache")
         d = self.config.text.hidden_size
         if visual_index is None:
             visual_index = np.zeros((0, 2), np.int64)
@@ -156,56 +136,69 @@ class BundleModel:
             "deepstack_embeds": deepstack,
             "logits_to_keep": np.array([logits_to_keep], np.int64),
         }
-        total = cache.length + embeds.shape[1]
         if self.fused:
-            big = embeds.shape[1] >= PREFILL_GRAPH_MIN_TOKENS and self.prefill_decoder is not None
-            return self._forward_shared(self.prefill_decoder if big else self.decoder, feeds, cache, total)
+            big = s >= PREFILL_GRAPH_MIN_TOKENS and self.prefill_decoder is not None
+            return self._forward_shared(self.prefill_decoder if big else self.decoder, feeds, cache, new_lengths)
+        if b != 1:
+            raise ValueError("portable bundles run one sequence at a time")
+        return self._forward_portable(feeds, cache)
+
+    def _forward_portable(self, feeds: dict[str, np.ndarray], cache: KVCache) -> np.ndarray:
+        """Standard-ONNX attention: past in, concatenated present out (batch 1)."""
         for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
             feeds[f"past_key.{i}"] = k
             feeds[f"past_value.{i}"] = v
         out = self.decoder.run(None, feeds)
         n = self.config.text.num_hidden_layers
-        names = [o.name for o in self.decoder.get_outputs()]
-        res = dict(zip(names, out, strict=True))
+        res = dict(zip((o.name for o in self.decoder.get_outputs()), out, strict=True))
         cache.keys = [res[f"present_key.{i}"] for i in range(n)]
         cache.values = [res[f"present_value.{i}"] for i in range(n)]
-        cache.length = total
+        cache.lengths += feeds["inputs_embeds"].shape[1]
         return res["logits"]
 
-    def _forward_shared(
-        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], cache: KVCache, total: int
-    ) -> np.ndarray:
-        """One decoder call with the cache buffers bound as both past and present (written in place);
-        the prefill and decode graphs share the buffers, so switching between them copies nothing."""
-        cache.ensure(total)
-        batch = feeds["inputs_embeds"].shape[0]
-        feeds["seqlens_k"] = np.full(batch, total - 1, np.int32)
-        feeds["total_sequence_length"] = np.array(total, np.int32)
+    def _forward_shared(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], cache: KVCache,
+                        new_lengths: np.ndarray) -> np.ndarray:  # fmt: skip
+        """One decoder call with the cache buffers bound as both past and present (written in place at
+        each row's ``seqlens_k``); the prefill and decode graphs share the buffers, so switching
+        between them copies nothing."""
+        s = feeds["inputs_embeds"].shape[1]
+        cache.ensure(int(cache.lengths.max()) + s)
+        totals = cache.lengths + new_lengths
+        feeds["seqlens_k"] = (totals - 1).astype(np.int32)
+        feeds["total_sequence_length"] = np.array(int(cache.lengths.max()) + s, np.int32)
         io = session.io_binding()
         for name, arr in feeds.items():
             io.bind_cpu_input(name, arr)
         io.bind_output("logits", "cpu")
-        for i, (k, v) in enumerate(cache._ort):
+        for i, (k, v) in enumerate(cache.bindings()):
             io.bind_ortvalue_input(f"past_key.{i}", k)
             io.bind_ortvalue_input(f"past_value.{i}", v)
             io.bind_ortvalue_output(f"present_key.{i}", k)
             io.bind_ortvalue_output(f"present_value.{i}", v)
         session.run_with_iobinding(io)
-        cache.length = total
+        cache.lengths[:] = totals
         return io.get_outputs()[0].numpy()
 
     def prefill(self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None,
                 grids: Sequence[Grid], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:  # fmt: skip
-        """Run a whole prompt (image features already encoded); sets the cache's MRoPE delta."""
+        """Run a prompt, or the continuation of one, on a batch-1 cache (image features already
+        encoded): positions start where the cache's row ends, and its MRoPE delta grows by the
+        images' compression."""
+        if cache.batch != 1:
+            raise ValueError("prefill takes a batch-1 cache (a row view of a batch: KVCache.row)")
         cfg = self.config
-        pos, cache.rope_delta = rope_index(ids, cfg.image_token_id, cfg.video_token_id, grids, (), cfg.vision.spatial_merge_size)
+        start = int(cache.next_positions()[0])
+        pos, delta = rope_index(ids, cfg.image_token_id, cfg.video_token_id, grids, (), cfg.vision.spatial_merge_size, start)
         embeds, visual_index, ds = self.prefill_inputs(ids, image_embeds, deepstack)
-        return self.forward(embeds, pos[:, None, :], cache, visual_index, ds, logits_to_keep)
+        logits = self.forward(embeds, pos[:, None, :], cache, visual_index, ds, logits_to_keep)
+        cache.rope_deltas[0] += delta
+        return logits
 
-    def step(self, token: int, cache: KVCache) -> np.ndarray:
-        """Decode one token (all three MRoPE axes advance together); returns its logits row."""
-        pos = np.full((3, 1, 1), cache.length + cache.rope_delta, np.int64)
-        return self.forward(self.embed([token])[None], pos, cache)[0, -1]
+    def step(self, tokens: Sequence[int] | np.ndarray, cache: KVCache) -> np.ndarray:
+        """Decode one token per row (all three MRoPE axes advance together); returns logits (B, V)."""
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        pos = np.broadcast_to(cache.next_positions()[None, :, None], (3, len(tokens), 1))
+        return self.forward(self.embed(tokens)[:, None], pos, cache)[:, -1]
 
     def prefill_inputs(
         self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None

@@ -22,13 +22,16 @@ def rope_index(
     image_grids: Sequence[Grid] = (),
     video_grids: Sequence[Grid] = (),
     merge: int = 2,
+    start: int = 0,
 ) -> tuple[np.ndarray, int]:
-    """Return position ids (3, len) and the delta for decoding (next position = length + delta)."""
+    """Return position ids (3, len) starting at ``start`` and the delta for decoding: the next
+    position is ``start + len + delta``. A continued prompt passes the cache's next position as
+    ``start`` and adds the delta to the cache's."""
     ids = np.asarray(input_ids, dtype=np.int64)
     kind = np.where(ids == image_token_id, 1, np.where(ids == video_token_id, 2, 0))
     grids = {1: iter(image_grids), 2: iter((1, h, w) for t, h, w in video_grids for _ in range(t))}
     out = np.zeros((3, len(ids)), dtype=np.int64)
-    pos, i = 0, 0
+    pos, i = start, 0
     while i < len(ids):
         j = i
         while j < len(ids) and kind[j] == kind[i]:
@@ -52,5 +55,5 @@ def rope_index(
             out[:, i : i + n] = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + pos
             pos += max(gh, gw)
             i += n
-    delta = int(out.max()) + 1 - len(ids) if len(ids) else 0
+    delta = int(out.max()) + 1 - start - len(ids) if len(ids) else 0
     return out, delta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,22 +25,39 @@ def check_sampling(max_new_tokens: int, temperature: float | None = None, top_p:
         raise UserError(f"seed must be an integer >= 0, got {seed!r}")
 
 
-def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> int:
-    """Pick a token id from one row of logits (vocab,)."""
-    logits = np.asarray(logits, dtype=np.float64)
+Sampler = Callable[[np.ndarray], np.ndarray]
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 rng: np.random.Generator | None = None) -> Sampler:  # fmt: skip
+    """A function from logits (B, V) to one token id per row (B,), built once per request.
+
+    Temperature 0 is greedy. Otherwise logits are scaled, cut to the ``top_k`` likeliest (0: all),
+    then to the smallest set whose mass reaches ``top_p``, and each row draws from what is left.
+    """
+    check_sampling(1, temperature, top_p, top_k)
     if temperature <= 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, top_p) + 1)]  # smallest set with mass >= top_p
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
+        return lambda logits: np.argmax(logits, axis=-1)
+    rng = rng if rng is not None else np.random.default_rng()
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        z = np.asarray(logits, np.float64) / temperature
+        if 0 < top_k < z.shape[-1]:
+            kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
+            z = np.where(z < kth, -np.inf, z)
+        p = np.exp(z - z.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        if top_p < 1.0:
+            order = np.argsort(-p, axis=-1)
+            sorted_p = np.take_along_axis(p, order, axis=-1)
+            cum = np.cumsum(sorted_p, axis=-1)
+            keep_sorted = cum - sorted_p < top_p  # a token stays while the mass before it is short of top_p
+            keep = np.zeros_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, axis=-1)
+            p = np.where(keep, p, 0.0)
+            p /= p.sum(axis=-1, keepdims=True)
+        cdf = np.cumsum(p, axis=-1)
+        u = rng.random((p.shape[0], 1)) * cdf[:, -1:]
+        return np.minimum((cdf <= u).sum(axis=-1), p.shape[-1] - 1)
+
+    return sample

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..runtime.generate import Pipeline
+from ..runtime.pipeline import Pipeline
 from . import task
 
 

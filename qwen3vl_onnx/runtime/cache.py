@@ -1,0 +1,116 @@
+"""The decoder's KV cache: one preallocated buffer per layer, rows that each keep their own length.
+
+Fused bundles bind the same buffer as GroupQueryAttention's past and present, so a call writes the
+new keys in place at each row's ``seqlens_k``: nothing is copied per token, and dropping the last
+``n`` tokens of a row (``trim``) only lowers its length. Portable bundles (batch 1) get the
+concatenated ``present`` tensors back from every call instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+# Capacity is a multiple of this, so growing by a few tokens does not reallocate every call.
+CAPACITY_STEP = 256
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values (batch, kv_heads, capacity, head_dim), with per-row state.
+
+    ``lengths[b]`` tokens of row ``b`` are cached; ``rope_deltas[b]`` is its MRoPE offset (images
+    compress positions, so row b's next position is ``lengths[b] + rope_deltas[b]``).
+    """
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    lengths: np.ndarray
+    rope_deltas: np.ndarray
+    fused: bool = True
+    growable: bool = True  # False for a row view: its buffer belongs to the batch cache
+    _bound: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, fused: bool) -> KVCache:
+        cap = capacity + (-capacity % CAPACITY_STEP) if fused else 0
+        zeros = lambda: np.zeros((batch, kv_heads, cap, head_dim), np.float32)  # noqa: E731
+        return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)],
+                   np.zeros(batch, np.int64), np.zeros(batch, np.int64), fused)  # fmt: skip
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.fused else 1 << 62
+
+    @property
+    def length(self) -> int:
+        """Tokens cached in the longest row (for batch 1: the row's length)."""
+        return int(self.lengths.max()) if self.batch else 0
+
+    @property
+    def rope_delta(self) -> int:
+        """Row 0's MRoPE offset (batch-1 callers)."""
+        return int(self.rope_deltas[0])
+
+    def next_positions(self) -> np.ndarray:
+        """(B,) position of each row's next token."""
+        return self.lengths + self.rope_deltas
+
+    def row(self, b: int) -> KVCache:
+        """Row ``b`` as a batch-1 cache that shares this cache's memory (keys, values, length and
+        delta): a prompt is prefilled into its slot with batch-1 calls, then decoded with the rest."""
+        if not self.fused:
+            raise ValueError("row views need the fused (preallocated) cache layout")
+        s = slice(b, b + 1)
+        return KVCache([k[s] for k in self.keys], [v[s] for v in self.values], self.lengths[s], self.rope_deltas[s],
+                       fused=True, growable=False)  # fmt: skip
+
+    def reset(self, rows: np.ndarray | slice | int | None = None) -> None:
+        """Forget the given rows (all by default); O(1), the buffer is overwritten as it refills."""
+        sel = slice(None) if rows is None else rows
+        self.lengths[sel] = 0
+        self.rope_deltas[sel] = 0
+        if not self.fused:
+            self.keys = [k[:, :, :0] for k in self.keys]
+            self.values = [v[:, :, :0] for v in self.values]
+
+    def trim(self, n: int) -> None:
+        """Drop the last ``n`` tokens of every row (a rejected or regenerated suffix).
+
+        Positions of kept tokens do not change, so the MRoPE delta stays: it is fixed by the images
+        in the kept prefix, and a trim into an image is the caller's to avoid.
+        """
+        if n < 0 or n > int(self.lengths.min()):
+            raise ValueError(f"cannot trim {n} tokens from rows of lengths {self.lengths.tolist()}")
+        self.lengths -= n
+        if not self.fused:
+            keep = int(self.lengths[0])
+            self.keys = [k[:, :, :keep] for k in self.keys]
+            self.values = [v[:, :, :keep] for v in self.values]
+
+    def ensure(self, needed: int) -> None:
+        """Room for ``needed`` tokens per row (fused layout), growing by doubling, keeping contents."""
+        cap = self.keys[0].shape[2]
+        if self._bound and needed <= cap:
+            return
+        if needed > cap:
+            if not self.growable:
+                raise ValueError(f"row holds {cap} tokens, {needed} needed")
+            new_cap = max(needed, 2 * cap)
+            new_cap += -new_cap % CAPACITY_STEP
+            grow = lambda a: np.concatenate([a, np.zeros((*a.shape[:2], new_cap - cap, a.shape[3]), a.dtype)], axis=2)  # noqa: E731
+            self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
+        self._bound = [
+            (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v))
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
+
+    def bindings(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+        """Each layer's (keys, values) as ONNX Runtime values over this cache's own memory."""
+        return self._bound
