@@ -76,7 +76,8 @@ def test_continuing_a_cache_equals_one_prefill_and_trim_is_undo(pipe):
     position, its MRoPE delta carried) gives the one-call logits; trimming the second part and
     prefilling it again gives them once more."""
     m = pipe.model
-    p = pipe.prepare([{"role": "user", "content": [{"type": "image", "image": picture(64, 40)}, {"type": "text", "text": "Say"}]}])
+    content = [{"type": "image", "image": picture(64, 40)}, {"type": "text", "text": "Say"}]
+    p = pipe.prepare([{"role": "user", "content": content}])
     emb, ds = m.encode_images(p.pixel_values, p.grids)
     whole = m.prefill(p.ids, emb, ds, p.grids, m.new_cache(), logits_to_keep=1)[0, -1]
     cut = p.ids.index(pipe.config.vision_end_token_id) + 1  # the image and its markers in the first part

@@ -25,6 +25,10 @@ INT64 = TensorProto.INT64
 Shape = list[int | str]
 
 
+def _onnx_type(t: int | type[np.generic]) -> int:
+    return t if isinstance(t, int) else helper.np_dtype_to_tensor_dtype(np.dtype(t))
+
+
 class Graph:
     """Collects nodes, inputs, outputs and initializers of one ONNX model."""
 
@@ -47,15 +51,16 @@ class Graph:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def input(self, name: str, elem_type: int, shape: Shape) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+    def input(self, name: str, elem_type: int | type[np.generic], shape: Shape) -> str:
+        """Declare a graph input (element type as an ONNX type or a numpy dtype)."""
+        self.inputs.append(helper.make_tensor_value_info(name, _onnx_type(elem_type), shape))
         return name
 
-    def output(self, value: str, name: str, elem_type: int, shape: Shape) -> None:
+    def output(self, value: str, name: str, elem_type: int | type[np.generic], shape: Shape) -> None:
         """Expose ``value`` as graph output ``name`` (renaming through Identity when needed)."""
         if value != name:
             self.nodes.append(helper.make_node("Identity", [value], [name]))
-        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        self.outputs.append(helper.make_tensor_value_info(name, _onnx_type(elem_type), shape))
 
     def op(self, op_type: str, *inputs: str, n_out: int = 1, name: str | None = None, **attrs) -> str | list[str]:
         """Append a node; returns its output name (or names when ``n_out`` > 1)."""

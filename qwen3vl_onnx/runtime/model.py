@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .. import graph_io as io
 from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig
 from ..errors import UserError
 from .cache import KVCache
@@ -75,7 +76,7 @@ class BundleModel:
         self.prefill_decoder = _session(self.path / "decoder_prefill.onnx", providers, threads) if has_prefill else None
         self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
-        self.fused = any(i.name == "seqlens_k" for i in self.decoder.get_inputs())
+        self.fused = bool(self.manifest["decoder_options"]["fused"])
 
     def encode_images(self, pixel_values: np.ndarray, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
         """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images.
@@ -130,11 +131,11 @@ class BundleModel:
             visual_index = np.zeros((0, 2), np.int64)
             deepstack = np.zeros((self.num_deepstack, 0, d), np.float32)
         feeds = {
-            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            "visual_index": visual_index,
-            "deepstack_embeds": deepstack,
-            "logits_to_keep": np.array([logits_to_keep], np.int64),
+            io.INPUTS_EMBEDS: np.ascontiguousarray(embeds, dtype=np.float32),
+            io.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+            io.VISUAL_INDEX: visual_index,
+            io.DEEPSTACK_EMBEDS: deepstack,
+            io.LOGITS_TO_KEEP: np.array([logits_to_keep], np.int64),
         }
         if self.fused:
             big = s >= PREFILL_GRAPH_MIN_TOKENS and self.prefill_decoder is not None
@@ -146,38 +147,38 @@ class BundleModel:
     def _forward_portable(self, feeds: dict[str, np.ndarray], cache: KVCache) -> np.ndarray:
         """Standard-ONNX attention: past in, concatenated present out (batch 1)."""
         for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-            feeds[f"past_key.{i}"] = k
-            feeds[f"past_value.{i}"] = v
+            feeds[io.past_key(i)] = k
+            feeds[io.past_value(i)] = v
         out = self.decoder.run(None, feeds)
         n = self.config.text.num_hidden_layers
         res = dict(zip((o.name for o in self.decoder.get_outputs()), out, strict=True))
-        cache.keys = [res[f"present_key.{i}"] for i in range(n)]
-        cache.values = [res[f"present_value.{i}"] for i in range(n)]
-        cache.lengths += feeds["inputs_embeds"].shape[1]
-        return res["logits"]
+        cache.keys = [res[io.present_key(i)] for i in range(n)]
+        cache.values = [res[io.present_value(i)] for i in range(n)]
+        cache.lengths += feeds[io.INPUTS_EMBEDS].shape[1]
+        return res[io.LOGITS]
 
     def _forward_shared(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], cache: KVCache,
                         new_lengths: np.ndarray) -> np.ndarray:  # fmt: skip
         """One decoder call with the cache buffers bound as both past and present (written in place at
         each row's ``seqlens_k``); the prefill and decode graphs share the buffers, so switching
         between them copies nothing."""
-        s = feeds["inputs_embeds"].shape[1]
+        s = feeds[io.INPUTS_EMBEDS].shape[1]
         cache.ensure(int(cache.lengths.max()) + s)
         totals = cache.lengths + new_lengths
-        feeds["seqlens_k"] = (totals - 1).astype(np.int32)
-        feeds["total_sequence_length"] = np.array(int(cache.lengths.max()) + s, np.int32)
-        io = session.io_binding()
+        feeds[io.SEQLENS_K] = (totals - 1).astype(np.int32)
+        feeds[io.TOTAL_SEQUENCE_LENGTH] = np.array(int(cache.lengths.max()) + s, np.int32)
+        binding = session.io_binding()
         for name, arr in feeds.items():
-            io.bind_cpu_input(name, arr)
-        io.bind_output("logits", "cpu")
+            binding.bind_cpu_input(name, arr)
+        binding.bind_output(io.LOGITS, "cpu")
         for i, (k, v) in enumerate(cache.bindings()):
-            io.bind_ortvalue_input(f"past_key.{i}", k)
-            io.bind_ortvalue_input(f"past_value.{i}", v)
-            io.bind_ortvalue_output(f"present_key.{i}", k)
-            io.bind_ortvalue_output(f"present_value.{i}", v)
-        session.run_with_iobinding(io)
+            binding.bind_ortvalue_input(io.past_key(i), k)
+            binding.bind_ortvalue_input(io.past_value(i), v)
+            binding.bind_ortvalue_output(io.present_key(i), k)
+            binding.bind_ortvalue_output(io.present_value(i), v)
+        session.run_with_iobinding(binding)
         cache.lengths[:] = totals
-        return io.get_outputs()[0].numpy()
+        return binding.get_outputs()[0].numpy()
 
     def prefill(self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None,
                 grids: Sequence[Grid], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:  # fmt: skip

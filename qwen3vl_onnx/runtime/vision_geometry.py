@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .. import graph_io as io
 from ..config import VisionConfig
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
@@ -93,10 +94,10 @@ def vision_inputs(cfg: VisionConfig, pixel_values: np.ndarray, grids: Sequence[G
     idx, wts = position_taps(cfg, grids)
     cos, sin = rotary(cfg, grids)
     return {
-        "pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32),
-        "pos_indices": idx,
-        "pos_weights": wts,
-        "rotary_cos": cos,
-        "rotary_sin": sin,
-        "block_len": np.array([block_length(grids)], np.int64),
+        io.PIXEL_VALUES: np.ascontiguousarray(pixel_values, dtype=np.float32),
+        io.POS_INDICES: idx,
+        io.POS_WEIGHTS: wts,
+        io.ROTARY_COS: cos,
+        io.ROTARY_SIN: sin,
+        io.BLOCK_LEN: np.array([block_length(grids)], np.int64),
     }
