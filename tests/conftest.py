@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template
+from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template, make_config
 from qwen3vl_onnx.demo.tokenizer import write_tokenizer_files
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
@@ -40,40 +40,16 @@ GEOMETRIES = {
 
 
 def hf_config(g: dict, max_positions: int = 4096, init: float = 0.1) -> dict:
-    return {
-        "architectures": ["Qwen3VLForConditionalGeneration"],
-        "model_type": "qwen3_vl",
-        "tie_word_embeddings": g["tie"],
-        "image_token_id": 151655,
-        "video_token_id": 151656,
-        "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653,
-        "text_config": {
-            "model_type": "qwen3_vl_text",
-            "vocab_size": 151936,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": g["layers"],
-            "num_attention_heads": g["heads"],
-            "num_key_value_heads": g["kv"],
-            "head_dim": 32,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
-            "max_position_embeddings": max_positions,
-            "initializer_range": init,
-            "tie_word_embeddings": g["tie"],
-        },
-        "vision_config": {
-            "model_type": "qwen3_vl_vision",
-            "depth": g["depth"],
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "deepstack_visual_indexes": g["deepstack"],
-            "num_position_embeddings": 2304,
-            "initializer_range": init,
-        },
-    }
+    """A tiny config of geometry ``g`` (``GEOMETRIES``), in the released config.json layout."""
+    return make_config(
+        tie_word_embeddings=g["tie"],
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": g["layers"],
+                     "num_attention_heads": g["heads"], "num_key_value_heads": g["kv"], "head_dim": 32,
+                     "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+                     "max_position_embeddings": max_positions, "initializer_range": init},
+        vision_config={"depth": g["depth"], "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                       "deepstack_visual_indexes": g["deepstack"], "initializer_range": init},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

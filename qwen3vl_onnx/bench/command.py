@@ -30,7 +30,7 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
 
     if args.kernels:
         return _run_kernels(args)
-    opts = opts.checked()
+    opts = opts.resolve()
     args.vision_precision, args.int8_projections = opts.vision_precision, opts.int8_projections
     work, out = Path(args.workdir).expanduser(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         pairs = max(args.repeats, TURN_MIN_PAIRS)
         result["turns"] = run_turns(ckpt, bundle, result["peers"], work / args.shape / "peers", pairs, args.turn_pause)
     block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
-    if not args.bundle and args.int8_projections != ExportOptions(args.precision).checked().int8_projections:
+    if not args.bundle and args.int8_projections != ExportOptions(args.precision).resolve().int8_projections:
         block += p8
     stem = out / f"bench-{name}-{args.precision}{block}{'' if args.bundle else pi8}-v{args.vision_precision}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -140,7 +140,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str
 
     f16, mmproj, fig = convert(ckpt, work)
     model_file, qsecs = quantize(f16, qtype)
-    res: dict = {"export_s": fig["export_s"] + qsecs, "export_peak_rss_gb": fig["export_peak_rss_gb"]}
+    res: dict = {"convert_s": fig["export_s"] + qsecs, "convert_peak_rss_gb": fig["export_peak_rss_gb"]}
     res["bundle_gb"] = (model_file.stat().st_size + mmproj.stat().st_size) / 2**30
     t = time.perf_counter()
     llm = Llama(str(model_file), n_ctx=CONTEXT, n_batch=512, n_threads=os.cpu_count(), verbose=False)
@@ -164,7 +164,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str
         for _ in range(decode_tokens):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
         rates.append(decode_tokens / (time.perf_counter() - t))
-    res["decode_128_tok_s"] = stats(rates)
+    res["decode_tok_s"] = stats(rates)
     res["decode_tokens"] = decode_tokens
     try:
         secs, tokens = vision_seconds(llm, mmproj, repeats)

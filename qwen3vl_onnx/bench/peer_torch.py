@@ -69,7 +69,7 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, dtype_name
     model.generate(input_ids=ids[:, :16], max_new_tokens=decode_tokens + 1, min_new_tokens=decode_tokens + 1, do_sample=False)
     total = time.perf_counter() - t
     first = 16 / res["prefill_256_tok_s"]["median"]  # a 16-token prefill, from the measured prefill rate
-    res["decode_128_tok_s"] = stats([decode_tokens / max(total - first, 1e-9)])
+    res["decode_tok_s"] = stats([decode_tokens / max(total - first, 1e-9)])
     res["decode_tokens"] = decode_tokens
     res["peak_rss_gb"] = peak_rss_gb()
     return res

@@ -1,7 +1,7 @@
 """Peers for ``bench --compare``, each run on the same random checkpoint in its own process.
 
 Every peer is a module ``peer_<name>.py`` with ``measure(ckpt, workdir, repeats, decode_tokens,
-*extra) -> dict`` whose keys match ours (``prefill_256_tok_s``, ``decode_128_tok_s``, ...); it runs
+*extra) -> dict`` whose keys match ours (``prefill_256_tok_s``, ``decode_tok_s``, ...); it runs
 in a child process so its load, peak RSS and failures stay its own. A peer whose package is absent
 is reported as skipped with how to install it, never estimated.
 """
@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from .procstats import failure_reason
 
@@ -26,17 +27,25 @@ OPENVINO_VENV = (
     "&& V/bin/pip uninstall -y torchvision  (V: $QWEN3VL_ONNX_OPENVINO_VENV or WORKDIR/openvino-venv; torchvision's "
     "CUDA build does not import beside the CPU torch and the export does not need it)"
 )
-# name -> (module, extra args, python modules it needs, how to install them, bytes per weight or 0);
-# module "openvino" runs peer_openvino.py under its own virtual environment's interpreter.
-PEERS: dict[str, tuple[str, list[str], list[str], str, int]] = {
-    "PyTorch bf16": ("peer_torch", ["bf16"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 2),
-    "PyTorch fp32": ("peer_torch", ["fp32"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 4),
-    "onnxruntime-genai int4 (text)": ("peer_ortgenai", [], ["onnxruntime_genai", "onnx_ir", "torch", "transformers"],
-                                      "pip install onnxruntime-genai 'qwen3vl-onnx[torch]'", 0),
-    "llama.cpp Q4_0": ("peer_llamacpp", ["Q4_0"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
-    "llama.cpp Q4_K_M": ("peer_llamacpp", ["Q4_K_M"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
-    "OpenVINO GenAI int4 (bf16 default)": ("openvino", ["default"], [], OPENVINO_VENV, 0),
-    "OpenVINO GenAI int4 (f32 hint)": ("openvino", ["f32"], [], OPENVINO_VENV, 0),
+
+
+class Peer(NamedTuple):
+    module: str  # peer_<name> module; "openvino" runs peer_openvino.py under its own venv's interpreter
+    args: list[str]  # extra arguments of its measure()
+    needs: list[str]  # python modules it imports
+    install: str  # how to install them
+    bytes_per_weight: int  # for its bundle size when it has no files of its own (0: measured from disk)
+
+
+PEERS: dict[str, Peer] = {
+    "PyTorch bf16": Peer("peer_torch", ["bf16"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 2),
+    "PyTorch fp32": Peer("peer_torch", ["fp32"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 4),
+    "onnxruntime-genai int4 (text)": Peer("peer_ortgenai", [], ["onnxruntime_genai", "onnx_ir", "torch", "transformers"],
+                                          "pip install onnxruntime-genai 'qwen3vl-onnx[torch]'", 0),
+    "llama.cpp Q4_0": Peer("peer_llamacpp", ["Q4_0"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
+    "llama.cpp Q4_K_M": Peer("peer_llamacpp", ["Q4_K_M"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
+    "OpenVINO GenAI int4 (bf16 default)": Peer("openvino", ["default"], [], OPENVINO_VENV, 0),
+    "OpenVINO GenAI int4 (f32 hint)": Peer("openvino", ["f32"], [], OPENVINO_VENV, 0),
 }  # fmt: skip
 
 
@@ -60,18 +69,19 @@ def run_peers(ckpt: Path, params: int, repeats: int, workdir: Path, only: list[s
     """Run each peer (or those named in ``only``) and return name -> figures or {"skipped": why}."""
     peers: dict = {}
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for name, (module, extra, needs, install, bytes_per) in PEERS.items():
+    for name, peer in PEERS.items():
         if only and not any(o.lower() in name.lower() for o in only):
             continue
-        if absent := missing(needs):
-            peers[name] = {"skipped": f"{', '.join(absent)} not installed ({install})"}
-        elif module == "openvino" and not openvino_python(workdir).is_file():
-            peers[name] = {"skipped": f"no OpenVINO environment at {openvino_python(workdir).parent.parent} ({install})"}
-        elif bytes_per and params * bytes_per > 0.6 * mem:  # leave room for activations and the OS
-            peers[name] = {"skipped": f"needs {params * bytes_per / 2**30:.1f} GiB of weights, machine has {mem / 2**30:.0f} GiB"}
+        weights = params * peer.bytes_per_weight
+        if absent := missing(peer.needs):
+            peers[name] = {"skipped": f"{', '.join(absent)} not installed ({peer.install})"}
+        elif peer.module == "openvino" and not openvino_python(workdir).is_file():
+            peers[name] = {"skipped": f"no OpenVINO environment at {openvino_python(workdir).parent.parent} ({peer.install})"}
+        elif weights > 0.6 * mem:  # leave room for activations and the OS
+            peers[name] = {"skipped": f"needs {weights / 2**30:.1f} GiB of weights, machine has {mem / 2**30:.0f} GiB"}
         else:
             print(f"measuring {name}", file=sys.stderr)
-            cmd = [*command(module, workdir), str(ckpt), str(workdir), str(repeats), str(decode_tokens), *extra]
+            cmd = [*command(peer.module, workdir), str(ckpt), str(workdir), str(repeats), str(decode_tokens), *peer.args]
             r = subprocess.run(cmd, capture_output=True, text=True)
             lines = r.stdout.strip().splitlines()
             if r.returncode == 0 and lines:
@@ -93,11 +103,16 @@ def child_main(measure: Callable[..., dict], argv: list[str]) -> None:
 TURN_MIN_PAIRS = 5
 
 
-# peer -> (its worker command's extra arguments, the tasks it answers) for ``bench/turns.py``
+class TurnPeer(NamedTuple):
+    args: list[str]  # its worker command's extra arguments
+    tasks: list[str]  # the figures it answers in turns
+
+
+# peer -> how ``bench/turns.py`` asks it
 TURN_PEERS = {
-    "PyTorch bf16": (["bf16"], ["vision_448_s", "prefill_256_tok_s"]),
-    "OpenVINO GenAI int4 (bf16 default)": (["default"], ["prefill_256_tok_s", "ttft_448_s"]),
-    "OpenVINO GenAI int4 (f32 hint)": (["f32"], ["prefill_256_tok_s", "ttft_448_s"]),
+    "PyTorch bf16": TurnPeer(["bf16"], ["vision_448_s", "prefill_256_tok_s"]),
+    "OpenVINO GenAI int4 (bf16 default)": TurnPeer(["default"], ["prefill_256_tok_s", "ttft_448_s"]),
+    "OpenVINO GenAI int4 (f32 hint)": TurnPeer(["f32"], ["prefill_256_tok_s", "ttft_448_s"]),
 }
 
 
@@ -109,7 +124,7 @@ def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int
     for name, (extra, tasks) in TURN_PEERS.items():
         if name not in peers or "skipped" in peers[name]:
             continue
-        module = PEERS[name][0]
+        module = PEERS[name].module
         cmd = [*command(module, workdir), "--serve", str(ckpt)]
         cmd += [str(workdir), *extra] if module == "openvino" else extra
         print(f"measuring in turns with {name}", file=sys.stderr)

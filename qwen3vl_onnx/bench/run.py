@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..demo.checkpoint import write_checkpoint
 from ..export.options import ExportOptions
-from .presets import preset_config, write_random_checkpoint
+from .presets import preset_config
 from .procstats import failure_reason, peak_rss_gb, run_polled, stats
 
 
@@ -42,7 +43,7 @@ def prepare_checkpoint(shape: str, workdir: Path) -> Path:
     ckpt = workdir / shape / "checkpoint"
     if not (ckpt / "model.safetensors").is_file():
         print(f"writing random {shape} checkpoint to {ckpt}", file=sys.stderr)
-        write_random_checkpoint(ckpt, preset_config(shape))
+        write_checkpoint(ckpt, preset_config(shape))
     return ckpt
 
 
@@ -58,7 +59,7 @@ def run_measured(cmd: list[str], what: str) -> dict:
 
 def export_measured(ckpt: Path, bundle: Path, options: ExportOptions) -> dict:
     """Export in a child process so its time and peak memory are its own."""
-    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), *options.checked().argv(), "--force"]
+    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), *options.resolve().argv(), "--force"]
     return run_measured(cmd, "export")
 
 
@@ -70,6 +71,9 @@ def prefill_once(m, ids: list[int]) -> None:
 def image_question(img: np.ndarray) -> list[dict]:
     """The first-token prompt: one picture and a short question (here and in bench turns)."""
     return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is in this picture?"}]}]
+
+
+DECODE_TOKENS = 128  # tokens generated per decode-speed sample (after the first, the prefill's)
 
 
 def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> dict:
@@ -96,9 +100,10 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
     res["ttft_448_s"] = stats(timed(lambda: pipe.generate(q, max_new_tokens=1, temperature=0), repeats))
     dec = []
     for _ in range(max(1, repeats - 1)):
-        r = pipe.generate([{"role": "user", "content": "Tell me a story."}], max_new_tokens=128, temperature=0, ignore_eos=True)
+        story = [{"role": "user", "content": "Tell me a story."}]
+        r = pipe.generate(story, max_new_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True)
         dec.append(r.timings["decode_tok_per_s"])
-    res["decode_128_tok_s"] = stats(dec)
+    res["decode_tok_s"], res["decode_tokens"] = stats(dec), DECODE_TOKENS
     res["peak_rss_gb"] = peak_rss_gb()
     return res
 

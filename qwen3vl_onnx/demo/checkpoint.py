@@ -7,43 +7,43 @@ processor configs) with random values. Its answers are meaningless; everything e
 
 from __future__ import annotations
 
+import copy
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..config import Qwen3VLConfig, weight_shapes
-from ..export.weights import save_safetensors
+from ..export.weights import write_safetensors
 from .tokenizer import write_tokenizer_files
 
-# The top-level keys every Qwen3-VL config.json carries (architecture and special token ids).
-CONFIG_HEADER = {
+# Qwen3-VL-2B-Instruct's config.json (public facts, transformers 4.57 layout): the base that every
+# config made here overrides, so demo, shapes, bench presets and tests share one source.
+RELEASED_2B = {
     "architectures": ["Qwen3VLForConditionalGeneration"],
     "model_type": "qwen3_vl",
     "image_token_id": 151655,
     "video_token_id": 151656,
     "vision_start_token_id": 151652,
     "vision_end_token_id": 151653,
-}
-DEMO_CONFIG = {
-    **CONFIG_HEADER,
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
     "text_config": {
         "model_type": "qwen3_vl_text",
         "vocab_size": 151936,
-        "hidden_size": 128,
-        "intermediate_size": 384,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 262144,
         "rope_theta": 5000000,
-        "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+        "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
         "attention_bias": False,
         "tie_word_embeddings": True,
         "bos_token_id": 151643,
@@ -51,12 +51,12 @@ DEMO_CONFIG = {
     },
     "vision_config": {
         "model_type": "qwen3_vl",
-        "depth": 4,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_heads": 4,
-        "out_hidden_size": 128,
-        "deepstack_visual_indexes": [1, 2],
+        "depth": 24,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "deepstack_visual_indexes": [5, 11, 17],
         "hidden_act": "gelu_pytorch_tanh",
         "in_channels": 3,
         "patch_size": 16,
@@ -66,6 +66,31 @@ DEMO_CONFIG = {
         "initializer_range": 0.02,
     },
 }
+
+
+def make_config(**overrides: Any) -> dict[str, Any]:
+    """A config.json dict: ``RELEASED_2B`` with ``overrides`` (HF keys) merged in; ``text_config``
+    and ``vision_config`` overrides merge key by key, and a top-level ``tie_word_embeddings`` is
+    mirrored into the text config, as released configs carry it in both."""
+    cfg = copy.deepcopy(RELEASED_2B)
+    for key, value in overrides.items():
+        if key in ("text_config", "vision_config"):
+            cfg[key].update(copy.deepcopy(value))
+        else:
+            cfg[key] = copy.deepcopy(value)
+    if "tie_word_embeddings" in overrides and "tie_word_embeddings" not in overrides.get("text_config", {}):
+        cfg["text_config"]["tie_word_embeddings"] = overrides["tie_word_embeddings"]
+    return cfg
+
+
+# The demo's random model: the real vocabulary and layout at a width that exports in seconds.
+DEMO_CONFIG = make_config(
+    text_config={"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 32,
+                 "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
+    vision_config={"depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128,
+                   "deepstack_visual_indexes": [1, 2]},
+)  # fmt: skip
 PREPROCESSOR = {
     "size": {"shortest_edge": 65536, "longest_edge": 16777216},
     "patch_size": 16,
@@ -106,27 +131,27 @@ def sample_image_path() -> Path:
     return Path(str(resources.files(__package__).joinpath("sample.png")))
 
 
-def random_weights(cfg: Qwen3VLConfig, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
-    """Every tensor of the checkpoint: norms at one, biases at zero, the rest N(0, std)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in weight_shapes(cfg).items():
-        if "norm" in name and name.endswith("weight"):
-            out[name] = np.ones(shape, np.float32)
-        elif name.endswith("bias"):
-            out[name] = np.zeros(shape, np.float32)
-        else:
-            out[name] = rng.standard_normal(shape, dtype=np.float32) * std
-    return out
+def random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, std: float) -> np.ndarray:
+    """Norm weights at one, biases at zero, everything else N(0, std)."""
+    if "norm" in name and name.endswith("weight"):
+        return np.ones(shape, np.float32)
+    if name.endswith("bias"):
+        return np.zeros(shape, np.float32)
+    arr = rng.standard_normal(shape, dtype=np.float32)
+    arr *= std
+    return arr
 
 
-def write_checkpoint(directory: Path, config: dict | None = None, seed: int = 0) -> Path:
-    """Write a complete Hugging Face-layout checkpoint directory."""
+def write_checkpoint(directory: Path, config: dict | None = None, seed: int = 0, std: float = 0.02) -> Path:
+    """A complete Hugging Face-layout checkpoint with random bf16 weights (``DEMO_CONFIG`` by
+    default), streamed to disk one tensor at a time so any released shape fits in memory."""
     config = config or DEMO_CONFIG
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = Qwen3VLConfig.from_dict(config)
+    shapes = weight_shapes(Qwen3VLConfig.from_dict(config))
+    rng = np.random.default_rng(seed)
+    entries = {name: (tuple(shape), "BF16") for name, shape in shapes.items()}
+    write_safetensors(directory / "model.safetensors", entries, lambda name: random_tensor(name, shapes[name], rng, std))
     (directory / "config.json").write_text(json.dumps(config, indent=1))
-    save_safetensors(directory / "model.safetensors", random_weights(cfg, seed), bf16=True)
     write_tokenizer_files(directory, chat_template())
     (directory / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
     (directory / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR, indent=1))

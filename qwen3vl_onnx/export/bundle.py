@@ -119,11 +119,11 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     """Export ``checkpoint`` (see ``open_checkpoint``) to a bundle at ``out``; returns its path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and store the
-    embedding table fp16; see ``ExportOptions.checked`` for the vision tower, the 8-bit projections
+    embedding table fp16; see ``ExportOptions.resolve`` for the vision tower, the 8-bit projections
     of int4 and the prefill graph. Nothing is written at ``out`` unless the whole bundle is.
     """
     t0 = time.perf_counter()
-    opts = (options or ExportOptions()).checked()
+    opts = (options or ExportOptions()).resolve()
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise UserError(f"{out}: already exists (use --force to replace it)")

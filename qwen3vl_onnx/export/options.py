@@ -1,6 +1,6 @@
 """What an export can be asked for, as one value: the CLI, ``export()`` and the bench share it.
 
-``ExportOptions.checked()`` validates the combination once and replaces the "auto" choices by what
+``ExportOptions.resolve()`` validates the combination once and replaces the "auto" choices by what
 they stand for, so the manifest records what was built, not what was asked.
 """
 
@@ -21,7 +21,7 @@ BITS = {"int8": 8, "int4": 4}
 @dataclass(frozen=True)
 class ExportOptions:
     """Export choices. ``vision_precision="auto"`` and ``int8_projections=None`` are resolved by
-    ``checked()`` (see there); ``portable`` writes standard-ONNX attention (float precisions only)."""
+    ``resolve()`` (see there); ``portable`` writes standard-ONNX attention (float precisions only)."""
 
     precision: str = "fp32"
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -35,7 +35,7 @@ class ExportOptions:
         """Decoder weight bits (0: float weights)."""
         return BITS.get(self.precision, 0)
 
-    def checked(self) -> ExportOptions:
+    def resolve(self) -> ExportOptions:
         """These options validated (one-line ``UserError`` otherwise), "auto" choices resolved.
 
         - ``vision_precision`` "auto": int8 for int4/int8 bundles, else fp32. Why int8 there: at the
@@ -81,12 +81,12 @@ class ExportOptions:
         return tuple(k for k in PROJECTIONS if k in chosen)
 
     def decoder(self, int8_rows: bool = False) -> DecoderOptions:
-        """The decoder graph's options (``int8_rows``: the --prefill-int8 prompt graph). Call on checked options."""
+        """The decoder graph's options (``int8_rows``: the --prefill-int8 prompt graph). Call on resolved options."""
         return DecoderOptions(fused=not self.portable, bits=self.bits, block_size=self.block_size,
                               int8_projections=self.int8_projections or (), int8_rows=int8_rows)  # fmt: skip
 
     def argv(self) -> list[str]:
-        """The ``qwen3vl-onnx export`` flags that ask for these (checked) options."""
+        """The ``qwen3vl-onnx export`` flags that ask for these (resolved) options."""
         args = ["--precision", self.precision, "--block-size", str(self.block_size), "--vision-precision", self.vision_precision]
         if self.precision == "int4":
             args += ["--int8-projections", ",".join(self.int8_projections or ()) or "none"]

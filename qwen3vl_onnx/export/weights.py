@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -130,27 +130,47 @@ class Checkpoint(Mapping[str, np.ndarray]):
                 raise UserError(f"{self.directory}: weight {name} has shape {list(self.shape(name))}, config says {list(shape)}")
 
 
-def save_safetensors(path: Path, tensors: Mapping[str, np.ndarray], bf16: bool = True, fp16: bool = False) -> None:
-    """Write a safetensors file: float tensors as bf16 (like released checkpoints), fp16 or fp32."""
+_STORED = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4), "I64": (np.int64, 8)}
+
+
+def _encode(arr: np.ndarray, dtype: str) -> bytes:
+    if dtype == "BF16":
+        return f32_to_bf16(arr).tobytes()
+    return np.ascontiguousarray(arr, dtype=_STORED[dtype][0]).tobytes()
+
+
+def write_safetensors(path: Path, entries: Mapping[str, tuple[tuple[int, ...], str]],
+                      make: Callable[[str], np.ndarray]) -> None:  # fmt: skip
+    """Write a safetensors file one tensor at a time: ``entries`` maps each name to (shape, stored
+    dtype "BF16" / "F16" / "F32" / "I64") for the header, ``make(name)`` gives the array when its
+    turn comes. Nothing but one tensor is ever held, so checkpoints larger than memory can be
+    written; the file appears under its name only once complete."""
     header: dict[str, dict] = {}
-    blobs = []
     offset = 0
-    for name, arr in tensors.items():
-        if arr.dtype.kind == "f" and fp16:
-            data, dtype = np.ascontiguousarray(arr, dtype=np.float16), "F16"
-        elif arr.dtype.kind == "f" and bf16:
-            data, dtype = f32_to_bf16(arr), "BF16"
-        else:
-            data = np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype.kind == "f" else arr.dtype)
-            dtype = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}[data.dtype]
-        blob = data.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+    for name, (shape, dtype) in entries.items():
+        size = int(np.prod(shape, dtype=np.int64)) * _STORED[dtype][1]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        for blob in blobs:
-            f.write(blob)
+        for name, (shape, dtype) in entries.items():
+            arr = make(name)
+            if tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"{name}: made {arr.shape}, header says {shape}")
+            f.write(_encode(arr, dtype))
+    tmp.replace(path)
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, np.ndarray], bf16: bool = True, fp16: bool = False) -> None:
+    """Write in-memory tensors: floats as bf16 (like released checkpoints), fp16 or fp32."""
+
+    def stored(arr: np.ndarray) -> str:
+        if arr.dtype.kind == "f":
+            return "F16" if fp16 else "BF16" if bf16 else "F32"
+        return {np.dtype(np.int64): "I64"}[arr.dtype]
+
+    write_safetensors(path, {n: (tuple(a.shape), stored(a)) for n, a in tensors.items()}, tensors.__getitem__)

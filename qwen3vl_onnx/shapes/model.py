@@ -11,43 +11,17 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from ..demo.checkpoint import CONFIG_HEADER
 from ..demo.checkpoint import PREPROCESSOR as RELEASED_PREPROCESSOR
+from ..demo.checkpoint import make_config
 from ..demo.tokenizer import write_tokenizer_files
 
-SHAPES_CONFIG = {
-    **CONFIG_HEADER,
-    "tie_word_embeddings": True,
-    "text_config": {
-        "model_type": "qwen3_vl_text",
-        "vocab_size": 151936,
-        "hidden_size": 64,
-        "intermediate_size": 256,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
-        "tie_word_embeddings": True,
-    },
-    "vision_config": {
-        "model_type": "qwen3_vl_vision",
-        "depth": 4,
-        "hidden_size": 96,
-        "intermediate_size": 192,
-        "num_heads": 4,
-        "out_hidden_size": 64,
-        "deepstack_visual_indexes": [1, 2],
-        "hidden_act": "gelu_pytorch_tanh",
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "num_position_embeddings": 2304,
-    },
-}
+SHAPES_CONFIG = make_config(
+    text_config={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 4096,
+                 "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
+    vision_config={"depth": 4, "hidden_size": 96, "intermediate_size": 192, "num_heads": 4, "out_hidden_size": 64,
+                   "deepstack_visual_indexes": [1, 2]},
+)  # fmt: skip
 # The name that stands for the packaged checkpoint where a command takes a checkpoint.
 PACKAGED_SHAPES = "shapes"
 # The released processor settings with a small pixel budget: 9 to 25 image tokens per picture.
