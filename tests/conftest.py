@@ -43,6 +43,7 @@ def hf_config(g: dict, max_positions: int = 4096, init: float = 0.1) -> dict:
     """A tiny config of geometry ``g`` (``GEOMETRIES``), in the released config.json layout."""
     return make_config(
         tie_word_embeddings=g["tie"],
+        torch_dtype=None,  # transformers builds the test models in float32
         text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": g["layers"],
                      "num_attention_heads": g["heads"], "num_key_value_heads": g["kv"], "head_dim": 32,
                      "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},

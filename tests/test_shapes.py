@@ -1,14 +1,15 @@
 """The embedded trained "shapes" model: held-out accuracy of the fp32, int8 and int4 bundles, and
 agreement with transformers on every held-out item.
 
-Bounds are the issue's targets, on all 200 held-out items: fp32 >= 95%, int8 >= 93%, int4 >= 90%.
-The shipped checkpoint measures 96% for transformers and every bundle precision (colour 97.5,
-compare 95, count 100, position 87.5, shape 100; int4 96.5%, position 90); a real export or runtime bug drops answers to
+Bounds on all 200 held-out items: fp32 >= 95%, int8 >= 93%, int4 >= 90%. Measured: 96% for
+transformers and every bundle precision (int4 96.5%), on AVX-512 VNNI and under AVX2 emulation
+(qemu-x86_64 -cpu EPYC) alike, where full-range int8 weight codes scored 93.5%. The margins leave
+room for a near-tie flipping on another CPU, while a real export or runtime bug drops answers to
 chance (about 30%). The int4/int8 logit cosine against the fp32 bundle is checked on trained weights
 here, which is what quantization is for: measured over 40 held-out prompts, int8 mean 0.99999 (min
-0.9999), int4 block 128 (v_proj and lm_head at 8 bits, the default) mean 0.99974 (min 0.9946; int4
+0.9999), int4 block 128 (v_proj and lm_head at 8 bits, the default) mean 0.99973 (min 0.9950; int4
 everywhere: mean 0.9985, min 0.982); int4 with --prefill-int8, whose prompts run on the int8 prefill
-graph with per-row activation quantization, mean 0.99998 (min 0.99975) and 96.0% answered.
+graph with per-row activation quantization, mean 0.99999 (min 0.9999) and 96.0% answered.
 Bounds: mean >= 0.999 and every prompt >= 0.99."""
 
 from __future__ import annotations

@@ -70,14 +70,21 @@ RELEASED_2B = {
 
 def make_config(**overrides: Any) -> dict[str, Any]:
     """A config.json dict: ``RELEASED_2B`` with ``overrides`` (HF keys) merged in; ``text_config``
-    and ``vision_config`` overrides merge key by key, and a top-level ``tie_word_embeddings`` is
-    mirrored into the text config, as released configs carry it in both."""
+    and ``vision_config`` overrides merge key by key, an override of None removes the key, and a
+    top-level ``tie_word_embeddings`` is mirrored into the text config, as released configs carry
+    it in both."""
     cfg = copy.deepcopy(RELEASED_2B)
-    for key, value in overrides.items():
-        if key in ("text_config", "vision_config"):
-            cfg[key].update(copy.deepcopy(value))
-        else:
-            cfg[key] = copy.deepcopy(value)
+
+    def merge(into: dict[str, Any], items: dict[str, Any]) -> None:
+        for key, value in items.items():
+            if value is None:
+                into.pop(key, None)
+            elif key in ("text_config", "vision_config"):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    merge(cfg, overrides)
     if "tie_word_embeddings" in overrides and "tie_word_embeddings" not in overrides.get("text_config", {}):
         cfg["text_config"]["tie_word_embeddings"] = overrides["tie_word_embeddings"]
     return cfg

@@ -150,11 +150,10 @@ class Graph:
 
         Why per row: ``DynamicQuantizeMatMul`` quantizes the whole activation tensor with one scale,
         set by its largest value in any token; per row, each token's step follows its own largest
-        value (with two 25-40x outlier channels, matmul cosine 0.996-0.998 per row against
-        0.972-0.988 per tensor). A blocked QuantizeLinear (one block = the row) gives uint8 with zero
-        point 128, MatMulIntegerToFloat runs MLAS's u8s8 GEMM and applies the weight scales, and the
-        row scales multiply the result: 700-760 GOPS at the 4B prefill shapes on a 2-core AVX-512
-        VNNI EPYC, where MatMulNBits (int8 compute) runs 375-390. Weight codes as in
+        value, which keeps outlier channels from flattening every other token. A blocked
+        QuantizeLinear (one block = the row) gives uint8 with zero point 128, MatMulIntegerToFloat
+        runs MLAS's u8 x s8 GEMM (about twice MatMulNBits' speed at prompt sizes) and applies the
+        weight scales, and the row scales multiply the result. Weight codes as in
         ``linear_int8_dynamic``.
         """
         k = w.shape[1]

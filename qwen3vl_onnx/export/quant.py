@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Default int4/int8 block: measured at the 4B shape against 32 and 256 (README, "Precision and
-# speed"): faster than 32, and 256's extra speed costs weight error on heavy-tailed weights.
+# Default int4/int8 block: faster than 32, and 256's extra speed costs weight error on heavy-tailed
+# weights (docs/BENCHMARKS.md, "Precision and speed").
 DEFAULT_BLOCK_SIZE = 128
 
 
@@ -138,14 +138,10 @@ def dequantize(q: Quantized) -> np.ndarray:
 
 
 # Largest |weight code| of the u8 x s8 GEMMs (DynamicQuantizeMatMul, MatMulIntegerToFloat). On x86
-# CPUs without VNNI (AVX2; AVX-512 without VNNI), MLAS multiplies with VPMADDUBSW, which adds each
-# pair of u8 x s8 products into a saturating int16: 255 * 127 * 2 = 64770 overflows 32767 and the
-# excess is silently lost (under an emulated AVX2 EPYC: 37-75% relative error on adversarial
-# inputs; the shapes model's int8 bundle answered 93.5% instead of 96). With |code| <= 64 every
-# pair sum stays within 255 * 128 = 32640, so one bundle computes the same on every x86 CPU. VNNI's
-# VPDPBUSD accumulates in int32 and needs no limit; the cost there is a coarser weight step (vision
-# embeddings cosine 0.9998 -> 0.9995, --prefill-int8 prompt logits 0.9994-0.9997 -> 0.9982-0.9992,
-# shapes answers unchanged). u8 x u8 weights would not saturate either, but run 3x slower on VNNI.
+# CPUs without VNNI, MLAS multiplies with VPMADDUBSW, which adds each pair of u8 x s8 products into
+# a saturating int16: 255 * 127 * 2 overflows it and the excess is silently lost. With |code| <= 64
+# every pair sum stays within 255 * 128 = 32640, so one bundle computes the same on every x86 CPU;
+# the coarser step costs VNNI machines little (docs/BENCHMARKS.md, "Every x86 CPU").
 U8S8_WEIGHT_MAX = 64
 
 

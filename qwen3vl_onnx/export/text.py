@@ -32,11 +32,9 @@ P = "model.language_model."
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-# What int4 bundles keep at 8 bits unless told otherwise. Why these two: on the trained shapes
-# model the 4-bit lm_head is most of the logit error (its ~10% per-logit error is a floor under
-# every other choice); on random checkpoints, quantizing one kind at a time, v_proj costs the most.
-# They are ~12% of the 4B decoder's weights: bundle +0.23 GB, decode within noise at 4B and
-# -7% at 8B, whose head is untied (README, "Precision and speed", has the table).
+# What int4 bundles keep at 8 bits unless told otherwise: on the trained shapes model the 4-bit
+# lm_head is most of the logit error, and on random checkpoints v_proj is the most sensitive
+# projection; together ~12% of the weights (docs/BENCHMARKS.md, "Precision and speed").
 DEFAULT_INT8_PROJECTIONS = ("v_proj", "lm_head")
 
 

@@ -21,18 +21,15 @@ from .positions import rope_index
 from .vision_geometry import Grid, same_length_runs, vision_inputs
 
 # Calls of at least this many tokens go to a bundle's prefill graph (--prefill-int8). Below it the
-# compact graph wins: it reads half the weight bytes. 4B int4, median ms per call, compact vs
-# prefill graph: 2 tokens 92 vs 165, 4: 133 vs 174, 8: 220 vs 211, 16: 371 vs 276, 32: 703 vs 476.
+# compact graph wins, as it reads half the weight bytes (crossover measured at the 4B shape).
 PREFILL_GRAPH_MIN_TOKENS = 8
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
     """An ONNX Runtime session without the CPU memory arena.
 
-    Why no arena: it keeps every activation buffer it ever handed out, which for an 896x896 image and
-    a 256-token prefill is ~0.1 GB per session on top of the weights. Measured on the 4B int4 bundle
-    (448 image, 256-token prefill, 3x64 decode tokens): peak RSS 3.61 GB without, 3.79 GB with
-    (bundle 3.14 GB); vision, prefill and decode speeds within run-to-run noise either way.
+    Why no arena: it keeps every activation buffer it ever handed out (~0.1 GB per session after
+    an 896x896 image), at no measurable speed gain.
     """
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = False

@@ -16,6 +16,7 @@ from ..demo.checkpoint import make_config
 from ..demo.tokenizer import write_tokenizer_files
 
 SHAPES_CONFIG = make_config(
+    torch_dtype=None,  # trained in float32 from this config; shipped as fp16 safetensors
     text_config={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
                  "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 4096,
                  "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}},
