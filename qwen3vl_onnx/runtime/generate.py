@@ -23,6 +23,7 @@ from .model import BundleModel
 from .positions import rope_index
 from .prompt import Prompt
 from .sampling import Sampler
+from .vision_cache import VisionCache
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Result:
     completion_tokens: int
     finish_reason: str
     timings: dict[str, float | None] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens reused from the cache, not prefilled
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +42,7 @@ class Result:
             "token_ids": self.token_ids,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
             "finish_reason": self.finish_reason,
             "timings": self.timings,
         }
@@ -135,22 +138,63 @@ class Stream:
         return self.result
 
 
-def stream_generate(model: BundleModel, tokenizer: Tokenizer, prompt: Prompt, sampler: Sampler, max_new_tokens: int,
-                    eos_ids: set[int], t0: float | None = None) -> Iterator[str | Result]:  # fmt: skip
-    """Encode the prompt's images, generate, and yield text deltas then a :class:`Result` with
-    timings (``t0``: when the request started, for time to first token; default now). An empty
+@dataclass
+class PrefillInput:
+    """What a request prefills after the tokens its cache already holds: token ids, and the visual
+    features and grids of the images (or videos) whose pads are among them."""
+
+    ids: list[int]
+    image_embeds: np.ndarray | None = None
+    deepstack: np.ndarray | None = None
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
+    reused: int = 0  # prompt tokens taken from the cache instead (reported as cached tokens)
+
+
+def image_slices(prompt: Prompt) -> list[np.ndarray]:
+    """Each image's (or video's) rows of ``prompt.pixel_values``, in prompt order."""
+    if prompt.pixel_values is None:
+        return []
+    sizes = np.cumsum([0] + [t * h * w for t, h, w in prompt.grids])
+    return [prompt.pixel_values[sizes[i] : sizes[i + 1]] for i in range(len(prompt.grids))]
+
+
+def prefill_input(model: BundleModel, prompt: Prompt, start: int = 0, vision: VisionCache | None = None) -> PrefillInput:
+    """``prompt.ids[start:]`` with the features of the images whose pads it holds (``start`` must
+    not cut an image's pads), encoded in one vision call or taken from ``vision``."""
+    cfg = model.config
+    pads = {cfg.image_token_id, cfg.video_token_id}
+    merge2 = cfg.vision.spatial_merge_size**2
+    before = sum(1 for t in prompt.ids[:start] if t in pads)
+    first, seen = 0, 0
+    while first < len(prompt.grids) and seen < before:
+        seen += int(np.prod(prompt.grids[first])) // merge2
+        first += 1
+    if seen != before:
+        raise ValueError(f"prefill start {start} cuts an image's pad tokens")
+    grids = list(prompt.grids[first:])
+    if not grids:
+        return PrefillInput(list(prompt.ids[start:]), reused=start)
+    pixels = image_slices(prompt)[first:]
+    if vision is not None:
+        emb, ds = vision.encode(model, pixels, grids)
+    else:
+        emb, ds = model.encode_images(np.concatenate(pixels), grids)
+    return PrefillInput(list(prompt.ids[start:]), emb, ds, grids, start)
+
+
+def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillInput, cache: KVCache, sampler: Sampler,
+                    max_new_tokens: int, eos_ids: set[int], timings: dict[str, float] | None = None,
+                    t0: float | None = None) -> Iterator[str | Result]:  # fmt: skip
+    """Prefill ``request`` after what ``cache`` holds, generate, and yield text deltas then a
+    :class:`Result` with timings (``t0``: when the request started, for time to first token;
+    ``timings``: what the caller measured before, such as preprocessing and vision). An empty
     ``eos_ids`` generates ``max_new_tokens`` whatever comes."""
-    t0 = time.perf_counter() if t0 is None else t0
-    t_pre = time.perf_counter()
-    image_embeds = deepstack = None
-    if prompt.pixel_values is not None:
-        image_embeds, deepstack = model.encode_images(prompt.pixel_values, prompt.grids)
-    t_vis = time.perf_counter()
-    n = len(prompt.ids)
-    cache = model.new_cache(capacity=n + max_new_tokens)
-    steps = generate_step(model, prompt.ids, cache, sampler, max_new_tokens, image_embeds, deepstack, prompt.grids)
+    t_start = time.perf_counter()
+    t0 = t_start if t0 is None else t0
+    steps = generate_step(model, request.ids, cache, sampler, max_new_tokens, request.image_embeds, request.deepstack,
+                          request.grids)  # fmt: skip
     detok = Detokenizer(tokenizer)
-    t_first = t_vis
+    t_first = t_start
     finish = "length"
     for k, (token, _) in enumerate(steps):
         if k == 0:
@@ -161,21 +205,20 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, prompt: Prompt, sa
         yield detok.push(token)
     yield detok.flush()
     t_end = time.perf_counter()
-    k = len(detok.ids)
+    k, n = len(detok.ids), len(request.ids)
     decode_s = t_end - t_first
-    timings = {
-        "preprocess_s": t_pre - t0,
-        "vision_s": t_vis - t_pre,
-        "prefill_s": t_first - t_vis,
+    out: dict[str, float | None] = {"preprocess_s": 0.0, "vision_s": 0.0, **(timings or {})}
+    out.update({
+        "prefill_s": t_first - t_start,
         "ttft_s": t_first - t0,
         "decode_s": decode_s,
         "total_s": t_end - t0,
-        "prefill_tok_per_s": n / max(t_first - t_vis, 1e-9),
+        "prefill_tok_per_s": n / max(t_first - t_start, 1e-9),
         # None when fewer than two tokens came: one token is the prefill's, there is no decode rate
         "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else None,
-    }
-    rounded = {a: b if b is None else round(b, 4) for a, b in timings.items()}
-    yield Result(detok.text(), list(detok.ids), n, k, finish, rounded)
+    })  # fmt: skip
+    rounded = {a: b if b is None else round(b, 4) for a, b in out.items()}
+    yield Result(detok.text(), list(detok.ids), request.reused + n, k, finish, rounded, request.reused)
 
 
 def stats_line(res: Result) -> str:

@@ -11,17 +11,20 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UserError
 from .chat import load_chat_template
-from .generate import Result, Stream, stream_generate
+from .generate import Result, Stream, prefill_input, stream_generate
 from .model import BundleModel
 from .preprocess import ImageProcessorConfig
 from .prompt import Prompt, build_prompt, load_tokenizer
 from .sampling import Sampler, check_sampling, make_sampler
+
+if TYPE_CHECKING:
+    from .conversation import Conversation
 
 
 class Pipeline:
@@ -70,12 +73,26 @@ class Pipeline:
         t0 = time.perf_counter()
         sampler = self.sampler(temperature, top_p, top_k, seed)
         prompt = self.prepare(messages)
-        n = len(prompt.ids)
-        if n >= self.context_length:
-            raise UserError(f"prompt is {n} tokens, the context holds {self.context_length}")
-        max_new_tokens = min(max_new_tokens, self.context_length - n)
+        max_new_tokens = self.room(len(prompt.ids), max_new_tokens)
+        t1 = time.perf_counter()
+        request = prefill_input(self.model, prompt)
+        timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
+        cache = self.model.new_cache(capacity=len(prompt.ids) + max_new_tokens)
         eos = set() if ignore_eos else self.eos_ids
-        return Stream(stream_generate(self.model, self.tokenizer, prompt, sampler, max_new_tokens, eos, t0))
+        return Stream(stream_generate(self.model, self.tokenizer, request, cache, sampler, max_new_tokens, eos, timings, t0))
+
+    def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """``max_new_tokens`` cut to what the context leaves after the prompt (a one-line error when
+        the prompt alone fills it)."""
+        if prompt_tokens >= self.context_length:
+            raise UserError(f"prompt is {prompt_tokens} tokens, the context holds {self.context_length}")
+        return min(max_new_tokens, self.context_length - prompt_tokens)
+
+    def chat(self, system: str | None = None, vision_cache_size: int = 32) -> Conversation:
+        """A :class:`~qwen3vl_onnx.runtime.conversation.Conversation` that keeps its KV cache between turns."""
+        from .conversation import Conversation
+
+        return Conversation(self, system, vision_cache_size)
 
     def generate(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stream: bool = False,

@@ -1,0 +1,148 @@
+"""A chat that keeps its KV cache between turns, so each turn prefills only what is new.
+
+Every turn renders the whole history with the checkpoint's template, as a stateless call would;
+the longest prefix it shares with the tokens already cached is kept and only the rest is prefilled.
+A prefix never ends inside an image's pad tokens, and an image counts as shared only if its pixels
+are the same (equal pad tokens could stand for another picture). The MRoPE offset of the kept
+prefix is recomputed on the host from its tokens and grids. Vision features of pictures already
+seen come from a content-keyed cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import UserError
+from .generate import Result, Stream, image_slices, prefill_input, stream_generate
+from .positions import rope_index
+from .prompt import Prompt
+from .sampling import check_sampling
+from .vision_cache import VisionCache
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+def _image_runs(ids: Sequence[int], pads: set[int]) -> list[int]:
+    """Start index of each run of image/video pad tokens (one run per image or video frame block)."""
+    return [i for i, t in enumerate(ids) if t in pads and (i == 0 or ids[i - 1] not in pads)]
+
+
+def reusable_prefix(cached: Sequence[int], cached_images: Sequence[str], ids: Sequence[int], images: Sequence[str],
+                    pads: set[int]) -> int:  # fmt: skip
+    """How many leading tokens of ``ids`` the cache can keep: the common prefix with ``cached``, cut
+    back to the start of an image whose pixels differ (``*_images``: content keys in order) or whose
+    pads it would split, and at least one token short of ``ids`` (a call needs a token to predict from)."""
+    k = 0
+    for a, b in zip(cached, ids, strict=False):
+        if a != b:
+            break
+        k += 1
+    k = min(k, len(ids) - 1)
+    for n, start in enumerate(_image_runs(ids, pads)):
+        if start >= k:
+            break
+        if n >= len(cached_images) or cached_images[n] != images[n]:
+            return start
+    while 0 < k < len(ids) and ids[k - 1] in pads and ids[k] in pads:
+        k -= 1
+    return k
+
+
+class Conversation:
+    """The messages so far, the tokens in the KV cache, the cache itself and a vision cache.
+
+    ``send`` adds a user message and streams the answer; when the stream ends the answer joins
+    the history. ``drop_oldest=True`` (per call) lets a conversation that outgrew the context
+    forget its oldest turns; by default it is refused with an error saying so.
+    """
+
+    def __init__(self, pipe: Pipeline, system: str | None = None, vision_cache_size: int = 32):
+        self.pipe = pipe
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.vision = VisionCache(vision_cache_size)
+        self.cache = pipe.model.new_cache()
+        self.cached_ids: list[int] = []  # tokens whose keys and values are in ``cache``
+        self.cached_images: list[str] = []  # content keys of the images among them, in order
+
+    def reset(self, system: str | None = None) -> None:
+        """Start over (the vision cache stays: it is keyed by content)."""
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.cache.reset()
+        self.cached_ids, self.cached_images = [], []
+
+    def send(self, content: str | list[dict[str, Any]], max_new_tokens: int = 256, temperature: float | None = None,
+             top_p: float | None = None, top_k: int | None = None, seed: int | None = None, ignore_eos: bool = False,
+             drop_oldest: bool = False) -> Stream:  # fmt: skip
+        """Ask ``content`` (text, or OpenAI-style parts with images); a :class:`Stream` of the answer."""
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
+        pipe = self.pipe
+        t0 = time.perf_counter()
+        sampler = pipe.sampler(temperature, top_p, top_k, seed)
+        messages = [*self.messages, {"role": "user", "content": content}]
+        prompt = pipe.prepare(messages)
+        while len(prompt.ids) + 1 > pipe.context_length and drop_oldest and self._droppable(messages):
+            messages = self._drop_turn(messages)
+            prompt = pipe.prepare(messages)
+        if len(prompt.ids) >= pipe.context_length:
+            hint = "" if drop_oldest else " (reset it, or send with drop_oldest=True to forget the oldest turns)"
+            raise UserError(f"conversation is {len(prompt.ids)} tokens, the context holds {pipe.context_length}{hint}")
+        max_new_tokens = pipe.room(len(prompt.ids), max_new_tokens)
+        images = [VisionCache.key(p, g) for p, g in zip(image_slices(prompt), prompt.grids, strict=True)]
+        cfg = pipe.config
+        pads = {cfg.image_token_id, cfg.video_token_id}
+        keep = reusable_prefix(self.cached_ids, self.cached_images, prompt.ids, images, pads)
+        self._trim_to(prompt, keep)
+        t1 = time.perf_counter()
+        request = prefill_input(pipe.model, prompt, keep, self.vision)
+        timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
+        self.cache.ensure(len(prompt.ids) + max_new_tokens)
+        eos = set() if ignore_eos else pipe.eos_ids
+        events = stream_generate(pipe.model, pipe.tokenizer, request, self.cache, sampler, max_new_tokens, eos, timings, t0)
+        return Stream(self._record(events, messages, prompt, images))
+
+    def _trim_to(self, prompt: Prompt, keep: int) -> None:
+        """Cut the cache back to the first ``keep`` tokens of ``prompt`` and set their MRoPE offset."""
+        self.cache.trim(self.cache.length - keep)
+        cfg = self.pipe.config
+        pads = {cfg.image_token_id, cfg.video_token_id}
+        merge2 = cfg.vision.spatial_merge_size**2
+        n_pads = sum(1 for t in prompt.ids[:keep] if t in pads)
+        grids, seen = [], 0
+        for g in prompt.grids:
+            if seen >= n_pads:
+                break
+            grids.append(g)
+            seen += int(np.prod(g)) // merge2
+        _, delta = rope_index(prompt.ids[:keep], cfg.image_token_id, cfg.video_token_id, grids, (), cfg.vision.spatial_merge_size)
+        self.cache.rope_deltas[0] = delta
+        self.cached_ids = list(prompt.ids[:keep])
+
+    def _record(self, events: Iterator[str | Result], messages: list[dict[str, Any]], prompt: Prompt,
+                images: list[str]) -> Iterator[str | Result]:  # fmt: skip
+        """Pass the stream through; at its end, the answer joins the history and the cache's tokens
+        are known (every sampled token but the last was fed back)."""
+        for ev in events:
+            if isinstance(ev, Result):
+                fed = ev.token_ids if ev.finish_reason == "stop" else ev.token_ids[:-1]
+                self.cached_ids = list(prompt.ids) + list(fed)
+                self.cached_images = images
+                self.messages = [*messages, {"role": "assistant", "content": ev.text}]
+            yield ev
+
+    @staticmethod
+    def _droppable(messages: list[dict[str, Any]]) -> bool:
+        return sum(1 for m in messages if m["role"] != "system") > 1
+
+    @staticmethod
+    def _drop_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Without the oldest user message and the replies before the next user message."""
+        out = copy.copy(messages)
+        first = next(i for i, m in enumerate(out) if m["role"] != "system")
+        end = next((i for i in range(first + 1, len(out)) if out[i]["role"] == "user"), len(out) - 1)
+        return out[:first] + out[end:]
