@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
                    help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
 
+    c = add("chat", help="talk with a bundle in the terminal (keeps its KV cache between turns)",
+            description="An interactive chat: type messages, /help for commands; or pipe messages on stdin.")  # fmt: skip
+    c.add_argument("bundle", help="bundle directory written by export")
+    c.add_argument("--system", default=None, help="optional system message")
+    _sampling_args(c)
+    _threads_arg(c)
+    c.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
+                   help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
+
     v = add("verify", help="compare a bundle with transformers (needs torch)",
             description="Compare a bundle's logits with transformers' on the same inputs (needs the torch extra).")  # fmt: skip
     v.add_argument("checkpoint", help=f"the checkpoint the bundle was exported from (directory, hub id or '{PACKAGED_SHAPES}')")
@@ -181,9 +190,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: random)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
+    p.add_argument("--hide-reasoning", action="store_true", help="Thinking checkpoints: print only the answer, not the reasoning")
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .cli_chat import write_stream
     from .runtime.generate import stats_line
     from .runtime.pipeline import Pipeline
     from .runtime.sampling import check_sampling
@@ -203,10 +214,10 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         stream=True,
     )
-    for piece in stream:
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    if args.json:
+        stream.finish()
+    else:
+        write_stream(stream, args.hide_reasoning, sys.stdout)
     res = stream.result
     assert res is not None
     if args.json:
@@ -280,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo.command import run_demo
 
             return run_demo(args)
+        if args.command == "chat":
+            from .cli_chat import run_chat
+
+            return run_chat(args)
         commands = {"generate": _generate, "verify": _verify, "eval": _eval}
         return commands[args.command](args)
     except UserError as e:

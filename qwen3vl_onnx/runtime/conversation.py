@@ -103,7 +103,8 @@ class Conversation:
         timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
         self.cache.ensure(len(prompt.ids) + max_new_tokens)
         eos = set() if ignore_eos else pipe.eos_ids
-        events = stream_generate(pipe.model, pipe.tokenizer, request, self.cache, sampler, max_new_tokens, eos, timings, t0)
+        events = stream_generate(pipe.model, pipe.tokenizer, request, self.cache, sampler, max_new_tokens, eos, timings, t0,
+                                 pipe.think_end)  # fmt: skip
         return Stream(self._record(events, messages, prompt, images))
 
     def _trim_to(self, prompt: Prompt, keep: int) -> None:
@@ -125,15 +126,35 @@ class Conversation:
 
     def _record(self, events: Iterator[str | Result], messages: list[dict[str, Any]], prompt: Prompt,
                 images: list[str]) -> Iterator[str | Result]:  # fmt: skip
-        """Pass the stream through; at its end, the answer joins the history and the cache's tokens
-        are known (every sampled token but the last was fed back)."""
-        for ev in events:
-            if isinstance(ev, Result):
-                fed = ev.token_ids if ev.finish_reason == "stop" else ev.token_ids[:-1]
-                self.cached_ids = list(prompt.ids) + list(fed)
-                self.cached_images = images
-                self.messages = [*messages, {"role": "assistant", "content": ev.text}]
-            yield ev
+        """Pass the stream through; at its end, the answer joins the history (a Thinking answer with
+        its reasoning as ``reasoning_content``, the field the templates read) and the cache's tokens
+        are known (every sampled token but the last was fed back). A stream stopped early leaves
+        the question and the answer so far in the history."""
+        said: dict[str, list[str]] = {"text": [], "reasoning": []}
+        started = False
+        try:
+            for ev in events:
+                started = True
+                if isinstance(ev, Result):
+                    fed = ev.token_ids if ev.finish_reason == "stop" else ev.token_ids[:-1]
+                    self.cached_ids, self.cached_images = list(prompt.ids) + list(fed), images
+                    self.messages = [*messages, self._reply(ev.text, ev.reasoning)]
+                else:
+                    said[getattr(ev, "part", "text")].append(ev)
+                yield ev
+        except GeneratorExit:
+            if started:  # the prompt is in the cache; what followed it is not known token by token
+                self.cached_ids, self.cached_images = list(prompt.ids), images
+                reasoning = "".join(said["reasoning"]) if self.pipe.thinking else None
+                self.messages = [*messages, self._reply("".join(said["text"]), reasoning)]
+            raise
+
+    @staticmethod
+    def _reply(text: str, reasoning: str | None) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
+        return msg
 
     @staticmethod
     def _droppable(messages: list[dict[str, Any]]) -> bool:

@@ -35,10 +35,12 @@ class Result:
     finish_reason: str
     timings: dict[str, float | None] = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens reused from the cache, not prefilled
+    reasoning: str | None = None  # Thinking checkpoints: what came before </think> (None: not a Thinking template)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
+            "reasoning": self.reasoning,
             "token_ids": self.token_ids,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -116,8 +118,67 @@ class Detokenizer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+class _Parts:
+    """Detokenises reasoning (up to ``think_end``) and answer separately; after ``</think>`` the
+    answer's leading newlines (the template's separator) are not part of it."""
+
+    def __init__(self, tokenizer: Tokenizer, think_end: int | None):
+        self.think_end = think_end
+        self.reasoning = Detokenizer(tokenizer)
+        self.text = Detokenizer(tokenizer) if think_end is None else _AnswerText(tokenizer)
+        self.part = "text" if think_end is None else "reasoning"
+        self.ids: list[int] = []
+
+    def push(self, token: int) -> Delta:
+        self.ids.append(token)
+        if self.part == "reasoning":
+            if token == self.think_end:
+                self.part = "text"
+                return Delta(self.reasoning.flush(), "reasoning")
+            return Delta(self.reasoning.push(token), "reasoning")
+        return Delta(self.text.push(token), "text")
+
+    def flush(self) -> Delta:
+        if self.part == "reasoning":
+            return Delta(self.reasoning.flush(), "reasoning")
+        return Delta(self.text.flush(), "text")
+
+
+class _AnswerText(Detokenizer):
+    """A Detokenizer whose text starts at the first character that is not a newline."""
+
+    def push(self, token: int) -> str:
+        return self._trim(super().push(token))
+
+    def flush(self) -> str:
+        return self._trim(super().flush())
+
+    def _trim(self, piece: str) -> str:
+        if self.started:
+            return piece
+        piece = piece.lstrip("\n")
+        self.started = bool(piece)
+        return piece
+
+    started = False
+
+
+class Delta(str):
+    """A piece of streamed text that knows which part of the answer it belongs to: "text", or
+    "reasoning" for what a Thinking checkpoint writes before ``</think>``. It is a ``str``, so code
+    that only prints deltas needs to know nothing of parts."""
+
+    part: str
+
+    def __new__(cls, text: str, part: str = "text") -> Delta:
+        d = super().__new__(cls, text)
+        d.part = part
+        return d
+
+
 class Stream:
-    """Iterator of text deltas; ``result`` (a :class:`Result`) is set once it is exhausted."""
+    """Iterator of text deltas (:class:`Delta`); ``result`` (a :class:`Result`) is set once it is
+    exhausted. ``close()`` stops the generation early."""
 
     def __init__(self, events: Iterator[str | Result]):
         self._events = events
@@ -129,6 +190,12 @@ class Stream:
                 self.result = ev
             elif ev:
                 yield ev
+
+    def close(self) -> None:
+        """Stop generating (no result is made); what consumed the stream so far stands."""
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
 
     def finish(self) -> Result:
         """Run to the end (if not yet) and return the result."""
@@ -184,16 +251,17 @@ def prefill_input(model: BundleModel, prompt: Prompt, start: int = 0, vision: Vi
 
 def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillInput, cache: KVCache, sampler: Sampler,
                     max_new_tokens: int, eos_ids: set[int], timings: dict[str, float] | None = None,
-                    t0: float | None = None) -> Iterator[str | Result]:  # fmt: skip
-    """Prefill ``request`` after what ``cache`` holds, generate, and yield text deltas then a
-    :class:`Result` with timings (``t0``: when the request started, for time to first token;
+                    t0: float | None = None, think_end: int | None = None) -> Iterator[str | Result]:  # fmt: skip
+    """Prefill ``request`` after what ``cache`` holds, generate, and yield :class:`Delta` text then
+    a :class:`Result` with timings (``t0``: when the request started, for time to first token;
     ``timings``: what the caller measured before, such as preprocessing and vision). An empty
-    ``eos_ids`` generates ``max_new_tokens`` whatever comes."""
+    ``eos_ids`` generates ``max_new_tokens`` whatever comes. ``think_end`` (the ``</think>`` id of
+    a Thinking checkpoint, whose prompt opened ``<think>``) splits reasoning from the answer."""
     t_start = time.perf_counter()
     t0 = t_start if t0 is None else t0
     steps = generate_step(model, request.ids, cache, sampler, max_new_tokens, request.image_embeds, request.deepstack,
                           request.grids)  # fmt: skip
-    detok = Detokenizer(tokenizer)
+    parts = _Parts(tokenizer, think_end)
     t_first = t_start
     finish = "length"
     for k, (token, _) in enumerate(steps):
@@ -202,10 +270,10 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
         if token in eos_ids:
             finish = "stop"
             break
-        yield detok.push(token)
-    yield detok.flush()
+        yield parts.push(token)
+    yield parts.flush()
     t_end = time.perf_counter()
-    k, n = len(detok.ids), len(request.ids)
+    k, n = len(parts.ids), len(request.ids)
     decode_s = t_end - t_first
     out: dict[str, float | None] = {"preprocess_s": 0.0, "vision_s": 0.0, **(timings or {})}
     out.update({
@@ -218,7 +286,9 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
         "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else None,
     })  # fmt: skip
     rounded = {a: b if b is None else round(b, 4) for a, b in out.items()}
-    yield Result(detok.text(), list(detok.ids), request.reused + n, k, finish, rounded, request.reused)
+    answer = parts.text.text() if think_end is None else parts.text.text().lstrip("\n")
+    yield Result(answer, parts.ids, request.reused + n, k, finish, rounded, request.reused,
+                 None if think_end is None else parts.reasoning.text())  # fmt: skip
 
 
 def stats_line(res: Result) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
-from .chat import load_chat_template
+from .chat import load_chat_template, render
 from .generate import Result, Stream, prefill_input, stream_generate
 from .model import BundleModel
 from .preprocess import ImageProcessorConfig
@@ -42,6 +42,18 @@ class Pipeline:
         eos = self.generation_config.get("eos_token_id", self.tokenizer.token_to_id("<|im_end|>"))
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.context_length = context_length or self.config.text.max_position_embeddings
+        self.think_end = self._think_end()
+
+    def _think_end(self) -> int | None:
+        """The ``</think>`` id when the template's generation prompt opens ``<think>`` (a Thinking
+        checkpoint: what it writes first is reasoning), else None. Read from the template, not the
+        model's name, so a renamed or fine-tuned checkpoint is recognised as what it is."""
+        opened = render(self.chat_template, [{"role": "user", "content": "x"}], True).rstrip().endswith("<think>")
+        return self.tokenizer.token_to_id("</think>") if opened else None
+
+    @property
+    def thinking(self) -> bool:
+        return self.think_end is not None
 
     @classmethod
     def from_bundle(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
@@ -79,7 +91,9 @@ class Pipeline:
         timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
         cache = self.model.new_cache(capacity=len(prompt.ids) + max_new_tokens)
         eos = set() if ignore_eos else self.eos_ids
-        return Stream(stream_generate(self.model, self.tokenizer, request, cache, sampler, max_new_tokens, eos, timings, t0))
+        events = stream_generate(self.model, self.tokenizer, request, cache, sampler, max_new_tokens, eos, timings, t0,
+                                 self.think_end)  # fmt: skip
+        return Stream(events)
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """``max_new_tokens`` cut to what the context leaves after the prompt (a one-line error when

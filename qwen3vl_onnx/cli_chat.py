@@ -1,0 +1,179 @@
+"""``qwen3vl-onnx chat``: a terminal conversation that keeps its KV cache between turns.
+
+Lines typed (or piped on standard input) are the user's messages; lines starting with ``/`` are
+commands. Ctrl-C stops the answer being written and returns to the prompt; Ctrl-D or ``/quit``
+leaves. Per-turn figures go to standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import UserError
+
+HELP = """commands:
+  /image PATH    attach a picture to your next message (repeatable)
+  /video PATH    attach a video (not supported yet)
+  /system TEXT   set the system message
+  /reset         forget the conversation
+  /save FILE     write the conversation as OpenAI-style JSON messages
+  /load FILE     continue a saved conversation
+  /help, /quit"""
+
+
+def write_stream(stream: Any, hide_reasoning: bool, out: TextIO) -> None:
+    """Print an answer as it comes: reasoning (unless hidden), then a blank line, then the answer."""
+    in_reasoning = False
+    for piece in stream:
+        part = getattr(piece, "part", "text")
+        if part == "reasoning":
+            if hide_reasoning:
+                continue
+            in_reasoning = True
+        elif in_reasoning and piece:
+            out.write("\n\n")
+            in_reasoning = False
+        out.write(piece)
+        out.flush()
+
+
+def turn_line(res: Any) -> str:
+    """The figures of one turn: tokens (reused from the cache), prefill and decode rates, first token."""
+    t = res.timings
+    decode = "" if t["decode_tok_per_s"] is None else f", decode {t['decode_tok_per_s']:.1f} tok/s"
+    return (f"[{res.prompt_tokens} prompt tokens ({res.cached_tokens} reused) + {res.completion_tokens} new; "
+            f"first token {t['ttft_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s{decode}]")  # fmt: skip
+
+
+def saved_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history with picture parts as ``image_url`` file URLs (absolute), as OpenAI's API has them."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image_url", "image_url": {"url": "file://" + str(Path(p["image"]).resolve())}}
+                if p.get("type") == "image" and isinstance(p.get("image"), str | Path) else p
+                for p in content
+            ]  # fmt: skip
+        out.append({**m, "content": content})
+    return out
+
+
+def load_messages(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError:
+        raise UserError(f"{path}: not JSON") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") for m in messages
+    ):
+        raise UserError(f"{path}: expected a list of messages with roles system, user or assistant")
+    return messages
+
+
+class ChatSession:
+    """The state of one terminal chat: the conversation and the pictures waiting for the next message."""
+
+    def __init__(self, conv: Any, args: argparse.Namespace, out: TextIO, err: TextIO):
+        self.conv, self.args, self.out, self.err = conv, args, out, err
+        self.images: list[str] = []
+        self.system: str | None = args.system
+        self.failed = False
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when it asks to leave."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            print(HELP, file=self.err)
+        elif name == "/image":
+            if not Path(arg).is_file():
+                raise UserError(f"{arg or '(no path)'}: image file not found")
+            self.images.append(arg)
+        elif name == "/video":
+            raise UserError("video input is not supported yet")
+        elif name == "/system":
+            self.system = arg or None
+            rest = [m for m in self.conv.messages if m["role"] != "system"]
+            self.conv.messages = ([{"role": "system", "content": self.system}] if self.system else []) + rest
+        elif name == "/reset":
+            self.conv.reset(self.system)
+            self.images = []
+        elif name == "/save":
+            self._save(Path(arg))
+        elif name == "/load":
+            messages = load_messages(Path(arg))
+            self.conv.reset()
+            self.conv.messages = messages
+            self.system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        else:
+            raise UserError(f"unknown command {name} (/help lists them)")
+        return True
+
+    def _save(self, path: Path) -> None:
+        if not path.name:
+            raise UserError("/save needs a file name")
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps({"messages": saved_messages(self.conv.messages)}, ensure_ascii=False, indent=1))
+        os.replace(tmp, path)
+        print(f"[saved {len(self.conv.messages)} messages to {path}]", file=self.err)
+
+    def ask(self, text: str) -> None:
+        content: str | list[dict[str, Any]] = text
+        if self.images:
+            content = [{"type": "image", "image": p} for p in self.images] + [{"type": "text", "text": text}]
+        a = self.args
+        stream = self.conv.send(content, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                                top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos)  # fmt: skip
+        self.images = []
+        try:
+            write_stream(stream, a.hide_reasoning, self.out)
+        except KeyboardInterrupt:
+            stream.close()
+            self.out.write("\n")
+            print("[stopped]", file=self.err)
+            return
+        self.out.write("\n")
+        print(turn_line(stream.result), file=self.err)
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """The chat loop; exit status 0, or 2 when any line ended in an error (so scripts can tell)."""
+    from .runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
+    session = ChatSession(pipe.chat(system=args.system), args, out, err)
+    interactive = stdin.isatty()
+    if interactive:
+        print("qwen3vl-onnx chat: type a message, /help for commands, Ctrl-D to leave", file=err)
+    while True:
+        try:
+            line = input("> ") if interactive else stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not session.command(line):
+                    break
+            else:
+                session.ask(line)
+        except UserError as e:
+            print(f"error: {e}", file=err)
+            session.failed = True
+    return 2 if session.failed else 0
