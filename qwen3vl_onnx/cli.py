@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="optional system message")
     _sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of the stream")
+    g.add_argument("--logprobs", type=_at_least(0), default=None, metavar="N",
+                   help="with --json: each token's log-probability and the N likeliest alternatives")  # fmt: skip
     _threads_arg(g)
     g.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
                    help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
@@ -189,31 +191,35 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
         "--top-k", type=int, default=None, help="sample among the k likeliest tokens, 0 = all (default: generation config)"
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: random)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the likeliest")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating prompt and answer tokens")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted from tokens already generated, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per repetition of a token, in [-2, 2]")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer before this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
     p.add_argument("--hide-reasoning", action="store_true", help="Thinking checkpoints: print only the answer, not the reasoning")
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """The GenerationParams fields the sampling options set."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed, ignore_eos=args.ignore_eos,
+                logprobs=getattr(args, "logprobs", None))  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> int:
     from .cli_chat import write_stream
     from .runtime.generate import stats_line
     from .runtime.pipeline import Pipeline
-    from .runtime.sampling import check_sampling
+    from .runtime.sampling import GenerationParams
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    GenerationParams(**generation_overrides(args)).checked(1 << 30)  # before loading anything; token ids are checked later
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
     content = [{"type": "image", "image": p} for p in args.image] + [{"type": "text", "text": prompt}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
-    stream = pipe.generate(
-        messages,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-        stream=True,
-    )
+    stream = pipe.stream(messages, **generation_overrides(args))
     if args.json:
         stream.finish()
     else:

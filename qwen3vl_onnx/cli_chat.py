@@ -133,9 +133,10 @@ class ChatSession:
         content: str | list[dict[str, Any]] = text
         if self.images:
             content = [{"type": "image", "image": p} for p in self.images] + [{"type": "text", "text": text}]
+        from .cli import generation_overrides
+
         a = self.args
-        stream = self.conv.send(content, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                                top_k=a.top_k, seed=a.seed, ignore_eos=a.ignore_eos)  # fmt: skip
+        stream = self.conv.send(content, **generation_overrides(a))
         self.images = []
         try:
             write_stream(stream, a.hide_reasoning, self.out)

@@ -47,7 +47,8 @@ def test_streaming_equals_non_streaming(cli, setup):
 
 def test_multibyte_stream_pieces_are_whole_characters(setup):
     """Decoding emoji byte by byte must never hand out a broken character."""
-    from qwen3vl_onnx.runtime.generate import Detokenizer, Pipeline
+    from qwen3vl_onnx import Pipeline
+    from qwen3vl_onnx.runtime.text_stream import Detokenizer
 
     tk = Pipeline.from_bundle(setup / "bundle").tokenizer
     text = "héllo 😀🎉 中文 ok"

@@ -21,7 +21,7 @@ from ..errors import UserError
 from .generate import Result, Stream, image_slices, prefill_input, stream_generate
 from .positions import rope_index
 from .prompt import Prompt
-from .sampling import check_sampling
+from .sampling import GenerationParams
 from .vision_cache import VisionCache
 
 if TYPE_CHECKING:
@@ -76,14 +76,13 @@ class Conversation:
         self.cache.reset()
         self.cached_ids, self.cached_images = [], []
 
-    def send(self, content: str | list[dict[str, Any]], max_new_tokens: int = 256, temperature: float | None = None,
-             top_p: float | None = None, top_k: int | None = None, seed: int | None = None, ignore_eos: bool = False,
-             drop_oldest: bool = False) -> Stream:  # fmt: skip
-        """Ask ``content`` (text, or OpenAI-style parts with images); a :class:`Stream` of the answer."""
-        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    def send(self, content: str | list[dict[str, Any]], params: GenerationParams | None = None, drop_oldest: bool = False,
+             **overrides: Any) -> Stream:  # fmt: skip
+        """Ask ``content`` (text, or OpenAI-style parts with images); a :class:`Stream` of the answer.
+        ``overrides`` are :class:`GenerationParams` fields, as for ``Pipeline.stream``."""
         pipe = self.pipe
         t0 = time.perf_counter()
-        sampler = pipe.sampler(temperature, top_p, top_k, seed)
+        params = pipe.params(params, **overrides)
         messages = [*self.messages, {"role": "user", "content": content}]
         prompt = pipe.prepare(messages)
         while len(prompt.ids) + 1 > pipe.context_length and drop_oldest and self._droppable(messages):
@@ -92,7 +91,7 @@ class Conversation:
         if len(prompt.ids) >= pipe.context_length:
             hint = "" if drop_oldest else " (reset it, or send with drop_oldest=True to forget the oldest turns)"
             raise UserError(f"conversation is {len(prompt.ids)} tokens, the context holds {pipe.context_length}{hint}")
-        max_new_tokens = pipe.room(len(prompt.ids), max_new_tokens)
+        decoding = pipe.decoding(params, len(prompt.ids))
         images = [VisionCache.key(p, g) for p, g in zip(image_slices(prompt), prompt.grids, strict=True)]
         cfg = pipe.config
         pads = {cfg.image_token_id, cfg.video_token_id}
@@ -101,10 +100,8 @@ class Conversation:
         t1 = time.perf_counter()
         request = prefill_input(pipe.model, prompt, keep, self.vision)
         timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
-        self.cache.ensure(len(prompt.ids) + max_new_tokens)
-        eos = set() if ignore_eos else pipe.eos_ids
-        events = stream_generate(pipe.model, pipe.tokenizer, request, self.cache, sampler, max_new_tokens, eos, timings, t0,
-                                 pipe.think_end)  # fmt: skip
+        self.cache.ensure(len(prompt.ids) + decoding.max_new_tokens)
+        events = stream_generate(pipe.model, pipe.tokenizer, request, self.cache, decoding, timings, t0)
         return Stream(self._record(events, messages, prompt, images))
 
     def _trim_to(self, prompt: Prompt, keep: int) -> None:

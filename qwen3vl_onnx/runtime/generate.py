@@ -22,7 +22,8 @@ from .cache import KVCache
 from .model import BundleModel
 from .positions import rope_index
 from .prompt import Prompt
-from .sampling import Sampler
+from .sampling import LogitsProcessor, Sampler, TokenLogprob, token_logprob
+from .text_stream import AnswerParts
 from .vision_cache import VisionCache
 
 
@@ -36,11 +37,15 @@ class Result:
     timings: dict[str, float | None] = field(default_factory=dict)
     cached_tokens: int = 0  # prompt tokens reused from the cache, not prefilled
     reasoning: str | None = None  # Thinking checkpoints: what came before </think> (None: not a Thinking template)
+    logprobs: list[TokenLogprob] | None = None  # per answer token, when asked for
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
             "reasoning": self.reasoning,
+            "logprobs": None
+            if self.logprobs is None
+            else [{"token": lp.token, "logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in self.logprobs],
             "token_ids": self.token_ids,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -52,12 +57,19 @@ class Result:
 
 def generate_step(model: BundleModel, ids: Sequence[int], cache: KVCache, sampler: Sampler, max_tokens: int,
                   image_embeds: np.ndarray | None = None, deepstack: np.ndarray | None = None,
-                  grids: Sequence[tuple[int, int, int]] = ()) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+                  grids: Sequence[tuple[int, int, int]] = (), processor: LogitsProcessor | None = None,
+                  context: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
     """Prefill ``ids`` after what ``cache`` (batch 1) holds, then yield up to ``max_tokens`` (token,
-    logits it was drawn from); the next decode step runs only when the next token is asked for."""
+    logits it was drawn from, after ``processor``, which sees ``context``, the whole prompt, default
+    ``ids``, and the tokens so far); the next decode step runs only when the next token is asked for."""
+    context = ids if context is None else context
+    generated: list[int] = []
     logits = model.prefill(ids, image_embeds, deepstack, grids, cache)[0, -1]
     for n in range(max_tokens):
+        if processor is not None:
+            logits = processor(logits, context, generated)
         token = int(sampler(logits[None])[0])
+        generated.append(token)
         yield token, logits
         if n + 1 < max_tokens:
             logits = model.step([token], cache)[0]
@@ -86,94 +98,6 @@ def batch_generate_step(model: BundleModel, prompts: Sequence[Sequence[int]], ca
         yield tokens
         if n + 1 < max_tokens:
             last = model.step(tokens, cache)
-
-
-class Detokenizer:
-    """Turns a growing list of ids into text deltas, holding back split multi-byte characters."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the window decoded for context
-        self.read = 0  # ids before this have been emitted
-        self.emitted = 0  # characters handed out so far
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            self.emitted += len(after) - len(before)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever was held back (an incomplete character at the very end)."""
-        rest = self.text()[self.emitted :]
-        self.emitted += len(rest)
-        return rest
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-
-class _Parts:
-    """Detokenises reasoning (up to ``think_end``) and answer separately; after ``</think>`` the
-    answer's leading newlines (the template's separator) are not part of it."""
-
-    def __init__(self, tokenizer: Tokenizer, think_end: int | None):
-        self.think_end = think_end
-        self.reasoning = Detokenizer(tokenizer)
-        self.text = Detokenizer(tokenizer) if think_end is None else _AnswerText(tokenizer)
-        self.part = "text" if think_end is None else "reasoning"
-        self.ids: list[int] = []
-
-    def push(self, token: int) -> Delta:
-        self.ids.append(token)
-        if self.part == "reasoning":
-            if token == self.think_end:
-                self.part = "text"
-                return Delta(self.reasoning.flush(), "reasoning")
-            return Delta(self.reasoning.push(token), "reasoning")
-        return Delta(self.text.push(token), "text")
-
-    def flush(self) -> Delta:
-        if self.part == "reasoning":
-            return Delta(self.reasoning.flush(), "reasoning")
-        return Delta(self.text.flush(), "text")
-
-
-class _AnswerText(Detokenizer):
-    """A Detokenizer whose text starts at the first character that is not a newline."""
-
-    def push(self, token: int) -> str:
-        return self._trim(super().push(token))
-
-    def flush(self) -> str:
-        return self._trim(super().flush())
-
-    def _trim(self, piece: str) -> str:
-        if self.started:
-            return piece
-        piece = piece.lstrip("\n")
-        self.started = bool(piece)
-        return piece
-
-    started = False
-
-
-class Delta(str):
-    """A piece of streamed text that knows which part of the answer it belongs to: "text", or
-    "reasoning" for what a Thinking checkpoint writes before ``</think>``. It is a ``str``, so code
-    that only prints deltas needs to know nothing of parts."""
-
-    part: str
-
-    def __new__(cls, text: str, part: str = "text") -> Delta:
-        d = super().__new__(cls, text)
-        d.part = part
-        return d
 
 
 class Stream:
@@ -215,6 +139,20 @@ class PrefillInput:
     deepstack: np.ndarray | None = None
     grids: list[tuple[int, int, int]] = field(default_factory=list)
     reused: int = 0  # prompt tokens taken from the cache instead (reported as cached tokens)
+    prompt: list[int] = field(default_factory=list)  # the whole prompt, for penalties that count it
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one request turns logits into an answer, built from its ``GenerationParams``."""
+
+    sampler: Sampler
+    max_new_tokens: int
+    eos_ids: frozenset[int]  # end-of-turn and stop token ids (empty: generate max_new_tokens whatever comes)
+    processor: LogitsProcessor | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    think_end: int | None = None  # Thinking checkpoints: the </think> id that ends the reasoning
 
 
 def image_slices(prompt: Prompt) -> list[np.ndarray]:
@@ -240,37 +178,41 @@ def prefill_input(model: BundleModel, prompt: Prompt, start: int = 0, vision: Vi
         raise ValueError(f"prefill start {start} cuts an image's pad tokens")
     grids = list(prompt.grids[first:])
     if not grids:
-        return PrefillInput(list(prompt.ids[start:]), reused=start)
+        return PrefillInput(list(prompt.ids[start:]), reused=start, prompt=list(prompt.ids))
     pixels = image_slices(prompt)[first:]
     if vision is not None:
         emb, ds = vision.encode(model, pixels, grids)
     else:
         emb, ds = model.encode_images(np.concatenate(pixels), grids)
-    return PrefillInput(list(prompt.ids[start:]), emb, ds, grids, start)
+    return PrefillInput(list(prompt.ids[start:]), emb, ds, grids, start, list(prompt.ids))
 
 
-def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillInput, cache: KVCache, sampler: Sampler,
-                    max_new_tokens: int, eos_ids: set[int], timings: dict[str, float] | None = None,
-                    t0: float | None = None, think_end: int | None = None) -> Iterator[str | Result]:  # fmt: skip
+def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillInput, cache: KVCache, decoding: Decoding,
+                    timings: dict[str, float] | None = None, t0: float | None = None) -> Iterator[str | Result]:  # fmt: skip
     """Prefill ``request`` after what ``cache`` holds, generate, and yield :class:`Delta` text then
     a :class:`Result` with timings (``t0``: when the request started, for time to first token;
-    ``timings``: what the caller measured before, such as preprocessing and vision). An empty
-    ``eos_ids`` generates ``max_new_tokens`` whatever comes. ``think_end`` (the ``</think>`` id of
-    a Thinking checkpoint, whose prompt opened ``<think>``) splits reasoning from the answer."""
+    ``timings``: what the caller measured before, such as preprocessing and vision)."""
     t_start = time.perf_counter()
     t0 = t_start if t0 is None else t0
-    steps = generate_step(model, request.ids, cache, sampler, max_new_tokens, request.image_embeds, request.deepstack,
-                          request.grids)  # fmt: skip
-    parts = _Parts(tokenizer, think_end)
+    d = decoding
+    steps = generate_step(model, request.ids, cache, d.sampler, d.max_new_tokens, request.image_embeds, request.deepstack,
+                          request.grids, d.processor, request.prompt or request.ids)  # fmt: skip
+    parts = AnswerParts(tokenizer, d.think_end, d.stop)
+    logprobs: list[TokenLogprob] = []
     t_first = t_start
     finish = "length"
-    for k, (token, _) in enumerate(steps):
+    for k, (token, logits) in enumerate(steps):
         if k == 0:
             t_first = time.perf_counter()
-        if token in eos_ids:
+        if token in d.eos_ids:
             finish = "stop"
             break
+        if d.logprobs is not None:
+            logprobs.append(token_logprob(logits, token, d.logprobs))
         yield parts.push(token)
+        if parts.stopped:
+            finish = "stop"
+            break
     yield parts.flush()
     t_end = time.perf_counter()
     k, n = len(parts.ids), len(request.ids)
@@ -286,9 +228,9 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
         "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else None,
     })  # fmt: skip
     rounded = {a: b if b is None else round(b, 4) for a, b in out.items()}
-    answer = parts.text.text() if think_end is None else parts.text.text().lstrip("\n")
-    yield Result(answer, parts.ids, request.reused + n, k, finish, rounded, request.reused,
-                 None if think_end is None else parts.reasoning.text())  # fmt: skip
+    reasoning = None if d.think_end is None else parts.reasoning_text()
+    yield Result(parts.answer_text(), parts.ids, request.reused + n, k, finish, rounded, request.reused, reasoning,
+                 logprobs if d.logprobs is not None else None)  # fmt: skip
 
 
 def stats_line(res: Result) -> str:

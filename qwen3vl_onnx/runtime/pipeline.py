@@ -7,6 +7,7 @@ preprocesses the images, expands each image pad to its token count, and runs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -17,11 +18,11 @@ import numpy as np
 
 from ..errors import UserError
 from .chat import load_chat_template, render
-from .generate import Result, Stream, prefill_input, stream_generate
+from .generate import Decoding, Result, Stream, prefill_input, stream_generate
 from .model import BundleModel
 from .preprocess import ImageProcessorConfig
 from .prompt import Prompt, build_prompt, load_tokenizer
-from .sampling import Sampler, check_sampling, make_sampler
+from .sampling import GenerationParams, Sampler, make_logits_processor, make_sampler
 
 if TYPE_CHECKING:
     from .conversation import Conversation
@@ -65,35 +66,40 @@ class Pipeline:
         return build_prompt(self.tokenizer, self.chat_template, self.image_config, self.config.image_token_id, messages,
                             add_generation_prompt)  # fmt: skip
 
-    def sampler(self, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                seed: int | None = None) -> Sampler:  # fmt: skip
-        """A sampler for these settings; None takes the bundle's generation config (greedy when it
-        does not sample)."""
-        check_sampling(1, temperature, top_p, top_k, seed)
-        g = self.generation_config
-        if temperature is None:
-            temperature = float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0
-        top_p = float(g.get("top_p", 1.0)) if top_p is None else top_p
-        top_k = int(g.get("top_k", 0)) if top_k is None else top_k
-        return make_sampler(temperature, top_p, top_k, np.random.default_rng(seed))
+    def params(self, params: GenerationParams | None = None, **overrides: Any) -> GenerationParams:
+        """``params`` (default: all defaults) with ``overrides`` (GenerationParams fields), checked."""
+        try:
+            p = dataclasses.replace(params or GenerationParams(), **overrides)
+        except TypeError as e:
+            raise UserError(f"unknown generation parameter ({e})") from None
+        return p.checked(self.config.text.vocab_size)
 
-    def stream(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, temperature: float | None = None,
-               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-               ignore_eos: bool = False) -> Stream:  # fmt: skip
-        """Answer ``messages`` as a :class:`Stream` of text deltas (its ``result`` set at the end)."""
-        check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    def sampler(self, params: GenerationParams) -> Sampler:
+        """The sampler ``params`` ask for, the bundle's generation config filling what they leave open."""
+        p = params.with_defaults(self.generation_config)
+        assert p.temperature is not None and p.top_p is not None and p.top_k is not None
+        return make_sampler(p.temperature, p.top_p, p.top_k, np.random.default_rng(p.seed), p.min_p)
+
+    def decoding(self, params: GenerationParams, prompt_tokens: int) -> Decoding:
+        """How a request with these (checked) parameters and this many prompt tokens is decoded."""
+        eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
+        processor = make_logits_processor(params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
+                                          params.logit_bias)  # fmt: skip
+        return Decoding(self.sampler(params), self.room(prompt_tokens, params.max_new_tokens), eos, processor, params.stop,
+                        params.logprobs, self.think_end)  # fmt: skip
+
+    def stream(self, messages: list[dict[str, Any]], params: GenerationParams | None = None, **overrides: Any) -> Stream:
+        """Answer ``messages`` as a :class:`Stream` of text deltas (its ``result`` set at the end).
+        ``overrides`` are :class:`GenerationParams` fields (``max_new_tokens=64, temperature=0``)."""
         t0 = time.perf_counter()
-        sampler = self.sampler(temperature, top_p, top_k, seed)
+        params = self.params(params, **overrides)
         prompt = self.prepare(messages)
-        max_new_tokens = self.room(len(prompt.ids), max_new_tokens)
+        decoding = self.decoding(params, len(prompt.ids))
         t1 = time.perf_counter()
         request = prefill_input(self.model, prompt)
         timings = {"preprocess_s": t1 - t0, "vision_s": time.perf_counter() - t1}
-        cache = self.model.new_cache(capacity=len(prompt.ids) + max_new_tokens)
-        eos = set() if ignore_eos else self.eos_ids
-        events = stream_generate(self.model, self.tokenizer, request, cache, sampler, max_new_tokens, eos, timings, t0,
-                                 self.think_end)  # fmt: skip
-        return Stream(events)
+        cache = self.model.new_cache(capacity=len(prompt.ids) + decoding.max_new_tokens)
+        return Stream(stream_generate(self.model, self.tokenizer, request, cache, decoding, timings, t0))
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """``max_new_tokens`` cut to what the context leaves after the prompt (a one-line error when
@@ -108,9 +114,8 @@ class Pipeline:
 
         return Conversation(self, system, vision_cache_size)
 
-    def generate(self, messages: list[dict[str, Any]], max_new_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None, stream: bool = False,
-                 ignore_eos: bool = False) -> Result | Stream:  # fmt: skip
+    def generate(self, messages: list[dict[str, Any]], params: GenerationParams | None = None, stream: bool = False,
+                 **overrides: Any) -> Result | Stream:  # fmt: skip
         """Answer ``messages``: a :class:`Result`, or with ``stream=True`` the same as :meth:`stream`."""
-        s = self.stream(messages, max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+        s = self.stream(messages, params, **overrides)
         return s if stream else s.finish()

@@ -1,9 +1,13 @@
-"""Next-token choice from logits: greedy at temperature 0, else temperature / top-k / top-p sampling."""
+"""Next-token choice: what a request may ask (``GenerationParams``), logits processors (penalties,
+logit bias), samplers (greedy; temperature, top-k, top-p, min-p) and log-probabilities. Each piece
+is a small pure function over numpy arrays, built once per request."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,14 +30,114 @@ def check_sampling(max_new_tokens: int, temperature: float | None = None, top_p:
 
 
 Sampler = Callable[[np.ndarray], np.ndarray]
+# (logits (V,), prompt ids, generated ids) -> logits to sample from
+LogitsProcessor = Callable[[np.ndarray, Sequence[int], Sequence[int]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything a request can ask of generation. None for temperature/top_p/top_k: the bundle's
+    ``generation_config.json`` decides (greedy when it does not sample)."""
+
+    max_new_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the answer (divides positive logits)
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in what was generated
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()  # strings that end the answer (not included in it)
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end it, besides the end-of-turn ones
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n >= 0: the chosen token's log-probability and n alternatives
+
+    def checked(self, vocab_size: int) -> GenerationParams:
+        """These parameters, or a one-line ``UserError`` naming the first bad one."""
+        check_sampling(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
+        for name, lo, hi in (("min_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and lo <= v <= hi):
+                raise UserError(f"{name} must be in [{lo:g}, {hi:g}], got {v!r}")
+        rp = self.repetition_penalty
+        if not (isinstance(rp, int | float) and 0 < rp <= 10):
+            raise UserError(f"repetition_penalty must be in (0, 10], got {rp!r}")
+        for tok, bias in self.logit_bias.items():
+            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab_size:
+                raise UserError(f"logit_bias: {tok!r} is not a token id (0..{vocab_size - 1})")
+            if not (isinstance(bias, int | float) and -100 <= bias <= 100):
+                raise UserError(f"logit_bias: bias for {tok} must be in [-100, 100], got {bias!r}")
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise UserError("stop strings must be non-empty strings")
+        if not all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids):
+            raise UserError(f"stop_token_ids must be token ids (0..{vocab_size - 1})")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):  # fmt: skip
+            raise UserError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        return self
+
+    def with_defaults(self, generation_config: Mapping) -> GenerationParams:
+        """Temperature, top-p and top-k filled from a ``generation_config.json``."""
+        g = generation_config
+        temperature = self.temperature
+        if temperature is None:
+            temperature = float(g.get("temperature", 1.0)) if g.get("do_sample") else 0.0
+        top_p = float(g.get("top_p", 1.0)) if self.top_p is None else self.top_p
+        top_k = int(g.get("top_k", 0)) if self.top_k is None else self.top_k
+        return dataclasses.replace(self, temperature=temperature, top_p=top_p, top_k=top_k)
+
+
+def make_logits_processor(repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                          logit_bias: Mapping[int, float] | None = None) -> LogitsProcessor | None:  # fmt: skip
+    """Penalties and biases as one function, or None when there is nothing to do. The repetition
+    penalty (as transformers applies it) counts prompt and answer tokens; presence and frequency
+    penalties (as OpenAI defines them) count the answer's."""
+    bias_ids = np.array(list((logit_bias or {}).keys()), np.int64)
+    bias_values = np.array(list((logit_bias or {}).values()), np.float32)
+    if repetition_penalty == 1.0 and presence_penalty == 0.0 and frequency_penalty == 0.0 and not len(bias_ids):
+        return None
+
+    def process(logits: np.ndarray, prompt: Sequence[int], generated: Sequence[int]) -> np.ndarray:
+        z = np.array(logits, np.float32)
+        if repetition_penalty != 1.0:
+            seen = np.unique(np.asarray([*prompt, *generated], np.int64))
+            z[seen] = np.where(z[seen] > 0, z[seen] / repetition_penalty, z[seen] * repetition_penalty)
+        if (presence_penalty or frequency_penalty) and len(generated):
+            ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+            z[ids] -= presence_penalty + frequency_penalty * counts
+        if len(bias_ids):
+            z[bias_ids] += bias_values
+        return z
+
+    return process
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the likeliest alternatives, likeliest first
+
+
+def token_logprob(logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+    """log-softmax of the (processed) logits at ``token``, with the ``top_n`` likeliest tokens."""
+    z = np.asarray(logits, np.float64)
+    m = z.max()
+    logp = z - m - np.log(np.exp(z - m).sum())
+    top = np.argpartition(-logp, top_n)[:top_n] if 0 < top_n < len(logp) else np.arange(len(logp) if top_n else 0)
+    top = top[np.argsort(-logp[top])]
+    return TokenLogprob(int(token), float(logp[token]), [(int(t), float(logp[t])) for t in top])
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 rng: np.random.Generator | None = None) -> Sampler:  # fmt: skip
+                 rng: np.random.Generator | None = None, min_p: float = 0.0) -> Sampler:  # fmt: skip
     """A function from logits (B, V) to one token id per row (B,), built once per request.
 
     Temperature 0 is greedy. Otherwise logits are scaled, cut to the ``top_k`` likeliest (0: all),
-    then to the smallest set whose mass reaches ``top_p``, and each row draws from what is left.
+    to those at least ``min_p`` times as likely as the likeliest, then to the smallest set whose
+    mass reaches ``top_p``, and each row draws from what is left.
     """
     check_sampling(1, temperature, top_p, top_k)
     if temperature <= 0:
@@ -46,6 +150,8 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
             kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
             z = np.where(z < kth, -np.inf, z)
         p = np.exp(z - z.max(axis=-1, keepdims=True))
+        if min_p > 0:
+            p = np.where(p < min_p, 0.0, p)  # p is relative to the likeliest (which is 1) here
         p /= p.sum(axis=-1, keepdims=True)
         if top_p < 1.0:
             order = np.argsort(-p, axis=-1)
