@@ -30,13 +30,23 @@ def _check_ours(res: dict, stem, prefill_int8: bool) -> None:
     figures, the chosen options, the chart and the table."""
     assert res["prefill_int8"] is prefill_int8
     ours = res["ours"]
-    for key in ("vision_448_s", "vision_896_s", "prefill_32_tok_s", "prefill_256_tok_s", "ttft_448_s", "decode_tok_s"):
+    for key in (
+        "vision_448_s",
+        "vision_896_s",
+        "prefill_32_tok_s",
+        "prefill_256_tok_s",
+        "ttft_448_s",
+        "decode_tok_s",
+        "second_turn_ttft_s",
+        "second_turn_recomputed_ttft_s",
+    ):
         assert ours[key]["median"] > 0, key
     assert ours["vision_448_tokens"] == 196 and ours["vision_896_tokens"] == 784
     assert res["export_s"] > 0 and res["export_peak_rss_gb"] > 0 and ours["peak_rss_gb"] > 0
     assert res["block_size"] == 128 and res["int8_projections"] == ["v_proj", "lm_head"]
     assert stem.with_suffix(".png").stat().st_size > 1000
     assert "decode (tok/s)" in stem.with_suffix(".md").read_text()
+    assert "second turn about a 448x448 picture: first token (s)" in stem.with_suffix(".md").read_text()
 
 
 def test_bench_tiny_prefill_int8_and_bundle(cli, tmp_path, bench_workdir):

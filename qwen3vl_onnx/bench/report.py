@@ -13,6 +13,8 @@ ROWS = [
     ("prefill_32_tok_s", "prefill 32 tokens (tok/s)", True),
     ("prefill_256_tok_s", "prefill 256 tokens (tok/s)", True),
     ("ttft_448_s", "first token, 448x448 image + question (s)", False),
+    ("second_turn_ttft_s", "second turn about a 448x448 picture: first token (s)", False),
+    ("second_turn_recomputed_ttft_s", "the same, whole history recomputed (s)", False),
     ("decode_tok_s", "decode (tok/s)", True),
 ]
 

@@ -74,6 +74,22 @@ def image_question(img: np.ndarray) -> list[dict]:
 
 
 DECODE_TOKENS = 128  # tokens generated per decode-speed sample (after the first, the prefill's)
+FIRST_ANSWER_TOKENS = 32  # the first turn's answer length in the conversation figures
+
+
+def second_turn(pipe, rng: np.random.Generator, repeats: int) -> dict:
+    """First token of a follow-up question in a conversation about a 448x448 picture: kept in a
+    ``Conversation`` (only the question is prefilled) and recomputed from the whole history (what a
+    stateless call does). Each repeat is a new conversation about a new picture."""
+    kept, full = [], []
+    for _ in range(repeats + 1):
+        conv = pipe.chat()
+        conv.send(image_question(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8))[0]["content"],
+                  max_new_tokens=FIRST_ANSWER_TOKENS, temperature=0, ignore_eos=True).finish()  # fmt: skip
+        history = [*conv.messages, {"role": "user", "content": "And what else is there?"}]
+        kept.append(conv.send("And what else is there?", max_new_tokens=1, temperature=0).finish().timings["ttft_s"])
+        full.append(pipe.generate(history, max_new_tokens=1, temperature=0).timings["ttft_s"])
+    return {"second_turn_ttft_s": stats(kept[1:]), "second_turn_recomputed_ttft_s": stats(full[1:])}  # first: warm-up
 
 
 def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> dict:
@@ -98,6 +114,7 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
     img = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
     q = image_question(img)
     res["ttft_448_s"] = stats(timed(lambda: pipe.generate(q, max_new_tokens=1, temperature=0), repeats))
+    res.update(second_turn(pipe, rng, repeats))
     dec = []
     for _ in range(max(1, repeats - 1)):
         story = [{"role": "user", "content": "Tell me a story."}]
