@@ -38,20 +38,18 @@ class ExportOptions:
     def resolve(self) -> ExportOptions:
         """These options validated (one-line ``UserError`` otherwise), "auto" choices resolved.
 
-        - ``vision_precision`` "auto": int8 for int4/int8 bundles, else fp32. Why int8 there: at the
-          4B shape's vision matmuls (784 x 1024 x 4096) DynamicQuantizeMatMul ran at 600-660 GOPS on
-          a 2-core AVX-512 VNNI EPYC against 120-130 for fp32 MatMul and 230 for MatMulNBits int8
-          (per-matmul cosine 0.9999); a user who asked for a quantized bundle wants the picture
+        - ``vision_precision`` "auto": int8 for int4/int8 bundles, else fp32. Why int8 there: the
+          u8 x s8 GEMM runs the tower's matmuls several times faster than fp32 MatMul or MatMulNBits
+          at cosine 0.9999 per matmul, and a user who asked for a quantized bundle wants the picture
           encoded fast too. Float bundles keep the reference-exact fp32 tower.
         - ``int8_projections`` None: ``DEFAULT_INT8_PROJECTIONS`` for int4, nothing otherwise; an
           empty tuple: every projection at 4 bits.
         - ``prefill_int8``: only for int4/int8 (never portable). Why the option exists: MatMulNBits'
-          int8-compute path tops out at ~375-390 GOPS for prompt-sized matmuls on that machine,
-          while MLAS's u8 x s8 GEMM runs them at 700-760. The prefill graph stores every layer
-          projection again as int8 per output channel (its lm_head a second copy of the decode
-          graph's), so prompts and image tokens run on the fast GEMM while decode keeps the compact
-          weights. The price is memory, ~1 byte per decoder weight on top (4B: +3.8 GB), so it is
-          off by default.
+          int8-compute path runs prompt-sized matmuls at about half the u8 x s8 GEMM's speed. The
+          prefill graph stores every layer projection again as int8 per output channel (its lm_head
+          a second copy of the decode graph's), so prompts and image tokens run on the fast GEMM
+          while decode keeps the compact weights. The price is ~1 byte per decoder weight of memory,
+          so it is off by default (figures: docs/BENCHMARKS.md).
         """
         if self.precision not in PRECISIONS:
             raise UserError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
