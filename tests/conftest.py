@@ -21,6 +21,7 @@ from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template, make_config
 from qwen3vl_onnx.demo.tokenizer import write_tokenizer_files
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
+from qwen3vl_onnx.shapes.model import unpack
 
 # Small pixel budget so test images give tens of tokens, not hundreds.
 TEST_PREPROCESSOR = {
@@ -212,3 +213,12 @@ def cli():
         )
 
     return run
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> tuple[Path, Bundles]:
+    """The unpacked trained shapes checkpoint and its bundles by export options (fp32: ``bundles()``),
+    made once per test module."""
+    root = tmp_path_factory.mktemp("shapes")
+    ckpt = unpack(root / "ckpt")
+    return ckpt, Bundles(ckpt, root)

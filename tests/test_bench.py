@@ -65,28 +65,6 @@ def test_bench_tiny_prefill_int8_and_bundle(cli, tmp_path, bench_workdir):
     assert res_b["prefill_int8"] is True and "+ int8 prefill graph" in r.stdout
 
 
-def test_missing_peer_is_skipped_with_how_to_install(monkeypatch, tmp_path):
-    from qwen3vl_onnx.bench import peers
-
-    monkeypatch.setattr(peers, "PEERS", {"ghost": peers.Peer("peer_torch", [], ["no_such_module_q3"], "pip install ghost", 0)})
-    res = peers.run_peers(tmp_path / "ckpt", 10, 1, tmp_path / "w")
-    assert res == {"ghost": {"skipped": "no_such_module_q3 not installed (pip install ghost)"}}
-
-
-def test_failed_peer_reports_its_error_line_not_backtrace_noise():
-    from qwen3vl_onnx.bench.procstats import failure_reason
-
-    native = """loaded
-/build/vendor/llama.cpp/ggml/src/ggml.c:2072: GGML_ASSERT(ggml_can_repeat(b, a)) failed
-Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
-30	../sysdeps/unix/sysv/linux/wait4.c: No such file or directory.
-360	../csu/libc-start.c: No such file or directory.
-"""
-    assert failure_reason(native).endswith("GGML_ASSERT(ggml_can_repeat(b, a)) failed")
-    assert failure_reason("Traceback (most recent call last):\n  x\nValueError: bad shape\n") == "ValueError: bad shape"
-    assert failure_reason("just this\n") == "just this" and failure_reason("") == "no output"
-
-
 def test_peak_memory_is_the_childs_own():
     """A child of a process that holds 400 MB reports its own peak, not the parent's (Linux keeps
     ru_maxrss across fork and exec, which once made an 8B bench report 9.4 GB for a 5.8 GB run)."""
@@ -102,44 +80,3 @@ def test_peak_memory_is_the_childs_own():
     assert 0.29 < big["export_peak_rss_gb"] < 0.45, big
     assert peak_rss_gb() > 0.39  # the parent's own figure does include its ballast
     del ballast
-
-
-def test_bench_compare_runs_peers_on_the_same_weights_and_in_turns(cli, tmp_path, bench_workdir):
-    """onnxruntime-genai's builder exports the same random checkpoint and its figures land beside ours
-    with ratios; PyTorch bf16 runs too, and its vision encode and prefill-256 are also measured in
-    turns with ours (each system loaded in its own worker), each pair's ratio reaching the table."""
-    r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",
-            "PyTorch bf16", "--turn-pause", "0", "--workdir", bench_workdir, "--out", tmp_path / "o", timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    stem = tmp_path / "o" / "bench-tiny-int4-vint8"
-    res = json.loads(stem.with_suffix(".json").read_text())
-    _check_ours(res, stem, False)
-    assert not (bench_workdir / "tiny" / "bundle-int4-b128-p8v_proj+lm_head-vint8" / "decoder_prefill.onnx").exists()
-    assert list(res["peers"]) == ["PyTorch bf16", "onnxruntime-genai int4 (text)"]
-    peer = res["peers"]["onnxruntime-genai int4 (text)"]
-    assert "skipped" not in peer and "skipped" not in res["peers"]["PyTorch bf16"], res["peers"]
-    for key in ("prefill_32_tok_s", "prefill_256_tok_s", "decode_tok_s"):
-        assert peer[key]["median"] > 0, key
-    assert peer["convert_s"] > 0 and peer["convert_peak_rss_gb"] > 0 and peer["bundle_gb"] > 0
-    md = (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
-    assert "ratio vs onnxruntime-genai int4 (text)" in md and "ratio vs PyTorch bf16" in md
-    assert list(res["turns"]) == ["PyTorch bf16"]
-    turns = res["turns"]["PyTorch bf16"]
-    assert list(turns) == ["vision_448_s", "prefill_256_tok_s"]  # PyTorch's peer has no first-token figure
-    for task, label in (("vision_448_s", "vision encode 448x448 (s)"), ("prefill_256_tok_s", "prefill 256 tokens (tok/s)")):
-        f = turns[task]
-        assert f["pair_ratios"]["n"] == 5 and f["ours"]["n"] == 5 and f["ours"]["median"] > 0 and f["peer"]["median"] > 0
-        assert f"{label}, in turns with PyTorch bf16, 5 pairs" in md
-
-
-def test_turns_report_a_worker_that_dies_with_its_error_line():
-    import sys
-
-    from qwen3vl_onnx.bench.turns import take_turns
-
-    ok = [sys.executable, "-c", "from qwen3vl_onnx.bench.procstats import serve_loop; serve_loop({'ttft_448_s': lambda: 1.0})"]
-    dead = [sys.executable, "-c", "raise ValueError('no pipeline here')"]
-    with pytest.raises(RuntimeError, match="peer exited .*ValueError: no pipeline here"):
-        take_turns(ok, dead, ["ttft_448_s"], 1, pause_s=0)
-    res = take_turns(ok, ok, ["ttft_448_s"], 2, pause_s=0)["ttft_448_s"]
-    assert res["pair_ratios"] == {"median": 1.0, "min": 1.0, "max": 1.0, "n": 2}
