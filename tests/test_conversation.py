@@ -99,3 +99,14 @@ def test_reset_forgets_the_history_but_not_the_pictures(pipe):
     assert again.token_ids == first.token_ids and again.cached_tokens == 0
     assert conv.vision.misses == 1
     assert np.all(conv.cache.lengths > 0)
+
+
+def test_a_portable_bundle_converses_too(tiny_one):
+    """The portable graph's cache is the concatenated past: trimming and continuing work on it as well."""
+    pipe = Pipeline.from_bundle(tiny_one.bundle_with(portable=True))
+    conv = pipe.chat()
+    for content in (_parts("What?", picture(64, 40, seed=1)), "More?"):
+        history = [*conv.messages, {"role": "user", "content": content}]
+        res = conv.send(content, **GREEDY).finish()
+        assert res.token_ids == pipe.generate(history, **GREEDY).token_ids
+    assert res.cached_tokens > 0

@@ -95,7 +95,10 @@ class KVCache:
             self.values = [v[:, :, :keep] for v in self.values]
 
     def ensure(self, needed: int) -> None:
-        """Room for ``needed`` tokens per row (fused layout), growing by doubling, keeping contents."""
+        """Room for ``needed`` tokens per row (fused layout), growing by doubling, keeping contents.
+        Portable caches are exactly as long as their contents and need nothing."""
+        if not self.fused:
+            return
         cap = self.keys[0].shape[2]
         if self._bound and needed <= cap:
             return
