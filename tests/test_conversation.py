@@ -110,3 +110,17 @@ def test_a_portable_bundle_converses_too(tiny_one):
         res = conv.send(content, **GREEDY).finish()
         assert res.token_ids == pipe.generate(history, **GREEDY).token_ids
     assert res.cached_tokens > 0
+
+
+def test_an_answer_stopped_early_stays_in_the_history(pipe):
+    """Closing a stream (Ctrl-C in the chat) keeps the question and the answer so far; the next turn
+    answers as a fresh call on that history would."""
+    conv = pipe.chat()
+    stream = conv.send("Tell me a long story.", max_new_tokens=30, temperature=0, ignore_eos=True)
+    it = iter(stream)
+    shown = "".join(next(it) for _ in range(3))
+    stream.close()
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"] and conv.messages[1]["content"] == shown
+    history = [*conv.messages, {"role": "user", "content": "Go on."}]
+    res = conv.send("Go on.", **GREEDY).finish()
+    assert res.token_ids == pipe.generate(history, **GREEDY).token_ids and res.cached_tokens > 0
