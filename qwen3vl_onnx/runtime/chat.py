@@ -85,9 +85,11 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
         if not isinstance(m, dict) or "role" not in m:
             raise UserError("each message needs a role")
         content = m.get("content", "")
-        if isinstance(content, str):
-            out.append({**m, "content": content})
+        if content is None or isinstance(content, str):
+            out.append({**m, "content": content or ""})
             continue
+        if not isinstance(content, list):
+            raise UserError(f"message content must be text or a list of parts, got {type(content).__name__}")
         parts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
@@ -97,7 +99,10 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
                 images.append(part.get("image") if part.get("image") is not None else part.get("path"))
                 parts.append({"type": "image"})
             elif kind == "image_url":
-                url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
+                ref = part.get("image_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str) or not url:
+                    raise UserError("image_url part needs a url")
                 images.append(_image_from_url(url))
                 parts.append({"type": "image"})
             else:
