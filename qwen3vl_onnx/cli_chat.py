@@ -125,8 +125,12 @@ class ChatSession:
         if not path.name:
             raise UserError("/save needs a file name")
         tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps({"messages": saved_messages(self.conv.messages)}, ensure_ascii=False, indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps({"messages": saved_messages(self.conv.messages)}, ensure_ascii=False, indent=1))
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{path}: cannot write ({e.strerror})") from None
         print(f"[saved {len(self.conv.messages)} messages to {path}]", file=self.err)
 
     def ask(self, text: str) -> None:

@@ -41,9 +41,11 @@ def test_chat_turns_save_reset_load(setup, tmp_path):
 
 
 def test_chat_system_and_unknown_commands(setup):
-    r = _chat(setup / "bundle", ["/system Answer in French.", "/nonsense", "/video clip.mp4", "Hello"])
-    assert r.returncode == 2
+    r = _chat(setup / "bundle", ["/system Answer in French.", "/nonsense", "/video clip.mp4", "/save /no/such/dir/c.json",
+                                 "/load /no/such.json", "Hello"])  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "error: unknown command /nonsense" in r.stderr and "error: video input is not supported yet" in r.stderr
+    assert "error: /no/such/dir/c.json: cannot write" in r.stderr and "error: /no/such.json: cannot read" in r.stderr
     pipe = Pipeline.from_bundle(setup / "bundle")
     expected = pipe.generate([{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}],
                              max_new_tokens=5, temperature=0, ignore_eos=True)  # fmt: skip
