@@ -109,10 +109,11 @@ def test_sampler_rows_are_independent_and_limits_hold():
     np.testing.assert_array_equal(GREEDY(logits), logits.argmax(axis=1))
     np.testing.assert_array_equal(make_sampler(1.0, top_k=1)(logits), logits.argmax(axis=1))
     np.testing.assert_array_equal(make_sampler(1.0, top_p=1e-6)(logits), logits.argmax(axis=1))
-    top3 = np.argsort(-logits, axis=1)[:, :3]
+    # the three likeliest by value (not argsort: under QEMU's AVX2 emulation numpy's argsort misorders)
+    third = np.sort(logits, axis=1)[:, -3]
     draws = np.stack([make_sampler(2.0, top_k=3, rng=np.random.default_rng(s))(logits) for s in range(200)])
     for b in range(4):
-        assert set(draws[:, b]) == set(top3[b])  # every one of the three, nothing else
+        assert set(draws[:, b].tolist()) == set(np.flatnonzero(logits[b] >= third[b]).tolist())  # all three, nothing else
     a = make_sampler(0.7, top_p=0.9, rng=np.random.default_rng(5))(logits)
     b = make_sampler(0.7, top_p=0.9, rng=np.random.default_rng(5))(logits)
     np.testing.assert_array_equal(a, b)  # a seed repeats
