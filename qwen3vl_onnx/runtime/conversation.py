@@ -15,10 +15,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..errors import UserError
-from .generate import Result, Stream, image_slices, prefill_input, stream_generate
+from .generate import Result, Stream, image_slices, images_before, prefill_input, stream_generate
 from .positions import rope_index
 from .prompt import Prompt
 from .sampling import GenerationParams
@@ -108,15 +106,7 @@ class Conversation:
         """Cut the cache back to the first ``keep`` tokens of ``prompt`` and set their MRoPE offset."""
         self.cache.trim(self.cache.length - keep)
         cfg = self.pipe.config
-        pads = {cfg.image_token_id, cfg.video_token_id}
-        merge2 = cfg.vision.spatial_merge_size**2
-        n_pads = sum(1 for t in prompt.ids[:keep] if t in pads)
-        grids, seen = [], 0
-        for g in prompt.grids:
-            if seen >= n_pads:
-                break
-            grids.append(g)
-            seen += int(np.prod(g)) // merge2
+        grids = prompt.grids[: images_before(cfg, prompt, keep)]
         _, delta = rope_index(prompt.ids[:keep], cfg.image_token_id, cfg.video_token_id, grids, (), cfg.vision.spatial_merge_size)
         self.cache.rope_deltas[0] = delta
         self.cached_ids = list(prompt.ids[:keep])

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..config import Qwen3VLConfig
 from .cache import KVCache
 from .model import BundleModel
 from .positions import rope_index
@@ -163,19 +164,25 @@ def image_slices(prompt: Prompt) -> list[np.ndarray]:
     return [prompt.pixel_values[sizes[i] : sizes[i + 1]] for i in range(len(prompt.grids))]
 
 
+def images_before(cfg: Qwen3VLConfig, prompt: Prompt, end: int) -> int:
+    """How many of the prompt's images (or videos) have their pads in ``ids[:end]``; ``end`` must
+    not fall inside an image's pads."""
+    pads = {cfg.image_token_id, cfg.video_token_id}
+    merge2 = cfg.vision.spatial_merge_size**2
+    before = sum(1 for t in prompt.ids[:end] if t in pads)
+    n, seen = 0, 0
+    while n < len(prompt.grids) and seen < before:
+        seen += int(np.prod(prompt.grids[n])) // merge2
+        n += 1
+    if seen != before:
+        raise ValueError(f"position {end} cuts an image's pad tokens")
+    return n
+
+
 def prefill_input(model: BundleModel, prompt: Prompt, start: int = 0, vision: VisionCache | None = None) -> PrefillInput:
     """``prompt.ids[start:]`` with the features of the images whose pads it holds (``start`` must
     not cut an image's pads), encoded in one vision call or taken from ``vision``."""
-    cfg = model.config
-    pads = {cfg.image_token_id, cfg.video_token_id}
-    merge2 = cfg.vision.spatial_merge_size**2
-    before = sum(1 for t in prompt.ids[:start] if t in pads)
-    first, seen = 0, 0
-    while first < len(prompt.grids) and seen < before:
-        seen += int(np.prod(prompt.grids[first])) // merge2
-        first += 1
-    if seen != before:
-        raise ValueError(f"prefill start {start} cuts an image's pad tokens")
+    first = images_before(model.config, prompt, start)
     grids = list(prompt.grids[first:])
     if not grids:
         return PrefillInput(list(prompt.ids[start:]), reused=start, prompt=list(prompt.ids))
