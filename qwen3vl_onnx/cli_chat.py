@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import UserError
+from .runtime.generate import stats_line
 
 HELP = """commands:
   /image PATH    attach a picture to your next message (repeatable)
@@ -40,14 +41,6 @@ def write_stream(stream: Any, hide_reasoning: bool, out: TextIO) -> None:
             in_reasoning = False
         out.write(piece)
         out.flush()
-
-
-def turn_line(res: Any) -> str:
-    """The figures of one turn: tokens (reused from the cache), prefill and decode rates, first token."""
-    t = res.timings
-    decode = "" if t["decode_tok_per_s"] is None else f", decode {t['decode_tok_per_s']:.1f} tok/s"
-    return (f"[{res.prompt_tokens} prompt tokens ({res.cached_tokens} reused) + {res.completion_tokens} new; "
-            f"first token {t['ttft_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s{decode}]")  # fmt: skip
 
 
 def saved_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -150,7 +143,7 @@ class ChatSession:
             print("[stopped]", file=self.err)
             return
         self.out.write("\n")
-        print(turn_line(stream.result), file=self.err)
+        print(stats_line(stream.result, reused=True), file=self.err)
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

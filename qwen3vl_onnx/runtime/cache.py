@@ -45,18 +45,9 @@ class KVCache:
         return len(self.lengths)
 
     @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2] if self.fused else 1 << 62
-
-    @property
     def length(self) -> int:
         """Tokens cached in the longest row (for batch 1: the row's length)."""
         return int(self.lengths.max()) if self.batch else 0
-
-    @property
-    def rope_delta(self) -> int:
-        """Row 0's MRoPE offset (batch-1 callers)."""
-        return int(self.rope_deltas[0])
 
     def next_positions(self) -> np.ndarray:
         """(B,) position of each row's next token."""

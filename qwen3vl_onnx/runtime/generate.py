@@ -240,12 +240,14 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
                  logprobs if d.logprobs is not None else None)  # fmt: skip
 
 
-def stats_line(res: Result) -> str:
-    """The bracketed figures after an answer; decode speed only when there was a decode step."""
+def stats_line(res: Result, reused: bool = False) -> str:
+    """The bracketed figures after an answer (``reused``: say how many prompt tokens came from the
+    cache, as a conversation does); decode speed only when there was a decode step."""
     t = res.timings
+    cached = f" ({res.cached_tokens} reused)" if reused else ""
     decode = "" if t["decode_tok_per_s"] is None else f", decode {t['decode_tok_per_s']:.1f} tok/s"
-    return (f"[{res.prompt_tokens} prompt + {res.completion_tokens} new tokens; first token {t['ttft_s']:.2f}s, "
-            f"vision {t['vision_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s{decode}]")  # fmt: skip
+    return (f"[{res.prompt_tokens} prompt tokens{cached} + {res.completion_tokens} new tokens; first token "
+            f"{t['ttft_s']:.2f}s, vision {t['vision_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s{decode}]")  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -159,11 +159,11 @@ class BundleModel:
         """One decoder call with the cache buffers bound as both past and present (written in place at
         each row's ``seqlens_k``); the prefill and decode graphs share the buffers, so switching
         between them copies nothing."""
-        s = feeds[io.INPUTS_EMBEDS].shape[1]
-        cache.ensure(int(cache.lengths.max()) + s)
+        total = int(cache.lengths.max()) + feeds[io.INPUTS_EMBEDS].shape[1]  # the longest row after this call
+        cache.ensure(total)
         totals = cache.lengths + new_lengths
         feeds[io.SEQLENS_K] = (totals - 1).astype(np.int32)
-        feeds[io.TOTAL_SEQUENCE_LENGTH] = np.array(int(cache.lengths.max()) + s, np.int32)
+        feeds[io.TOTAL_SEQUENCE_LENGTH] = np.array(total, np.int32)
         binding = session.io_binding()
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, arr)
