@@ -28,7 +28,7 @@ from qwen3vl_onnx.demo.checkpoint import chat_template
 from qwen3vl_onnx.demo.tokenizer import build_tokenizer
 from qwen3vl_onnx.export.weights import Checkpoint, save_safetensors
 from qwen3vl_onnx.runtime.preprocess import ImageProcessorConfig
-from qwen3vl_onnx.runtime.prompt import build_prompt
+from qwen3vl_onnx.runtime.prompt import Processors, build_prompt
 from qwen3vl_onnx.shapes import task
 from qwen3vl_onnx.shapes.model import GENERATION, PREPROCESSOR, SHAPES_CONFIG, packaged_checkpoint
 
@@ -63,11 +63,11 @@ class Encoder:
     def __init__(self):
         self.tokenizer = build_tokenizer()
         self.template = chat_template()
-        self.image_config = ImageProcessorConfig.from_dict(PREPROCESSOR)
+        self.processors = Processors(ImageProcessorConfig.from_dict(PREPROCESSOR), image_token_id=IMG)
 
     def item(self, it: task.Item) -> tuple[list[int], list[bool], np.ndarray, list, list]:
         """Prompt+answer ids, which ids are supervised, pixel values, grids, scenes."""
-        p = build_prompt(self.tokenizer, self.template, self.image_config, IMG, task.messages(it))
+        p = build_prompt(self.tokenizer, self.template, self.processors, task.messages(it))
         answer = self.tokenizer.encode(it.answer, add_special_tokens=False).ids + [IM_END]
         return p.ids + answer, [False] * len(p.ids) + [True] * len(answer), p.pixel_values, p.grids, it.scenes
 
@@ -78,7 +78,7 @@ class Encoder:
         for i, (q, a) in enumerate(qas):
             content = ([{"type": "image", "image": im} for im in images] if i == 0 else []) + [{"type": "text", "text": q}]
             msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
-        p = build_prompt(self.tokenizer, self.template, self.image_config, IMG, msgs, add_generation_prompt=False)
+        p = build_prompt(self.tokenizer, self.template, self.processors, msgs, add_generation_prompt=False)
         target, inside = [], False
         for j, t in enumerate(p.ids):  # answer tokens: after "<|im_start|>assistant\n", through <|im_end|>
             if j >= 3 and p.ids[j - 3 : j] == ASSISTANT:

@@ -33,6 +33,16 @@ TEST_PREPROCESSOR = {
     "image_std": [0.5, 0.5, 0.5],
 }
 
+# Video: a small clip budget (a frame of 24 merged tokens at most) so test videos cost tens of tokens.
+TEST_VIDEO_PREPROCESSOR = {
+    **TEST_PREPROCESSOR,
+    "size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 96},
+    "fps": 2,
+    "max_frames": 16,
+    "max_video_tokens": 24,
+    "video_processor_type": "Qwen3VLVideoProcessor",
+}
+
 GEOMETRIES = {
     "tied_gqa2": dict(tie=True, heads=4, kv=2, layers=3, depth=3, deepstack=[0, 1]),
     "untied_gqa4": dict(tie=False, heads=4, kv=1, layers=4, depth=4, deepstack=[1, 2, 3]),
@@ -76,6 +86,7 @@ def build_checkpoint(
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, directory / f.name)
     (directory / "preprocessor_config.json").write_text(json.dumps(TEST_PREPROCESSOR))
+    (directory / "video_preprocessor_config.json").write_text(json.dumps(TEST_VIDEO_PREPROCESSOR))
     (directory / "generation_config.json").write_text(json.dumps(GENERATION))
     return directory
 
@@ -181,6 +192,29 @@ def picture(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.
     arr[: height // 3, : width // 2] = (200, 30, 30, 255)
     img = Image.fromarray(arr, "RGBA")
     return img if mode == "RGBA" else img.convert(mode)
+
+
+def make_video(path: Path, frames: int, fps: float, width: int, height: int, codec: str = "libx264", seed: int = 0,
+               keyint: int = 12) -> Path:  # fmt: skip
+    """Encode a clip with PyAV: a blocky random picture scrolling one block per frame (so every frame
+    differs and resizing has edges), ``codec`` libx264 (lossy H.264, B-frames) or mpeg4, ffv1..."""
+    from fractions import Fraction
+
+    import av
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (height // 8 + 1, width // 8 + frames + 1, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "30", "g": str(keyint)}
+        for i in range(frames):
+            img = np.kron(base[:, i : i + width // 8 + 1], np.ones((8, 8, 1), np.uint8))[:height, :width]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
+        container.mux(stream.encode())
+    return path
 
 
 @pytest.fixture

@@ -21,6 +21,11 @@ from PIL import Image
 
 from ..errors import UserError
 from .preprocess import ImageLike
+from .video import VideoRequest, video_from_url
+
+Visual = ImageLike | VideoRequest  # what a message part shows, in prompt order
+VIDEO_OPTIONS = {"fps": "fps", "max_frames": "max_frames", "max_pixels": "max_pixels", "video_start": "start",
+                 "video_end": "end"}  # fmt: skip
 
 
 def load_chat_template(directory: Path) -> str:
@@ -76,8 +81,16 @@ def _image_from_url(url: str) -> ImageLike:
     return url
 
 
-def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[ImageLike]]:
-    """Messages for the template (images as placeholders) and the images in prompt order."""
+def _video_part(part: dict[str, Any], source: Any) -> VideoRequest:
+    """A video part's source with its options (``fps``, ``max_frames``, ``max_pixels``,
+    ``video_start``/``video_end`` in seconds), read from the part as qwen-vl-utils spells them."""
+    if source is None or (isinstance(source, str) and not source):
+        raise UserError("video part needs a video (a path, a data URL or a list of frames)")
+    return VideoRequest(source, **{ours: part[key] for key, ours in VIDEO_OPTIONS.items() if part.get(key) is not None})
+
+
+def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Visual]]:
+    """Messages for the template (images and videos as placeholders) and what they show, in prompt order."""
     if not isinstance(messages, list) or not messages:
         raise UserError("messages must be a non-empty list")
     out, images = [], []
@@ -105,6 +118,17 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
                     raise UserError("image_url part needs a url")
                 images.append(_image_from_url(url))
                 parts.append({"type": "image"})
+            elif kind == "video" or (kind is None and isinstance(part, dict) and "video" in part):
+                source = part.get("video")
+                images.append(_video_part(part, video_from_url(source) if isinstance(source, str) else source))
+                parts.append({"type": "video"})
+            elif kind == "video_url":
+                ref = part.get("video_url")
+                url = ref.get("url") if isinstance(ref, dict) else ref
+                if not isinstance(url, str) or not url:
+                    raise UserError("video_url part needs a url")
+                images.append(_video_part({**part, **(ref if isinstance(ref, dict) else {})}, video_from_url(url)))
+                parts.append({"type": "video"})
             else:
                 raise UserError(f"unsupported message content part: {kind!r}")
         out.append({**m, "content": parts})

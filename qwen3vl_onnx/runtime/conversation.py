@@ -26,29 +26,42 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 
-def _image_runs(ids: Sequence[int], pads: set[int]) -> list[int]:
-    """Start index of each run of image/video pad tokens (one run per image or video frame block)."""
-    return [i for i, t in enumerate(ids) if t in pads and (i == 0 or ids[i - 1] not in pads)]
+def _picture_spans(ids: Sequence[int], pads: set[int], frames: Sequence[int] | None) -> list[tuple[int, int]]:
+    """[first pad, last pad + 1) of each picture. An image is one run of pad tokens, a video one run
+    per temporal patch (``frames[i]``: runs of picture i; default one each)."""
+    runs: list[list[int]] = []
+    for i, t in enumerate(ids):
+        if t in pads:
+            if i and ids[i - 1] in pads:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+    spans, r = [], 0
+    for f in frames if frames is not None else [1] * len(runs):
+        if r + f > len(runs):
+            break
+        spans.append((runs[r][0], runs[r + f - 1][1]))
+        r += f
+    return spans
 
 
 def reusable_prefix(cached: Sequence[int], cached_images: Sequence[str], ids: Sequence[int], images: Sequence[str],
-                    pads: set[int]) -> int:  # fmt: skip
+                    pads: set[int], frames: Sequence[int] | None = None) -> int:  # fmt: skip
     """How many leading tokens of ``ids`` the cache can keep: the common prefix with ``cached``, cut
-    back to the start of an image whose pixels differ (``*_images``: content keys in order) or whose
-    pads it would split, and at least one token short of ``ids`` (a call needs a token to predict from)."""
+    back to the start of a picture whose pixels differ (``*_images``: content keys in order) or
+    which it would split (an image's pads, a video anywhere between its first and last frame), and
+    at least one token short of ``ids`` (a call needs a token to predict from)."""
     k = 0
     for a, b in zip(cached, ids, strict=False):
         if a != b:
             break
         k += 1
     k = min(k, len(ids) - 1)
-    for n, start in enumerate(_image_runs(ids, pads)):
+    for n, (start, end) in enumerate(_picture_spans(ids, pads, frames)):
         if start >= k:
             break
-        if n >= len(cached_images) or cached_images[n] != images[n]:
+        if n >= len(cached_images) or cached_images[n] != images[n] or k < end:
             return start
-    while 0 < k < len(ids) and ids[k - 1] in pads and ids[k] in pads:
-        k -= 1
     return k
 
 
@@ -93,7 +106,7 @@ class Conversation:
         images = [VisionCache.key(p, g) for p, g in zip(image_slices(prompt), prompt.grids, strict=True)]
         cfg = pipe.config
         pads = {cfg.image_token_id, cfg.video_token_id}
-        keep = reusable_prefix(self.cached_ids, self.cached_images, prompt.ids, images, pads)
+        keep = reusable_prefix(self.cached_ids, self.cached_images, prompt.ids, images, pads, [g[0] for g in prompt.grids])
         self._trim_to(prompt, keep)
         t1 = time.perf_counter()
         request = prefill_input(pipe.model, prompt, keep, self.vision)
@@ -106,8 +119,9 @@ class Conversation:
         """Cut the cache back to the first ``keep`` tokens of ``prompt`` and set their MRoPE offset."""
         self.cache.trim(self.cache.length - keep)
         cfg = self.pipe.config
-        grids = prompt.grids[: images_before(cfg, prompt, keep)]
-        _, delta = rope_index(prompt.ids[:keep], cfg.image_token_id, cfg.video_token_id, grids, (), cfg.vision.spatial_merge_size)
+        head = Prompt(prompt.ids[:keep], None, *(x[: images_before(cfg, prompt, keep)] for x in (prompt.grids, prompt.videos)))
+        _, delta = rope_index(head.ids, cfg.image_token_id, cfg.video_token_id, head.image_grids, head.video_grids,
+                              cfg.vision.spatial_merge_size)  # fmt: skip
         self.cache.rope_deltas[0] = delta
         self.cached_ids = list(prompt.ids[:keep])
 

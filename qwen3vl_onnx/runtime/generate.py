@@ -59,13 +59,14 @@ class Result:
 def generate_step(model: BundleModel, ids: Sequence[int], cache: KVCache, sampler: Sampler, max_tokens: int,
                   image_embeds: np.ndarray | None = None, deepstack: np.ndarray | None = None,
                   grids: Sequence[tuple[int, int, int]] = (), processor: LogitsProcessor | None = None,
-                  context: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+                  context: Sequence[int] | None = None,
+                  video_grids: Sequence[tuple[int, int, int]] = ()) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
     """Prefill ``ids`` after what ``cache`` (batch 1) holds, then yield up to ``max_tokens`` (token,
     logits it was drawn from, after ``processor``, which sees ``context``, the whole prompt, default
     ``ids``, and the tokens so far); the next decode step runs only when the next token is asked for."""
     context = ids if context is None else context
     generated: list[int] = []
-    logits = model.prefill(ids, image_embeds, deepstack, grids, cache)[0, -1]
+    logits = model.prefill(ids, image_embeds, deepstack, grids, cache, video_grids=video_grids)[0, -1]
     for n in range(max_tokens):
         if processor is not None:
             logits = processor(logits, context, generated)
@@ -133,12 +134,14 @@ class Stream:
 @dataclass
 class PrefillInput:
     """What a request prefills after the tokens its cache already holds: token ids, and the visual
-    features and grids of the images (or videos) whose pads are among them."""
+    features and grids of the images and videos whose pads are among them (``videos[i]``: grid i is
+    a video's)."""
 
     ids: list[int]
     image_embeds: np.ndarray | None = None
     deepstack: np.ndarray | None = None
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    videos: list[bool] = field(default_factory=list)
     reused: int = 0  # prompt tokens taken from the cache instead (reported as cached tokens)
     prompt: list[int] = field(default_factory=list)  # the whole prompt, for penalties that count it
 
@@ -191,7 +194,8 @@ def prefill_input(model: BundleModel, prompt: Prompt, start: int = 0, vision: Vi
         emb, ds = vision.encode(model, pixels, grids)
     else:
         emb, ds = model.encode_images(np.concatenate(pixels), grids)
-    return PrefillInput(list(prompt.ids[start:]), emb, ds, grids, start, list(prompt.ids))
+    videos = list(prompt.videos[first:])
+    return PrefillInput(list(prompt.ids[start:]), emb, ds, grids, videos, start, list(prompt.ids))
 
 
 def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillInput, cache: KVCache, decoding: Decoding,
@@ -202,8 +206,11 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
     t_start = time.perf_counter()
     t0 = t_start if t0 is None else t0
     d = decoding
+    videos = request.videos or [False] * len(request.grids)
+    image_grids = [g for g, v in zip(request.grids, videos, strict=True) if not v]
+    video_grids = [g for g, v in zip(request.grids, videos, strict=True) if v]
     steps = generate_step(model, request.ids, cache, d.sampler, d.max_new_tokens, request.image_embeds, request.deepstack,
-                          request.grids, d.processor, request.prompt or request.ids)  # fmt: skip
+                          image_grids, d.processor, request.prompt or request.ids, video_grids)  # fmt: skip
     parts = AnswerParts(tokenizer, d.think_end, d.stop)
     logprobs: list[TokenLogprob] = []
     t_first = t_start

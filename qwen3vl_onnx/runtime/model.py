@@ -18,11 +18,19 @@ from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig
 from ..errors import UserError
 from .cache import KVCache
 from .positions import rope_index
-from .vision_geometry import Grid, same_length_runs, vision_inputs
+from .vision_geometry import Grid, vision_calls, vision_inputs
 
 # Calls of at least this many tokens go to a bundle's prefill graph (--prefill-int8). Below it the
 # compact graph wins, as it reads half the weight bytes (crossover measured at the 4B shape).
 PREFILL_GRAPH_MIN_TOKENS = 8
+
+# A long prompt (a video is thousands of tokens) is prefilled in chunks so attention's score matrix
+# stays within this many bytes; each chunk re-reads the weights, so chunks stay at least this long.
+PREFILL_SCORES_BYTES = 1 << 30
+PREFILL_MIN_CHUNK = 512
+# Vision calls carry at most this many patches (frames are split across calls; each frame attends
+# only to itself, so the features do not change): a 60 s video's activations never exist at once.
+VISION_MAX_PATCHES = 16384
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
@@ -79,14 +87,16 @@ class BundleModel:
         """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images.
 
         One vision call per run of consecutive images (or videos) whose frames have the same size,
-        so each call attends over unpadded, unmasked blocks.
+        so each call attends over unpadded, unmasked blocks; long runs are split between frames.
         """
         grids = [tuple(int(x) for x in g) for g in grids]
-        sizes = np.cumsum([0] + [t * h * w for t, h, w in grids])
-        parts = [
-            self.vision.run(None, vision_inputs(self.config.vision, pixel_values[sizes[a] : sizes[b]], grids[a:b]))
-            for a, b in same_length_runs(grids)
-        ]
+        parts, row = [], 0
+        for call in vision_calls(grids, VISION_MAX_PATCHES):
+            n = sum(t * h * w for t, h, w in call)
+            parts.append(self.vision.run(None, vision_inputs(self.config.vision, pixel_values[row : row + n], call)))
+            row += n
+        if row != len(pixel_values):
+            raise ValueError(f"pixel_values has {len(pixel_values)} rows, the grids need {row}")
         if len(parts) == 1:
             return parts[0][0], parts[0][1]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=1)
@@ -178,19 +188,41 @@ class BundleModel:
         return binding.get_outputs()[0].numpy()
 
     def prefill(self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None,
-                grids: Sequence[Grid], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:  # fmt: skip
-        """Run a prompt, or the continuation of one, on a batch-1 cache (image features already
-        encoded): positions start where the cache's row ends, and its MRoPE delta grows by the
-        images' compression."""
+                grids: Sequence[Grid], cache: KVCache, logits_to_keep: int = 1,
+                video_grids: Sequence[Grid] = ()) -> np.ndarray:  # fmt: skip
+        """Run a prompt, or the continuation of one, on a batch-1 cache (visual features already
+        encoded, images' and videos' rows in prompt order; ``grids`` the images', ``video_grids``
+        the videos'): positions start where the cache's row ends, and its MRoPE delta grows by the
+        pictures' compression. Long prompts run in chunks (``prefill_chunk``)."""
         if cache.batch != 1:
             raise ValueError("prefill takes a batch-1 cache (a row view of a batch: KVCache.row)")
         cfg = self.config
         start = int(cache.next_positions()[0])
-        pos, delta = rope_index(ids, cfg.image_token_id, cfg.video_token_id, grids, (), cfg.vision.spatial_merge_size, start)
+        pos, delta = rope_index(ids, cfg.image_token_id, cfg.video_token_id, grids, video_grids, cfg.vision.spatial_merge_size,
+                                start)  # fmt: skip
         embeds, visual_index, ds = self.prefill_inputs(ids, image_embeds, deepstack)
-        logits = self.forward(embeds, pos[:, None, :], cache, visual_index, ds, logits_to_keep)
+        n = len(ids)
+        chunk = self.prefill_chunk(cache.length + n)
+        kept = []
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            keep = min(b - a, min(logits_to_keep, n) - (n - b))  # asked-for positions in this chunk
+            vi, dsc = visual_index, ds
+            if visual_index is not None and (a or b < n):
+                rows = (visual_index[:, 1] >= a) & (visual_index[:, 1] < b)
+                vi, dsc = visual_index[rows] - np.array([0, a]), ds[:, rows]  # type: ignore[index]
+            logits = self.forward(embeds[:, a:b], pos[:, None, a:b], cache, vi, dsc, max(keep, 1))
+            if keep > 0:
+                kept.append(logits[:, -keep:])
         cache.rope_deltas[0] += delta
-        return logits
+        return kept[0] if len(kept) == 1 else np.concatenate(kept, axis=1)
+
+    def prefill_chunk(self, total: int) -> int:
+        """Prompt tokens per decoder call when the cache will hold ``total`` positions: as many as
+        keep attention's score matrix (heads x chunk x total floats, which ONNX Runtime's CPU
+        attention materialises) within ``PREFILL_SCORES_BYTES``, at least ``PREFILL_MIN_CHUNK``."""
+        per_token = 4 * self.config.text.num_attention_heads * max(total, 1)
+        return max(PREFILL_MIN_CHUNK, PREFILL_SCORES_BYTES // per_token)
 
     def step(self, tokens: Sequence[int] | np.ndarray, cache: KVCache) -> np.ndarray:
         """Decode one token per row (all three MRoPE axes advance together); returns logits (B, V)."""

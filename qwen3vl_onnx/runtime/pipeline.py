@@ -20,8 +20,7 @@ from ..errors import UserError
 from .chat import load_chat_template, render
 from .generate import Decoding, Result, Stream, prefill_input, stream_generate
 from .model import BundleModel
-from .preprocess import ImageProcessorConfig
-from .prompt import Prompt, build_prompt, load_tokenizer
+from .prompt import Processors, Prompt, build_prompt, load_tokenizer
 from .sampling import GenerationParams, Sampler, make_logits_processor, make_sampler
 
 if TYPE_CHECKING:
@@ -37,7 +36,8 @@ class Pipeline:
         path = model.path
         self.tokenizer = load_tokenizer(path)
         self.chat_template = load_chat_template(path)
-        self.image_config = ImageProcessorConfig.from_file(path / "preprocessor_config.json")
+        self.processors = Processors.from_bundle(path, self.config)
+        self.image_config = self.processors.image
         gen = path / "generation_config.json"
         self.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
         eos = self.generation_config.get("eos_token_id", self.tokenizer.token_to_id("<|im_end|>"))
@@ -62,9 +62,8 @@ class Pipeline:
         return cls(BundleModel(path, providers, threads, prefill_graph), context_length)
 
     def prepare(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:
-        """Token ids (image pads expanded) and preprocessed pixels for ``messages``."""
-        return build_prompt(self.tokenizer, self.chat_template, self.image_config, self.config.image_token_id, messages,
-                            add_generation_prompt)  # fmt: skip
+        """Token ids (image and video pads expanded) and preprocessed pixels for ``messages``."""
+        return build_prompt(self.tokenizer, self.chat_template, self.processors, messages, add_generation_prompt)
 
     def params(self, params: GenerationParams | None = None, **overrides: Any) -> GenerationParams:
         """``params`` (default: all defaults) with ``overrides`` (GenerationParams fields), checked."""

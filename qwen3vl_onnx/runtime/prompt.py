@@ -1,50 +1,108 @@
-"""From chat messages to a tokenized prompt: template, tokenizer, image preprocessing and pad expansion."""
+"""From chat messages to a tokenized prompt: template, tokenizer, image and video preprocessing, pad expansion."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..config import Qwen3VLConfig
 from ..errors import UserError
-from .chat import render, split_messages
-from .preprocess import ImageProcessorConfig, preprocess_images
+from .chat import Visual, render, split_messages
+from .preprocess import ImageProcessorConfig, preprocess_image
+from .video import VideoProcessorConfig, VideoRequest, preprocess_video
+
+
+@dataclass(frozen=True)
+class Processors:
+    """How a checkpoint turns pictures into tokens: its image and video processor settings (no video
+    config: the checkpoint takes no video) and its vision token ids."""
+
+    image: ImageProcessorConfig
+    video: VideoProcessorConfig | None = None
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    @classmethod
+    def from_bundle(cls, directory: Path, cfg: Qwen3VLConfig) -> Processors:
+        return cls(ImageProcessorConfig.from_file(directory / "preprocessor_config.json"),
+                   VideoProcessorConfig.from_file(directory / "video_preprocessor_config.json"),
+                   cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)  # fmt: skip
 
 
 @dataclass
 class Prompt:
-    """A tokenized prompt with its images already preprocessed."""
+    """A tokenized prompt with its images and videos already preprocessed, in prompt order:
+    ``grids[i]`` is the i-th picture's (t, h, w) and ``videos[i]`` says whether it is a video."""
 
     ids: list[int]
     pixel_values: np.ndarray | None
     grids: list[tuple[int, int, int]]
+    videos: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.videos:
+            self.videos = [False] * len(self.grids)
+
+    @property
+    def image_grids(self) -> list[tuple[int, int, int]]:
+        return [g for g, v in zip(self.grids, self.videos, strict=True) if not v]
+
+    @property
+    def video_grids(self) -> list[tuple[int, int, int]]:
+        return [g for g, v in zip(self.grids, self.videos, strict=True) if v]
 
 
-def build_prompt(tokenizer: Tokenizer, chat_template: str, image_config: ImageProcessorConfig, image_token_id: int,
-                 messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:  # fmt: skip
-    """Render, tokenize and expand each image pad to its token count; preprocess the images.
+def _preprocess(visual: Visual, proc: Processors) -> tuple[np.ndarray, tuple[int, int, int], list[float] | None]:
+    if isinstance(visual, VideoRequest):
+        if proc.video is None:
+            raise UserError("this bundle's checkpoint has no video_preprocessor_config.json: it does not take video")
+        v = preprocess_video(visual, proc.video)
+        return v.pixel_values, v.grid, v.timestamps
+    pixels, grid = preprocess_image(visual, proc.image)
+    return pixels, grid, None
+
+
+def build_prompt(tokenizer: Tokenizer, chat_template: str, proc: Processors, messages: list[dict[str, Any]],
+                 add_generation_prompt: bool = True) -> Prompt:  # fmt: skip
+    """Render, tokenize, preprocess the pictures and expand each pad: an image's to its token count,
+    a video's to ``<{t:.1f} seconds><|vision_start|>pads<|vision_end|>`` per temporal patch, inside
+    the template's own vision markers (as transformers' Qwen3VLProcessor renders it).
 
     Shared by inference and by the shapes training script, so both see byte-identical prompts.
     """
-    tmpl_messages, images = split_messages(messages)
+    tmpl_messages, visuals = split_messages(messages)
     text = render(chat_template, tmpl_messages, add_generation_prompt)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    n_pads = sum(1 for i in ids if i == image_token_id)
-    if n_pads != len(images):
-        raise UserError(f"chat template produced {n_pads} image markers for {len(images)} images")
-    if not images:
+    kinds = [isinstance(v, VideoRequest) for v in visuals]
+    for token, is_video, what in ((proc.image_token_id, False, "image"), (proc.video_token_id, True, "video")):
+        n_pads, n = sum(1 for i in ids if i == token), kinds.count(is_video)
+        if n_pads != n:
+            raise UserError(f"chat template produced {n_pads} {what} markers for {n} {what}s")
+    if not visuals:
         return Prompt(ids, None, [])
-    pixel_values, grids = preprocess_images(images, image_config)
-    merge2 = image_config.merge_size**2
-    counts = iter(t * h * w // merge2 for t, h, w in grids)
+    done = [_preprocess(v, proc) for v in visuals]
+    merge2 = proc.image.merge_size**2
+    items = iter(done)
     expanded: list[int] = []
     for i in ids:
-        expanded.extend([image_token_id] * next(counts) if i == image_token_id else [i])
-    return Prompt(expanded, pixel_values, grids)
+        if i not in (proc.image_token_id, proc.video_token_id):
+            expanded.append(i)
+            continue
+        _, (t, h, w), stamps = next(items)
+        if stamps is None:
+            expanded.extend([i] * (t * h * w // merge2))
+            continue
+        for s in stamps:  # one block per temporal patch; the timestamp text sits between special tokens
+            expanded.extend(tokenizer.encode(f"<{s:.1f} seconds>", add_special_tokens=False).ids)
+            expanded.extend([proc.vision_start_token_id, *[i] * (h * w // merge2), proc.vision_end_token_id])
+    return Prompt(expanded, np.concatenate([d[0] for d in done]), [d[1] for d in done], kinds)
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:

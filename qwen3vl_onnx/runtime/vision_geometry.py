@@ -85,6 +85,28 @@ def same_length_runs(grids: Sequence[Grid]) -> list[tuple[int, int]]:
     return runs
 
 
+def vision_calls(grids: Sequence[Grid], max_patches: int) -> list[list[Grid]]:
+    """The grids of each vision call, in order: consecutive frames of one size, at most
+    ``max_patches`` patches per call (at least one frame). A video may be cut between frames into
+    (t1, h, w), (t2, h, w): every frame is encoded on its own, so the features are the same."""
+    calls: list[list[Grid]] = []
+    for a, b in same_length_runs(grids):
+        frame = grids[a][1] * grids[a][2]
+        per_call = max(1, max_patches // frame)
+        current: list[Grid] = []
+        room = per_call
+        for t, h, w in grids[a:b]:
+            while t:
+                if room == 0:
+                    calls.append(current)
+                    current, room = [], per_call
+                take = min(t, room)
+                current.append((take, h, w))
+                t, room = t - take, room - take
+        calls.append(current)
+    return calls
+
+
 def vision_inputs(cfg: VisionConfig, pixel_values: np.ndarray, grids: Sequence[Grid]) -> dict[str, np.ndarray]:
     """All inputs of the vision graph for images/videos already patchified, all frames one size."""
     grids = [tuple(int(x) for x in g) for g in grids]

@@ -1,0 +1,157 @@
+"""Video input against transformers (Qwen3VLVideoProcessor + Qwen3VLProcessor + the fp32 model):
+frame choice, timestamps, grids, prompt tokens, pixels, vision features, logits and greedy tokens.
+
+Pixel tolerance: transformers resizes frames with torchvision's uint8 bicubic, this project with
+Pillow's in the same pass order; they differ by rounding only. Measured on these clips: identical
+for two, at most 2 levels of 255 on 0.03-0.27% of values for the others (the test allows 2 levels
+on < 1%). The model-level checks feed both sides the same pixels, at the parity tests' 1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.runtime.video import VideoProcessorConfig, VideoRequest, preprocess_video
+
+from .conftest import TEST_VIDEO_PREPROCESSOR, make_video, picture
+
+TOL = 1e-4
+PIXEL_TOL = 2 * 2 / 255  # two levels of 255, normalised by std 0.5
+CFG = VideoProcessorConfig.from_dict(TEST_VIDEO_PREPROCESSOR)
+
+# (frames, fps, width, height, codec): lengths, rates, sizes and aspect ratios; 7 frames sampled
+# at 2 fps from 3.5 s gives an odd count (the last frame repeated); libx264 is lossy with B-frames.
+CLIPS = [
+    (30, 10, 160, 96, "libx264"),
+    (47, 24, 100, 180, "mpeg4"),
+    (7, 2, 64, 64, "libx264"),
+    (250, 25, 320, 180, "libx264"),
+    (12, 7.5, 48, 200, "ffv1"),
+]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_one):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(tiny_one.checkpoint))
+
+
+def _reference(processor, path, fps=None, text="What happens?"):
+    """transformers' own path: its PyAV reader, its sampling, its processor on the rendered template."""
+    from transformers.video_utils import load_video
+
+    vp = processor.video_processor
+    video, meta = load_video(str(path), backend="pyav", sample_indices_fn=lambda metadata, **kw: vp.sample_frames(metadata, fps=fps))
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    out = processor(text=[prompt], videos=[video], video_metadata=[meta], do_sample_frames=False, cap_pixels_per_frame=True,
+                    return_tensors="np")  # fmt: skip
+    return out, list(meta.frames_indices), messages
+
+
+def _messages(source, text="What happens?", **options):
+    return [{"role": "user", "content": [{"type": "video", "video": source, **options}, {"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=str)
+def test_preprocessing_and_prompt_match_transformers(clip, tiny_one, processor, tmp_path):
+    n, fps, w, h, codec = clip
+    path = make_video(tmp_path / f"clip.{'avi' if codec == 'ffv1' else 'mp4'}", n, fps, w, h, codec)
+    ref, ref_indices, _ = _reference(processor, path)
+    video = preprocess_video(VideoRequest(path), CFG)
+    assert video.indices == ref_indices
+    assert [video.grid] == [tuple(int(x) for x in g) for g in ref["video_grid_thw"]]
+    assert video.pixel_values.shape == ref["pixel_values_videos"].shape
+    diff = np.abs(video.pixel_values - ref["pixel_values_videos"])
+    assert diff.max() <= PIXEL_TOL + 1e-6 and (diff > 1e-5).mean() < 0.01, (diff.max(), (diff > 1e-5).mean())
+    prompt = Pipeline.from_bundle(tiny_one.bundle).prepare(_messages(path))
+    assert prompt.ids == ref["input_ids"][0].tolist()  # timestamps, markers and pad counts, token for token
+    assert prompt.videos == [True] and prompt.grids == [video.grid]
+
+
+def test_a_container_without_a_frame_count(tmp_path):
+    """Matroska headers carry no frame count (transformers' reader then samples nothing): the frames
+    are counted by demuxing, and sampling proceeds as for any file."""
+    path = make_video(tmp_path / "clip.mkv", 21, 6, 64, 64)
+    video = preprocess_video(VideoRequest(path), CFG)
+    assert video.indices == np.linspace(0, 20, 7).round().astype(int).tolist()  # int(21 / 6 * 2) = 7 frames
+    assert video.grid[0] == 4 and video.timestamps[0] == pytest.approx((0 + 3 / 6) / 2)
+
+
+def test_a_frame_list_matches_transformers(processor):
+    """Frames given as images are used as they are, timestamps from the ``fps`` they were taken at."""
+    from transformers.video_utils import VideoMetadata
+
+    frames = [picture(90, 60, seed=s) for s in range(5)]
+    ref = processor.video_processor(videos=[np.stack([np.asarray(f) for f in frames])], do_sample_frames=False,
+                                    video_metadata=[VideoMetadata(total_num_frames=5, fps=3.0, frames_indices=list(range(5)))],
+                                    cap_pixels_per_frame=True, return_tensors="np")  # fmt: skip
+    video = preprocess_video(VideoRequest(frames, fps=3.0), CFG)
+    assert [list(video.grid)] == ref["video_grid_thw"].tolist()
+    np.testing.assert_allclose(video.pixel_values, ref["pixel_values_videos"], atol=PIXEL_TOL + 1e-6, rtol=0)
+    assert video.timestamps == processor._calculate_timestamps(list(range(5)), 3.0, 2)
+
+
+def test_sparse_sampling_seeks_and_gets_the_same_frames(processor, tmp_path):
+    """At 0.1 fps from a 60 s, 25 fps clip the reader seeks between samples (keyframe every 12);
+    the frames must be the ones a full decode picks."""
+    path = make_video(tmp_path / "long.mp4", 1500, 25, 96, 64, keyint=12)
+    ref, ref_indices, _ = _reference(processor, path, fps=0.1)
+    video = preprocess_video(VideoRequest(path, fps=0.1), CFG)
+    assert video.indices == ref_indices and len(ref_indices) == 6
+    np.testing.assert_allclose(video.pixel_values, ref["pixel_values_videos"], atol=PIXEL_TOL + 1e-6, rtol=0)
+
+
+def test_video_logits_features_and_greedy_tokens_match_transformers(tiny_one, processor, tmp_path):
+    path = make_video(tmp_path / "v.mp4", 20, 8, 128, 80)
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    messages = _messages(path, "Describe the motion.")
+    prompt = pipe.prepare(messages)
+    emb, ds = pipe.model.encode_images(prompt.pixel_values, prompt.grids)
+    ref_vis = tiny_one.model.model.visual(torch.from_numpy(prompt.pixel_values), grid_thw=torch.tensor(prompt.grids))
+    np.testing.assert_allclose(emb, ref_vis.pooler_output.numpy(), atol=TOL, rtol=0)
+    for k, feat in enumerate(ref_vis.deepstack_features):
+        np.testing.assert_allclose(ds[k], feat.numpy(), atol=TOL, rtol=0)
+
+    ids = torch.tensor([prompt.ids])
+    kw = dict(pixel_values_videos=torch.from_numpy(prompt.pixel_values), video_grid_thw=torch.tensor(prompt.grids),
+              mm_token_type_ids=(ids == pipe.config.video_token_id).long() * 2)  # fmt: skip
+    ref_logits = tiny_one.model(input_ids=ids, **kw).logits[0].numpy()
+    m = pipe.model
+    ours = m.prefill(prompt.ids, emb, ds, [], m.new_cache(), logits_to_keep=len(prompt.ids), video_grids=prompt.grids)[0]
+    assert np.abs(ref_logits).max() > 0.5
+    np.testing.assert_allclose(ours, ref_logits, atol=TOL, rtol=0)
+
+    ref_out, _, _ = _reference(processor, path, text="Describe the motion.")  # transformers end to end, its own pixels
+    rids = torch.from_numpy(ref_out["input_ids"])
+    out = tiny_one.model.generate(input_ids=rids, attention_mask=torch.ones_like(rids), max_new_tokens=16, min_new_tokens=16,
+                                  do_sample=False, pixel_values_videos=torch.from_numpy(ref_out["pixel_values_videos"]),
+                                  video_grid_thw=torch.from_numpy(ref_out["video_grid_thw"]),
+                                  mm_token_type_ids=torch.from_numpy(ref_out["mm_token_type_ids"]))  # fmt: skip
+    res = pipe.generate(messages, max_new_tokens=16, temperature=0, ignore_eos=True)
+    assert res.token_ids == out[0, rids.shape[1] :].tolist()
+
+
+def test_images_and_videos_mixed_equal_transformers(tiny_one, tmp_path):
+    """Image, video, image in one prompt: positions and features land in prompt order."""
+    path = make_video(tmp_path / "v.mp4", 9, 3, 64, 96)
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    content = [{"type": "image", "image": picture(64, 48, seed=1)}, {"type": "video", "video": str(path)},
+               {"type": "image", "image": picture(48, 80, seed=2)}, {"type": "text", "text": "Compare."}]  # fmt: skip
+    prompt = pipe.prepare([{"role": "user", "content": content}])
+    assert prompt.videos == [False, True, False]
+    rows = np.cumsum([0] + [t * h * w for t, h, w in prompt.grids])
+    img = np.concatenate([prompt.pixel_values[rows[0] : rows[1]], prompt.pixel_values[rows[2] : rows[3]]])
+    ids = torch.tensor([prompt.ids])
+    types = (ids == pipe.config.image_token_id).long() + (ids == pipe.config.video_token_id).long() * 2
+    ref = tiny_one.model(input_ids=ids, pixel_values=torch.from_numpy(img), image_grid_thw=torch.tensor(prompt.image_grids),
+                         pixel_values_videos=torch.from_numpy(prompt.pixel_values[rows[1] : rows[2]]),
+                         video_grid_thw=torch.tensor(prompt.video_grids), mm_token_type_ids=types).logits[0].numpy()  # fmt: skip
+    m = pipe.model
+    emb, ds = m.encode_images(prompt.pixel_values, prompt.grids)
+    ours = m.prefill(prompt.ids, emb, ds, prompt.image_grids, m.new_cache(), len(prompt.ids), prompt.video_grids)[0]
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
