@@ -44,8 +44,10 @@ def _reference(processor, path, fps=None, text="What happens?"):
     """transformers' own path: its PyAV reader, its sampling, its processor on the rendered template."""
     from transformers.video_utils import load_video
 
-    vp = processor.video_processor
-    video, meta = load_video(str(path), backend="pyav", sample_indices_fn=lambda metadata, **kw: vp.sample_frames(metadata, fps=fps))
+    def sample(metadata, **_):
+        return processor.video_processor.sample_frames(metadata, fps=fps)
+
+    video, meta = load_video(str(path), backend="pyav", sample_indices_fn=sample)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     out = processor(text=[prompt], videos=[video], video_metadata=[meta], do_sample_frames=False, cap_pixels_per_frame=True,
