@@ -101,10 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
-    g = add("generate", help="answer a prompt (with images) from a bundle", description="Answer one prompt from a bundle.")
+    g = add("generate", help="answer a prompt (with images and videos) from a bundle",
+            description="Answer one prompt from a bundle.")  # fmt: skip
     g.add_argument("bundle", help="bundle directory written by export")
     g.add_argument("--prompt", required=True, help="the user's text; '-' reads it from standard input")
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file (repeatable, placed before the text)")
+    g.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="video file (repeatable, placed after the images, before the text)")  # fmt: skip
+    _video_args(g)
     g.add_argument("--system", default=None, help="optional system message")
     _sampling_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of the stream")
@@ -118,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
             description="An interactive chat: type messages, /help for commands; or pipe messages on stdin.")  # fmt: skip
     c.add_argument("bundle", help="bundle directory written by export")
     c.add_argument("--system", default=None, help="optional system message")
+    _video_args(c)
     _sampling_args(c)
     _threads_arg(c)
     c.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
@@ -201,6 +206,30 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hide-reasoning", action="store_true", help="Thinking checkpoints: print only the answer, not the reasoning")
 
 
+def _video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video-fps", type=_positive_float, default=None, metavar="FPS",
+                   help="frames sampled per second of video (default: the checkpoint's, 2)")  # fmt: skip
+    p.add_argument("--video-max-frames", type=_at_least(1), default=None, metavar="N",
+                   help="at most N frames per video (default: the checkpoint's limit)")  # fmt: skip
+    p.add_argument("--video-start", type=_non_negative_float, default=None, metavar="SECONDS",
+                   help="use the videos from this time on")  # fmt: skip
+    p.add_argument("--video-end", type=_non_negative_float, default=None, metavar="SECONDS", help="use the videos up to this time")
+
+
+def video_part(path: str, args: argparse.Namespace) -> dict:
+    """A message part for the video at ``path`` with the --video-* options."""
+    part: dict = {"type": "video", "video": path}
+    if args.video_fps is not None:
+        part["fps"] = args.video_fps
+    if args.video_max_frames is not None:
+        part["max_frames"] = args.video_max_frames
+    if args.video_start is not None:
+        part["video_start"] = args.video_start
+    if args.video_end is not None:
+        part["video_end"] = args.video_end
+    return part
+
+
 def generation_overrides(args: argparse.Namespace) -> dict:
     """The GenerationParams fields the sampling options set."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -218,7 +247,8 @@ def _generate(args: argparse.Namespace) -> int:
     GenerationParams(**generation_overrides(args)).checked(1 << 30)  # before loading anything; token ids are checked later
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
-    content = [{"type": "image", "image": p} for p in args.image] + [{"type": "text", "text": prompt}]
+    content = [{"type": "image", "image": p} for p in args.image] + [video_part(p, args) for p in args.video]
+    content.append({"type": "text", "text": prompt})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
     stream = pipe.stream(messages, **generation_overrides(args))
     if args.json:

@@ -19,7 +19,7 @@ from .runtime.generate import stats_line
 
 HELP = """commands:
   /image PATH    attach a picture to your next message (repeatable)
-  /video PATH    attach a video (not supported yet)
+  /video PATH    attach a video (repeatable; --video-fps and --video-max-frames apply)
   /system TEXT   set the system message
   /reset         forget the conversation
   /save FILE     write the conversation as OpenAI-style JSON messages
@@ -44,18 +44,23 @@ def write_stream(stream: Any, hide_reasoning: bool, out: TextIO) -> None:
 
 
 def saved_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The history with picture parts as ``image_url`` file URLs (absolute), as OpenAI's API has them."""
+    """The history with picture and video parts as ``image_url``/``video_url`` file URLs (absolute),
+    as OpenAI-style APIs have them; a video's options stay beside its URL."""
     out = []
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [
-                {"type": "image_url", "image_url": {"url": "file://" + str(Path(p["image"]).resolve())}}
-                if p.get("type") == "image" and isinstance(p.get("image"), str | Path) else p
-                for p in content
-            ]  # fmt: skip
+            content = [_saved_part(p) for p in content]
         out.append({**m, "content": content})
     return out
+
+
+def _saved_part(p: dict[str, Any]) -> dict[str, Any]:
+    for kind in ("image", "video"):
+        if p.get("type") == kind and isinstance(p.get(kind), str | Path):
+            options = {k: v for k, v in p.items() if k not in ("type", kind)}
+            return {"type": f"{kind}_url", f"{kind}_url": {"url": "file://" + str(Path(p[kind]).resolve()), **options}}
+    return p
 
 
 def load_messages(path: Path) -> list[dict[str, Any]]:
@@ -74,11 +79,11 @@ def load_messages(path: Path) -> list[dict[str, Any]]:
 
 
 class ChatSession:
-    """The state of one terminal chat: the conversation and the pictures waiting for the next message."""
+    """The state of one terminal chat: the conversation and the pictures and videos waiting for the next message."""
 
     def __init__(self, conv: Any, args: argparse.Namespace, out: TextIO, err: TextIO):
         self.conv, self.args, self.out, self.err = conv, args, out, err
-        self.images: list[str] = []
+        self.attached: list[dict[str, Any]] = []  # image and video parts for the next message
         self.system: str | None = args.system
         self.failed = False
 
@@ -93,16 +98,20 @@ class ChatSession:
         elif name == "/image":
             if not Path(arg).is_file():
                 raise UserError(f"{arg or '(no path)'}: image file not found")
-            self.images.append(arg)
+            self.attached.append({"type": "image", "image": arg})
         elif name == "/video":
-            raise UserError("video input is not supported yet")
+            if not Path(arg).is_file():
+                raise UserError(f"{arg or '(no path)'}: video file not found")
+            from .cli import video_part
+
+            self.attached.append(video_part(arg, self.args))
         elif name == "/system":
             self.system = arg or None
             rest = [m for m in self.conv.messages if m["role"] != "system"]
             self.conv.messages = ([{"role": "system", "content": self.system}] if self.system else []) + rest
         elif name == "/reset":
             self.conv.reset(self.system)
-            self.images = []
+            self.attached = []
         elif name == "/save":
             self._save(Path(arg))
         elif name == "/load":
@@ -128,13 +137,13 @@ class ChatSession:
 
     def ask(self, text: str) -> None:
         content: str | list[dict[str, Any]] = text
-        if self.images:
-            content = [{"type": "image", "image": p} for p in self.images] + [{"type": "text", "text": text}]
+        if self.attached:
+            content = [*self.attached, {"type": "text", "text": text}]
         from .cli import generation_overrides
 
         a = self.args
         stream = self.conv.send(content, **generation_overrides(a))
-        self.images = []
+        self.attached = []
         try:
             write_stream(stream, a.hide_reasoning, self.out)
         except KeyboardInterrupt:

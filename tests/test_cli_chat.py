@@ -44,9 +44,25 @@ def test_chat_system_and_unknown_commands(setup):
     r = _chat(setup / "bundle", ["/system Answer in French.", "/nonsense", "/video clip.mp4", "/save /no/such/dir/c.json",
                                  "/load /no/such.json", "Hello"])  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "error: unknown command /nonsense" in r.stderr and "error: video input is not supported yet" in r.stderr
+    assert "error: unknown command /nonsense" in r.stderr and "error: clip.mp4: video file not found" in r.stderr
     assert "error: /no/such/dir/c.json: cannot write" in r.stderr and "error: /no/such.json: cannot read" in r.stderr
     pipe = Pipeline.from_bundle(setup / "bundle")
     expected = pipe.generate([{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}],
                              max_new_tokens=5, temperature=0, ignore_eos=True)  # fmt: skip
     assert r.stdout == expected.text + "\n"
+
+
+def test_chat_with_a_video_saves_and_reloads_it(setup, tmp_path):
+    """/video attaches a clip (with --video-fps); the saved conversation carries it as a video_url
+    with its options, and a fresh call on the saved history gives the answer the chat gave."""
+    from .conftest import make_video
+
+    clip, saved = make_video(tmp_path / "clip.mp4", 12, 6, 64, 48), tmp_path / "conv.json"
+    r = _chat(setup / "bundle", [f"/video {clip}", "What happens?", f"/save {saved}"], "--video-fps", "1")
+    assert r.returncode == 0, r.stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert messages[0]["content"][0] == {"type": "video_url", "video_url": {"url": f"file://{clip.resolve()}", "fps": 1.0}}
+    pipe = Pipeline.from_bundle(setup / "bundle")
+    fresh = pipe.generate(messages[:1], max_new_tokens=5, temperature=0, ignore_eos=True)
+    assert messages[1]["content"] == fresh.text and r.stdout == fresh.text + "\n"
+    assert pipe.prepare(messages[:1]).videos == [True]

@@ -125,3 +125,39 @@ def test_sampler_follows_the_distribution():
     s = make_sampler(1.0, rng=np.random.default_rng(1))
     counts = np.bincount([int(s(logits)[0]) for _ in range(4000)], minlength=4) / 4000
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_long_prompts_prefill_in_chunks_with_the_same_logits(pipe, monkeypatch):
+    """Chunks of 5 tokens, cutting through both images' pads (their features and DeepStack rows
+    split between calls), give the one-call logits at every position; asking for the last few
+    positions' logits returns just those."""
+    from qwen3vl_onnx.runtime import model as model_module
+
+    m = pipe.model
+    content = [{"type": "image", "image": picture(64, 40)}, {"type": "image", "image": picture(40, 72, seed=2)},
+               {"type": "text", "text": "Compare the two."}]  # fmt: skip
+    p = pipe.prepare([{"role": "user", "content": content}])
+    emb, ds = m.encode_images(p.pixel_values, p.grids)
+    whole = m.prefill(p.ids, emb, ds, p.grids, m.new_cache(), logits_to_keep=len(p.ids))[0]
+    monkeypatch.setattr(model_module, "PREFILL_MIN_CHUNK", 5)
+    monkeypatch.setattr(model_module, "PREFILL_SCORES_BYTES", 1)
+    assert m.prefill_chunk(len(p.ids)) == 5 and len(p.ids) > 5 * 5
+    chunked = m.prefill(p.ids, emb, ds, p.grids, m.new_cache(), logits_to_keep=len(p.ids))[0]
+    np.testing.assert_allclose(chunked, whole, atol=1e-4, rtol=0)
+    last = m.prefill(p.ids, emb, ds, p.grids, m.new_cache(), logits_to_keep=10)[0]
+    np.testing.assert_allclose(last, whole[-10:], atol=1e-4, rtol=0)
+
+
+def test_vision_calls_split_long_runs_between_frames(pipe, monkeypatch):
+    from qwen3vl_onnx.runtime import model as model_module
+    from qwen3vl_onnx.runtime.vision_geometry import vision_calls
+
+    grids = [(1, 4, 4), (3, 4, 4), (1, 2, 8), (2, 6, 4)]
+    assert vision_calls(grids, 32) == [[(1, 4, 4), (1, 4, 4)], [(2, 4, 4)], [(1, 2, 8)], [(1, 6, 4)], [(1, 6, 4)]]
+    assert vision_calls(grids, 10**6) == [[(1, 4, 4), (3, 4, 4), (1, 2, 8)], [(2, 6, 4)]]
+    pv = np.random.default_rng(0).standard_normal((sum(t * h * w for t, h, w in grids), 1536), dtype=np.float32)
+    emb, ds = pipe.model.encode_images(pv, grids)
+    monkeypatch.setattr(model_module, "VISION_MAX_PATCHES", 32)
+    emb2, ds2 = pipe.model.encode_images(pv, grids)
+    np.testing.assert_allclose(emb2, emb, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ds2, ds, atol=1e-5, rtol=0)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.runtime.prompt import Prompt
 from qwen3vl_onnx.runtime.video import VideoProcessorConfig, VideoRequest, preprocess_video
 
 from .conftest import TEST_VIDEO_PREPROCESSOR, make_video, picture
@@ -157,3 +158,94 @@ def test_images_and_videos_mixed_equal_transformers(tiny_one, tmp_path):
     emb, ds = m.encode_images(prompt.pixel_values, prompt.grids)
     ours = m.prefill(prompt.ids, emb, ds, prompt.image_grids, m.new_cache(), len(prompt.ids), prompt.video_grids)[0]
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+
+
+def test_a_conversation_with_images_then_a_video_equals_transformers_and_reuses_its_cache(tiny_one, tmp_path):
+    """Images in turns one and two, a video and the first image again in turn three: every turn's
+    greedy answer equals a fresh call on the whole history; the third turn's logits from the kept
+    prefix plus the new suffix equal transformers on the full history (1e-4); the repeated image
+    is encoded once."""
+    from qwen3vl_onnx.runtime.generate import images_before, prefill_input
+
+    a, b = picture(64, 40, seed=1), picture(40, 96, seed=2)
+    path = make_video(tmp_path / "v.mp4", 16, 8, 96, 64)
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    conv = pipe.chat()
+    turns = [[{"type": "image", "image": a}, {"type": "text", "text": "What is this?"}],
+             [{"type": "image", "image": b}, {"type": "text", "text": "And this?"}],
+             [{"type": "video", "video": str(path)}, {"type": "image", "image": a}, {"type": "text", "text": "Same?"}]]  # fmt: skip
+    greedy = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
+    for n, content in enumerate(turns):
+        history = [*conv.messages, {"role": "user", "content": content}]
+        if n == 2:
+            kept = list(conv.cached_ids)
+        res = conv.send(content, **greedy).finish()
+        assert res.token_ids == pipe.generate(history, **greedy).token_ids, n
+    assert conv.vision.misses == 3 and conv.vision.hits == 1  # a, b, the video; a again from the cache
+
+    prompt = pipe.prepare(history)
+    assert prompt.videos == [False, False, True, False] and res.cached_tokens >= len(kept) - 1
+    ids = torch.tensor([prompt.ids])
+    rows = np.cumsum([0] + [t * h * w for t, h, w in prompt.grids])
+    pv = [prompt.pixel_values[rows[i] : rows[i + 1]] for i in range(4)]
+    types = (ids == pipe.config.image_token_id).long() + (ids == pipe.config.video_token_id).long() * 2
+    ref = tiny_one.model(input_ids=ids, pixel_values=torch.from_numpy(np.concatenate([pv[0], pv[1], pv[3]])),
+                         image_grid_thw=torch.tensor(prompt.image_grids), pixel_values_videos=torch.from_numpy(pv[2]),
+                         video_grid_thw=torch.tensor(prompt.video_grids), mm_token_type_ids=types).logits[0].numpy()  # fmt: skip
+    m = pipe.model
+    keep = res.cached_tokens
+    cache = m.new_cache()
+    assert images_before(pipe.config, prompt, keep) == 2  # the kept prefix holds the first two images
+    pre = prefill_input(m, Prompt(prompt.ids[:keep], np.concatenate(pv[:2]), prompt.grids[:2], [False, False]))
+    m.prefill(pre.ids, pre.image_embeds, pre.deepstack, pre.grids, cache)
+    rest = prefill_input(m, prompt, keep)
+    tail = m.prefill(rest.ids, rest.image_embeds, rest.deepstack, [g for g, v in zip(rest.grids, rest.videos) if not v], cache,
+                     len(rest.ids), [g for g, v in zip(rest.grids, rest.videos) if v])[0]  # fmt: skip
+    np.testing.assert_allclose(tail, ref[keep:], atol=TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A good clip (2 s), an empty file, garbage bytes, a text file and a picture named .mp4."""
+    d = tmp_path_factory.mktemp("clips")
+    make_video(d / "ok.mp4", 12, 6, 64, 48)
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    (d / "notes.txt").write_text("not a video at all\n" * 20)
+    return d
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--video", "{d}/missing.mp4"], "missing.mp4: video file not found"),
+    (["--video", "{d}/empty.mp4"], "empty.mp4: video file is empty"),
+    (["--video", "{d}/garbage.mp4"], "garbage.mp4: cannot read video"),
+    (["--video", "{d}/notes.txt"], "notes.txt: cannot read video"),
+    (["--video", "{d}/ok.mp4", "--video-start", "5"], "ok.mp4: no frames between 5.0s and 2s (the video lasts 2.00s)"),
+    (["--video", "{d}/ok.mp4", "--video-start", "1.5", "--video-end", "1"], "video end (1.0) must come after its start (1.5)"),
+    (["--video", "{d}/ok.mp4", "--video-max-frames", "769"], "video max_frames must be an integer between 1 and 768, got 769"),
+    (["--video", "{d}/ok.mp4", "--video-fps", "0"], "argument --video-fps: must be a positive number, got 0"),
+])  # fmt: skip
+def test_bad_videos_are_one_line_errors(run_cli, setup, clips, args, says):
+    from .conftest import one_line_error
+
+    one_line_error(run_cli("generate", setup / "bundle", "--prompt", "hi", *(a.format(d=clips) for a in args)), says)
+
+
+def test_video_limits_and_a_bundle_without_a_video_processor(setup, clips, tmp_path):
+    import shutil
+
+    from qwen3vl_onnx.errors import UserError
+
+    frames = [picture(64, 48, seed=i) for i in range(17)]
+    with pytest.raises(UserError, match="video has 17 frames, the limit is 16"):
+        preprocess_video(VideoRequest(frames), CFG)
+    with pytest.raises(UserError, match="video max_pixels must be an integer at least 1024, got 100"):
+        preprocess_video(VideoRequest(frames[:4], max_pixels=100), CFG)
+    with pytest.raises(UserError, match="video frames differ in size"):
+        preprocess_video(VideoRequest([picture(64, 48), picture(48, 64)]), CFG)
+    small = preprocess_video(VideoRequest(clips / "ok.mp4", max_pixels=32 * 32), CFG)
+    assert small.grid[1:] == (2, 2)  # max_pixels of one merged token per frame: 32x32 frames
+    bundle = shutil.copytree(setup / "bundle", tmp_path / "bundle")
+    (bundle / "video_preprocessor_config.json").unlink()
+    with pytest.raises(UserError, match="no video_preprocessor_config.json: it does not take video"):
+        Pipeline.from_bundle(bundle).prepare(_messages(str(clips / "ok.mp4")))

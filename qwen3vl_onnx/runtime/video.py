@@ -100,7 +100,7 @@ class VideoRequest:
             ok = isinstance(v, int | float) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
             if not ok or not math.isfinite(v) or v < lo or (hi is not None and v > hi):
                 bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-                raise UserError(f"video {name} must be a {kind.__name__} {bound}, got {v!r}")
+                raise UserError(f"video {name} must be {'an integer' if kind is int else 'a number'} {bound}, got {v!r}")
 
         number("fps", float, 1e-3, 1000)
         number("max_frames", int, 1, cfg.max_frames)
