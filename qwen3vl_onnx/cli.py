@@ -213,7 +213,8 @@ def _video_args(p: argparse.ArgumentParser) -> None:
                    help="at most N frames per video (default: the checkpoint's limit)")  # fmt: skip
     p.add_argument("--video-start", type=_non_negative_float, default=None, metavar="SECONDS",
                    help="use the videos from this time on")  # fmt: skip
-    p.add_argument("--video-end", type=_non_negative_float, default=None, metavar="SECONDS", help="use the videos up to this time")
+    p.add_argument("--video-end", type=_non_negative_float, default=None, metavar="SECONDS",
+                   help="use the videos up to this time")  # fmt: skip
 
 
 def video_part(path: str, args: argparse.Namespace) -> dict:

@@ -173,7 +173,8 @@ def test_a_conversation_with_images_then_a_video_equals_transformers_and_reuses_
     conv = pipe.chat()
     turns = [[{"type": "image", "image": a}, {"type": "text", "text": "What is this?"}],
              [{"type": "image", "image": b}, {"type": "text", "text": "And this?"}],
-             [{"type": "video", "video": str(path)}, {"type": "image", "image": a}, {"type": "text", "text": "Same?"}]]  # fmt: skip
+             [{"type": "video", "video": str(path)}, {"type": "image", "image": a},
+              {"type": "text", "text": "Same?"}]]  # fmt: skip
     greedy = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
     for n, content in enumerate(turns):
         history = [*conv.messages, {"role": "user", "content": content}]
@@ -199,8 +200,7 @@ def test_a_conversation_with_images_then_a_video_equals_transformers_and_reuses_
     pre = prefill_input(m, Prompt(prompt.ids[:keep], np.concatenate(pv[:2]), prompt.grids[:2], [False, False]))
     m.prefill(pre.ids, pre.image_embeds, pre.deepstack, pre.grids, cache)
     rest = prefill_input(m, prompt, keep)
-    tail = m.prefill(rest.ids, rest.image_embeds, rest.deepstack, [g for g, v in zip(rest.grids, rest.videos) if not v], cache,
-                     len(rest.ids), [g for g, v in zip(rest.grids, rest.videos) if v])[0]  # fmt: skip
+    tail = m.prefill(rest.ids, rest.image_embeds, rest.deepstack, rest.image_grids, cache, len(rest.ids), rest.video_grids)[0]
     np.testing.assert_allclose(tail, ref[keep:], atol=TOL, rtol=0)
 
 

@@ -145,6 +145,14 @@ class PrefillInput:
     reused: int = 0  # prompt tokens taken from the cache instead (reported as cached tokens)
     prompt: list[int] = field(default_factory=list)  # the whole prompt, for penalties that count it
 
+    @property
+    def image_grids(self) -> list[tuple[int, int, int]]:
+        return [g for g, v in zip(self.grids, self.videos or [False] * len(self.grids), strict=True) if not v]
+
+    @property
+    def video_grids(self) -> list[tuple[int, int, int]]:
+        return [g for g, v in zip(self.grids, self.videos or [False] * len(self.grids), strict=True) if v]
+
 
 @dataclass(frozen=True)
 class Decoding:
@@ -206,11 +214,8 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
     t_start = time.perf_counter()
     t0 = t_start if t0 is None else t0
     d = decoding
-    videos = request.videos or [False] * len(request.grids)
-    image_grids = [g for g, v in zip(request.grids, videos, strict=True) if not v]
-    video_grids = [g for g, v in zip(request.grids, videos, strict=True) if v]
     steps = generate_step(model, request.ids, cache, d.sampler, d.max_new_tokens, request.image_embeds, request.deepstack,
-                          image_grids, d.processor, request.prompt or request.ids, video_grids)  # fmt: skip
+                          request.image_grids, d.processor, request.prompt or request.ids, request.video_grids)  # fmt: skip
     parts = AnswerParts(tokenizer, d.think_end, d.stop)
     logprobs: list[TokenLogprob] = []
     t_first = t_start
