@@ -161,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     _prefill_int8_arg(b)
     b.add_argument("--repeats", type=_at_least(1), default=3, help="timed runs per figure (the median is reported)")
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
+    b.add_argument("--video", action="store_true",
+                   help="instead, video figures: a 10 s clip's preprocess, vision and first token, a 60 s clip's memory "
+                        "(with --compare: first token against OpenVINO GenAI on the same frames)")  # fmt: skip
     b.add_argument("--kernels", action="store_true",
                    help="instead, measure this CPU's matmul kernels in GOPS (fp32/int8 peaks, the bundles' kernels)")  # fmt: skip
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")

@@ -80,3 +80,23 @@ def test_peak_memory_is_the_childs_own():
     assert 0.29 < big["export_peak_rss_gb"] < 0.45, big
     assert peak_rss_gb() > 0.39  # the parent's own figure does include its ballast
     del ballast
+
+
+def test_video_figures_on_a_short_clip(tiny_one, tmp_path):
+    """The video bench's measuring functions on a 2-second clip of the bench's kind: every figure
+    present and sane, the memory figure's parts, the report renders, and both systems' workers give
+    the same frames the preprocessing samples."""
+    from qwen3vl_onnx.bench.run import machine
+    from qwen3vl_onnx.bench.video import measure_memory, measure_video, sampled_frames, video_markdown, write_clip
+
+    clip = write_clip(tmp_path / "clip.mp4", 2)
+    v = measure_video(tiny_one.bundle, clip, 1)
+    assert v["frames_sampled"] == 4 and v["grid"][0] == 2 and v["prompt_tokens"] > v["visual_tokens"] > 0
+    assert 0 < v["vision_s"]["median"] < v["ttft_s"]["median"]
+    mem = measure_memory(tiny_one.bundle, clip)
+    assert mem["prompt_tokens"] == v["prompt_tokens"] and mem["peak_rss_gb"] > mem["bundle_gb"] > 0 < mem["kv_cache_gb"]
+    frames, fps = sampled_frames(tiny_one.bundle, clip)
+    assert frames.shape == (4, 360, 640, 3) and fps == 2
+    report = video_markdown({"shape": "tiny", "precision": "fp32", "machine": machine(),
+                             "video": {"video_10s": v, "video_60s_memory": mem}})  # fmt: skip
+    assert "vision encode" in report and f"{v['prompt_tokens']} prompt tokens" in report

@@ -55,6 +55,8 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{tag}{pi8}-v{args.vision_precision}"
         print(f"exporting {bundle}", file=sys.stderr)
         result.update(export_measured(ckpt, bundle, opts))
+    if args.video:
+        return _run_video(args, result, bundle, ckpt, work / name, out, name)
     print("measuring qwen3vl-onnx", file=sys.stderr)
     result["ours"] = child_measure(bundle, args.repeats)
     if args.compare:
@@ -76,6 +78,27 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     chart(result, stem.with_suffix(".png"))
     print(table)
     print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
+    return 0
+
+
+def _run_video(args: argparse.Namespace, result: dict, bundle: Path, ckpt: Path | None, work: Path, out: Path, name: str) -> int:
+    """``bench --video``: the clip figures, and with --compare first token against OpenVINO GenAI in turns."""
+    from .peers import TURN_MIN_PAIRS, run_video_turns
+    from .video import frames_file, run_video, video_markdown
+
+    result["video"] = run_video(bundle, work, args.repeats)
+    if args.compare:
+        if ckpt is None:
+            raise UserError("--compare needs --shape (peers run on the same random checkpoint)")
+        frames = frames_file(bundle, work)
+        pairs = max(args.repeats, TURN_MIN_PAIRS)
+        result["video_turns"] = run_video_turns(ckpt, bundle, work / "peers", frames, pairs, args.turn_pause, args.peers)
+    stem = out / f"bench-{name}-{args.precision}-video"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = video_markdown(result)
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.json, .md", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,7 @@ time, decode is 1 / its time per output token. Both the default inference precis
 with AVX512-BF16) and ``INFERENCE_PRECISION_HINT=f32`` are measured.
 
     OPENVINO_VENV/bin/python peer_openvino.py CKPT WORKDIR REPEATS DECODE_TOKENS [f32|default]
-    OPENVINO_VENV/bin/python peer_openvino.py --serve CKPT WORKDIR f32|default   (a worker for bench/turns.py)
+    OPENVINO_VENV/bin/python peer_openvino.py --serve CKPT WORKDIR f32|default [FRAMES.npy]  (a worker for bench/turns.py)
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ def _pipeline(out: Path, ckpt: Path, precision: str):
     return pipe
 
 
-def _run(pipe, prompt: str, images: list, new_tokens: int):
+def _run(pipe, prompt: str, images: list, new_tokens: int, videos: list | None = None):
     import openvino_genai as og
 
     cfg = og.GenerationConfig()
     cfg.max_new_tokens, cfg.ignore_eos = new_tokens, True
+    if videos:
+        return pipe.generate(prompt, images=images, videos=videos, generation_config=cfg).perf_metrics
     return pipe.generate(prompt, images=images, generation_config=cfg).perf_metrics
 
 
@@ -121,20 +123,44 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, precision:
     return res
 
 
-def serve(ckpt: Path, work: Path, precision: str) -> None:
-    """Worker for ``bench/turns.py``: the cached export's pipeline answering prefill and first-token calls."""
+def _ttft_video(pipe, frames: np.ndarray, i: int) -> float:
+    """First token for a question about ``frames`` (T, H, W, 3 uint8), one pixel changed per call
+    so the pipeline's cache of seen pictures never answers."""
+    import openvino as ov
+
+    f = frames.copy()
+    f[0, 0, 0, 0] = i % 256
+    t = time.perf_counter()
+    m = _run(pipe, "What happens in this video?", [], 1, [ov.Tensor(f)])
+    VIDEO_TOKENS.append(m.get_num_input_tokens())
+    return time.perf_counter() - t
+
+
+VIDEO_TOKENS: list[int] = []  # input tokens of each video call
+
+
+def serve(ckpt: Path, work: Path, precision: str, frames_path: Path | None = None) -> None:
+    """Worker for ``bench/turns.py``: the cached export's pipeline answering prefill and first-token
+    calls (and first token for the video frames in ``frames_path``, a .npy)."""
+    export(ckpt, work / "openvino-int4")  # cached after the first time
     pipe = _pipeline(work / "openvino-int4", ckpt, precision)
     rng = np.random.default_rng(1)
     calls = itertools.count()
-    serve_loop({
+    answer = {
         "prefill_256_tok_s": lambda: _prefill_rate(_run(pipe, _prompt(rng, 256), [], 1)),
         "ttft_448_s": lambda: _ttft_448(pipe, rng, next(calls)),
-    })  # fmt: skip
+    }
+    if frames_path is not None:
+        frames = np.load(frames_path)
+        answer["ttft_video_s"] = lambda: _ttft_video(pipe, frames, next(calls))
+        answer["video_input_tokens"] = lambda: float(VIDEO_TOKENS[-1])
+    serve_loop(answer)
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--serve":  # peer_openvino.py --serve CKPT WORKDIR PRECISION
-        serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+    if sys.argv[1] == "--serve":
+        Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)  # peer_openvino.py --serve CKPT WORKDIR PRECISION [FRAMES.npy]
+        serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], Path(sys.argv[5]) if len(sys.argv) > 5 else None)
         sys.exit(0)
     work = Path(sys.argv[2])
     work.mkdir(parents=True, exist_ok=True)

@@ -133,3 +133,26 @@ def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int
         except RuntimeError as e:
             out[name] = {"skipped": f"failed: {e}"}
     return out
+
+
+def run_video_turns(ckpt: Path, bundle: Path, workdir: Path, frames: Path, repeats: int, pause_s: float,
+                    only: list[str] | None = None) -> dict:  # fmt: skip
+    """First token for the same video frames, ours and each OpenVINO GenAI precision in turns (its
+    worker exports the checkpoint first when no export is cached)."""
+    from .turns import our_worker_command, take_turns
+
+    out: dict = {}
+    for name, peer in PEERS.items():
+        if peer.module != "openvino" or (only and not any(o.lower() in name.lower() for o in only)):
+            continue
+        if not openvino_python(workdir).is_file():
+            out[name] = {"skipped": f"no OpenVINO environment at {openvino_python(workdir).parent.parent} ({peer.install})"}
+            continue
+        cmd = [*command("openvino", workdir), "--serve", str(ckpt), str(workdir), *peer.args, str(frames)]
+        print(f"measuring the video in turns with {name}", file=sys.stderr)
+        try:
+            out[name] = take_turns(our_worker_command(bundle, frames), cmd, ["ttft_video_s"], repeats, pause_s,
+                                   after=("video_input_tokens",))  # fmt: skip
+        except RuntimeError as e:
+            out[name] = {"skipped": f"failed: {e}"}
+    return out

@@ -30,7 +30,7 @@ import numpy as np
 from .procstats import failure_reason, serve_loop, stats
 
 # task -> higher value is better (prefill in tok/s) or not (vision encode and first token in seconds)
-TASKS = {"vision_448_s": False, "prefill_256_tok_s": True, "ttft_448_s": False}
+TASKS = {"vision_448_s": False, "prefill_256_tok_s": True, "ttft_448_s": False, "ttft_video_s": False}
 PAUSE_S = 1.0  # idle before each call, so one system's spinning threads never overlap the other's call
 
 
@@ -74,8 +74,10 @@ class Worker:
         self.err.close()
 
 
-def take_turns(ours_cmd: list[str], theirs_cmd: list[str], tasks: list[str], repeats: int, pause_s: float = PAUSE_S) -> dict:
+def take_turns(ours_cmd: list[str], theirs_cmd: list[str], tasks: list[str], repeats: int, pause_s: float = PAUSE_S,
+               after: tuple[str, ...] = ()) -> dict:  # fmt: skip
     """Per task (names from TASKS): both systems' figures and the ratio of each pair (> 1: ours faster).
+    ``after``: facts asked once of each worker at the end (such as the prompt tokens a task used).
 
     Workers start one after the other, so the second loads while the first is idle.
     """
@@ -98,18 +100,21 @@ def take_turns(ours_cmd: list[str], theirs_cmd: list[str], tasks: list[str], rep
                     out.append(w.ask(task))
             ratios = [x / y if higher else y / x for x, y in zip(a, b, strict=True)]
             res[task] = {"ours": stats(a), "peer": stats(b), "pair_ratios": stats(ratios)}
+        for fact in after:
+            res[fact] = {"ours": ours.ask(fact), "peer": theirs.ask(fact)}
     finally:
         ours.close()
         theirs.close()
     return res
 
 
-def our_worker_command(bundle: Path) -> list[str]:
-    return [sys.executable, "-m", "qwen3vl_onnx.bench.turns", str(bundle)]
+def our_worker_command(bundle: Path, frames: Path | None = None) -> list[str]:
+    return [sys.executable, "-m", "qwen3vl_onnx.bench.turns", str(bundle), *([str(frames)] if frames else [])]
 
 
-def serve(bundle: Path) -> None:
-    """Our side: answers TASKS for a bundle until stdin closes."""
+def serve(bundle: Path, frames_path: Path | None = None) -> None:
+    """Our side: answers TASKS for a bundle until stdin closes (``ttft_video_s`` with ``frames_path``:
+    the .npy of video frames, its .json beside it giving their fps)."""
     from ..runtime.pipeline import Pipeline
     from ..runtime.preprocess import preprocess_image
     from .run import image_question, prefill_once
@@ -138,8 +143,25 @@ def serve(bundle: Path) -> None:
         return time.perf_counter() - t
 
     answer = {"vision_448_s": vision_448_s, "prefill_256_tok_s": prefill_256_tok_s, "ttft_448_s": ttft_448_s}
+    if frames_path is not None:
+        from .video import video_question
+
+        frames = np.load(frames_path)
+        fps = json.loads(frames_path.with_suffix(".json").read_text())["fps"]
+        calls = iter(range(1 << 30))
+
+        def ttft_video_s() -> float:
+            f = frames.copy()
+            f[0, 0, 0, 0] = next(calls) % 256  # new content each call, as the peer caches what it has seen
+            q = video_question(list(f), fps)
+            t = time.perf_counter()
+            pipe.generate(q, max_new_tokens=1, temperature=0)
+            return time.perf_counter() - t
+
+        answer["ttft_video_s"] = ttft_video_s
+        answer["video_input_tokens"] = lambda: float(len(pipe.prepare(video_question(list(frames), fps)).ids))
     serve_loop(answer)
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    serve(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
