@@ -128,6 +128,29 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
                    help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
 
+    s = add("serve", help="an OpenAI-compatible HTTP server over a bundle (needs the server extra)",
+            description="Serve a bundle over HTTP: /v1/chat/completions (streaming), /v1/models, /tokenize, /detokenize, "
+                        "/health, /metrics. Loopback only unless --host says otherwise.")  # fmt: skip
+    s.add_argument("bundle", help="bundle directory written by export")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=_at_least(1), default=8000, help="port to listen on")
+    s.add_argument("--model-name", default=None, help="the model id clients name (default: the bundle's folder name)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    s.add_argument("--api-key-file", default=None, metavar="FILE", help="the API key, read from a file")
+    s.add_argument("--parallel", type=_at_least(1), default=4, help="requests decoded together (slots)")
+    s.add_argument("--ctx-size", type=_at_least(16), default=4096, help="tokens per slot, prompt and answer")
+    s.add_argument("--queue-size", type=_at_least(1), default=64, help="requests waiting for a slot before 429")
+    s.add_argument("--prefill-chunk", type=_at_least(1), default=64,
+                   help="prompt tokens per decoder call while other requests stream")  # fmt: skip
+    s.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="serve file:// image/video URLs from inside DIR")
+    s.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs")
+    s.add_argument("--cors-origin", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")
+    s.add_argument("--max-images", type=_at_least(0), default=8, help="images and videos per request")
+    s.add_argument("--max-video-frames", type=_at_least(1), default=64, help="frames sampled per video at most")
+    s.add_argument("--max-body-mb", type=_positive_float, default=20.0, help="request body limit in MB")
+    s.add_argument("--metrics", action="store_true", help="Prometheus figures at /metrics")
+    _threads_arg(s)
+
     v = add("verify", help="compare a bundle with transformers (needs torch)",
             description="Compare a bundle's logits with transformers' on the same inputs (needs the torch extra).")  # fmt: skip
     v.add_argument("checkpoint", help=f"the checkpoint the bundle was exported from (directory, hub id or '{PACKAGED_SHAPES}')")
@@ -324,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force)}")
             return 0
+        if args.command == "serve":
+            from .server.command import run_serve
+
+            return run_serve(args)
         if args.command == "bench":
             from .bench.command import run_bench
 

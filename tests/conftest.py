@@ -256,3 +256,48 @@ def shapes(tmp_path_factory) -> tuple[Path, Bundles]:
     root = tmp_path_factory.mktemp("shapes")
     ckpt = unpack(root / "ckpt")
     return ckpt, Bundles(ckpt, root)
+
+
+class Server:
+    """A ``qwen3vl-onnx serve`` process on a free loopback port (``url``), stopped by ``close``."""
+
+    def __init__(self, bundle: Path, *flags: str, api_key: str | None = "test-key", timeout: float = 120):
+        import socket
+        import subprocess
+        import tempfile
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url, self.api_key = f"http://127.0.0.1:{port}", api_key
+        self.log = tempfile.TemporaryFile("w+")
+        key = ["--api-key", api_key] if api_key else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_onnx.cli", "serve", str(bundle), "--port", str(port),
+                                      "--model-name", "tiny", *key, *flags], stdout=self.log, stderr=self.log)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"server did not come up: {self.output()[-2000:]}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+        self.log.close()

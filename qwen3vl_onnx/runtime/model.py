@@ -7,7 +7,7 @@ what :mod:`qwen3vl_onnx.runtime.generate` builds the user-facing pipeline on.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +193,19 @@ class BundleModel:
         """Run a prompt, or the continuation of one, on a batch-1 cache (visual features already
         encoded, images' and videos' rows in prompt order; ``grids`` the images', ``video_grids``
         the videos'): positions start where the cache's row ends, and its MRoPE delta grows by the
-        pictures' compression. Long prompts run in chunks (``prefill_chunk``)."""
+        pictures' compression. Long prompts run in chunks (``prefill_chunk``). Returns the logits
+        of the last ``logits_to_keep`` positions (1, keep, V)."""
+        *_, logits = self.prefill_steps(ids, image_embeds, deepstack, grids, cache, logits_to_keep, video_grids)
+        assert logits is not None
+        return logits
+
+    def prefill_steps(self, ids: Sequence[int], image_embeds: np.ndarray | None, deepstack: np.ndarray | None,
+                      grids: Sequence[Grid], cache: KVCache, logits_to_keep: int = 1, video_grids: Sequence[Grid] = (),
+                      chunk: int | Callable[[], int] | None = None) -> Iterator[np.ndarray | None]:  # fmt: skip
+        """``prefill`` one chunk per step: yields None after each chunk but the last, then the
+        logits; a server interleaves other rows' decode steps between them (``chunk``: tokens per
+        call, or a function asked before each call). Chunks may cut through an image's pads
+        (positions are computed once for the whole input)."""
         if cache.batch != 1:
             raise ValueError("prefill takes a batch-1 cache (a row view of a batch: KVCache.row)")
         cfg = self.config
@@ -202,10 +214,10 @@ class BundleModel:
                                 start)  # fmt: skip
         embeds, visual_index, ds = self.prefill_inputs(ids, image_embeds, deepstack)
         n = len(ids)
-        chunk = self.prefill_chunk(cache.length + n)
-        kept = []
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
+        size = chunk if callable(chunk) else (lambda: chunk or n)
+        kept, a = [], 0
+        while a < n:
+            b = min(n, a + max(1, min(size(), self.prefill_chunk(cache.length + n - a))))
             keep = min(b - a, min(logits_to_keep, n) - (n - b))  # asked-for positions in this chunk
             vi, dsc = visual_index, ds
             if visual_index is not None and (a or b < n):
@@ -214,8 +226,11 @@ class BundleModel:
             logits = self.forward(embeds[:, a:b], pos[:, None, a:b], cache, vi, dsc, max(keep, 1))
             if keep > 0:
                 kept.append(logits[:, -keep:])
+            if b < n:
+                yield None
+            a = b
         cache.rope_deltas[0] += delta
-        return kept[0] if len(kept) == 1 else np.concatenate(kept, axis=1)
+        yield kept[0] if len(kept) == 1 else np.concatenate(kept, axis=1)
 
     def prefill_chunk(self, total: int) -> int:
         """Prompt tokens per decoder call when the cache will hold ``total`` positions: as many as

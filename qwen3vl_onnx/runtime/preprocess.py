@@ -8,6 +8,7 @@ frame repeated over the temporal patch.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -96,15 +97,24 @@ def load_image(image: ImageLike) -> Image.Image:
     path = Path(image).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: image file not found")
+    return _decode(path, str(path))
+
+
+def image_from_bytes(data: bytes, name: str = "image data") -> Image.Image:
+    """An encoded image (PNG, JPEG...) held in memory, decoded now so a bad one fails here."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():  # sizes up to MAX_IMAGE_PIXELS are read on purpose (see there)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
             img.load()
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: image has over {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels; downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
+        raise UserError(f"{name}: image has over {MAX_IMAGE_PIXELS / 1e6:.0f} million pixels; downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{name}: cannot read image ({type(e).__name__})") from None
     return img
 
 

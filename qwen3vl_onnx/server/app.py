@@ -1,0 +1,207 @@
+"""The FastAPI application: routes, API key, body limit, errors in OpenAI's shape.
+
+``create_app(settings, load)`` returns at once; ``load()`` (the bundle and its engine) runs in the
+background at startup, and ``/health`` answers 503 until it is done. Every error is
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from ..errors import UserError
+from .completions import ApiError, chat_completion
+from .engine import Engine
+from .metrics import Metrics
+from .schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    SlotState,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from .settings import ServerSettings
+
+log = logging.getLogger("qwen3vl_onnx.server")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what}
+    for code, what in ((400, "bad request"), (401, "missing or wrong API key"), (403, "media not allowed"),
+                       (404, "unknown model"), (413, "body or media too large"), (422, "invalid body"),
+                       (429, "queue full"), (500, "internal error"), (503, "still loading"))
+}  # fmt: skip
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error", 503: "unavailable"}  # fmt: skip
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+class State:
+    """What the routes share: the engine once loaded, the metrics, the settings."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None):
+        self.settings, self.metrics = settings, metrics
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+
+    def ready(self) -> Engine:
+        if self.engine is None:
+            raise ApiError(503, self.load_error or "the model is still loading")
+        return self.engine
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before it is read whole."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = error_response(413, f"request body is over {self.limit / 2**20:g} MB (--max-body-mb)")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body is over {self.limit / 2**20:g} MB (--max-body-mb)")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine]) -> FastAPI:
+    metrics = Metrics() if settings.metrics else None
+    state = State(settings, metrics)
+
+    def start() -> None:
+        try:
+            state.engine = load(metrics)
+        except Exception as e:  # reported by /health and every route, the process stays up
+            log.exception("loading failed")
+            state.load_error = f"the model failed to load: {e}"
+
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        threading.Thread(target=start, name="qwen3vl-load", daemon=True).start()
+        yield
+
+    app = FastAPI(title="qwen3vl-onnx", version="1", lifespan=lifespan, responses=ERRORS)
+    app.state.qwen = state
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next: Callable) -> Response:
+        if settings.api_key and request.url.path != "/health" and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+                return error_response(401, "missing or invalid API key (Authorization: Bearer KEY)", code="invalid_api_key")
+        try:
+            response = await call_next(request)
+        except Exception:  # never a traceback to the client
+            log.exception("request failed")
+            response = error_response(500, "internal server error")
+        if metrics is not None:
+            metrics.count("requests", route=request.url.path[:64], status=str(response.status_code))
+        return response
+
+    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20))  # type: ignore[arg-type]
+    if settings.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=[settings.cors_origin], allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "json_invalid":
+            return error_response(400, "request body is not valid JSON")
+        return error_response(422, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail))
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Any:
+        if state.engine is None:
+            return error_response(503, state.load_error or "the model is still loading")
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> Any:
+        return {"object": "list", "data": [ModelCard(id=settings.model_name, created=state.created)]}
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
+    async def completions(body: ChatCompletionRequest) -> Any:
+        return await chat_completion(body, state)
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest) -> Any:
+        pipe = state.ready().pipe
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages")
+        if body.prompt is not None:
+            ids = pipe.tokenizer.encode(body.prompt, add_special_tokens=False).ids
+        else:
+            from .media import MediaError, pipeline_messages
+
+            try:
+                msgs = await run_in_threadpool(pipeline_messages, body.messages, settings)
+                ids = (await run_in_threadpool(pipe.prepare, msgs, body.add_generation_prompt)).ids
+            except MediaError as e:
+                raise ApiError(e.status, str(e)) from None
+            except UserError as e:
+                raise ApiError(400, str(e)) from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": settings.ctx_size}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(body: DetokenizeRequest) -> Any:
+        pipe = state.ready().pipe
+        vocab = pipe.tokenizer.get_vocab_size(with_added_tokens=True)
+        if any(t >= vocab for t in body.tokens):
+            raise ApiError(400, f"token ids must be below {vocab}", param="tokens")
+        return {"prompt": pipe.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/slots", response_model=list[SlotState])
+    async def slots() -> Any:
+        return state.ready().slot_states()
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics_route() -> Response:
+        if metrics is None:
+            raise ApiError(404, "metrics are off (start the server with --metrics)")
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,60 @@
+"""``qwen3vl-onnx serve``: settings from the command line, the app, uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .settings import ServerSettings
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    key = args.api_key
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise UserError(f"{args.api_key_file}: cannot read the API key ({e.strerror})") from None
+        if not key:
+            raise UserError(f"{args.api_key_file}: the API key file is empty")
+    media = None
+    if args.allowed_media_dir:
+        media = Path(args.allowed_media_dir).expanduser().resolve()
+        if not media.is_dir():
+            raise UserError(f"{args.allowed_media_dir}: --allowed-media-dir is not a directory")
+    bundle = Path(args.bundle)
+    if not (bundle / "manifest.json").is_file():
+        raise UserError(f"{bundle}: not a bundle (manifest.json is missing)")
+    return ServerSettings(model_name=args.model_name or bundle.resolve().name, api_key=key or None, parallel=args.parallel,
+                          ctx_size=args.ctx_size, queue_size=args.queue_size, allowed_media_dir=media,
+                          allow_remote_media=args.allow_remote_media, cors_origin=args.cors_origin, max_images=args.max_images,
+                          max_video_frames=args.max_video_frames, max_body_mb=args.max_body_mb, metrics=args.metrics,
+                          prefill_chunk=args.prefill_chunk)  # fmt: skip
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .engine import Engine
+    except ImportError as e:
+        raise UserError(f"serve needs the server extra: pip install 'qwen3vl-onnx[server]' ({e.name} is missing)") from None
+    from ..runtime.pipeline import Pipeline
+
+    settings = settings_from(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+    def load(metrics):  # noqa: ANN001, ANN202
+        pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, context_length=settings.ctx_size)
+        engine = Engine(pipe, settings, metrics)
+        logging.getLogger("qwen3vl_onnx.server").info("loaded %s: %d slots of %d tokens", args.bundle, settings.parallel,
+                                                     settings.ctx_size)  # fmt: skip
+        return engine
+
+    app = create_app(settings, load)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

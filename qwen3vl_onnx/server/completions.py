@@ -1,0 +1,163 @@
+"""``POST /v1/chat/completions``: a request body -> a job for the engine -> a response, whole or as
+server-sent events. A client that goes away cancels its job, which frees its slot at the next step."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette.sse import EventSourceResponse
+
+from ..errors import UserError
+from ..runtime.sampling import GenerationParams, TokenLogprob
+from .engine import Accepted, Failed, Finished, Job, QueueFull, Token
+from .media import MediaError, pipeline_messages
+from .schemas import ChatCompletionRequest
+from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from .app import State
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, message and optionally the parameter at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def generation_params(body: ChatCompletionRequest, settings: ServerSettings) -> tuple[GenerationParams, bool]:
+    """The body's sampling fields as GenerationParams, and whether it set a token limit itself."""
+    limit = body.max_completion_tokens or body.max_tokens
+    bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit():
+            raise ApiError(400, f"logit_bias key {key[:20]!r} is not a token id", "logit_bias")
+        bias[int(key)] = value
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > 16:
+        raise ApiError(400, f"at most 16 stop strings, got {len(stop)}", "stop")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    params = GenerationParams(
+        max_new_tokens=limit or settings.ctx_size, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, logit_bias=bias, stop=stop, seed=body.seed, ignore_eos=body.ignore_eos,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+    )  # fmt: skip
+    return params, limit is not None
+
+
+def _logprobs(tokenizer: Tokenizer, lps: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
+
+
+def _usage(f: Finished) -> dict[str, Any]:
+    return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
+            "total_tokens": f.prompt_tokens + f.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": f.cached_tokens}}  # fmt: skip
+
+
+async def chat_completion(body: ChatCompletionRequest, state: State) -> Any:
+    engine, settings = state.ready(), state.settings
+    if body.model != settings.model_name:
+        raise ApiError(404, f"model {body.model[:80]!r} is not served here (GET /v1/models lists {settings.model_name!r})",
+                       "model", "model_not_found")  # fmt: skip
+    if body.n != 1:
+        raise ApiError(400, "only n = 1 is supported", "n")
+    params, explicit = generation_params(body, settings)
+    try:
+        params = engine.pipe.params(params)
+        video = engine.pipe.processors.video
+        messages = await run_in_threadpool(pipeline_messages, body.messages, settings, video.max_frames if video else None)
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
+    except MediaError as e:
+        raise ApiError(e.status, str(e)) from None
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job(messages, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), explicit_max=explicit)
+    try:
+        engine.submit(job)
+    except QueueFull as e:
+        raise ApiError(429, str(e)) from None
+    try:
+        first = await events.get()
+    except BaseException:
+        job.cancelled.set()
+        raise
+    if isinstance(first, Failed):
+        raise ApiError(first.status, first.message)
+    assert isinstance(first, Accepted)
+    head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": settings.model_name}
+    tokenizer, thinking = engine.pipe.tokenizer, engine.pipe.thinking
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventSourceResponse(_stream(job, events, head, tokenizer, usage), ping=15)
+    return await _whole(job, events, head, tokenizer, thinking)
+
+
+async def _whole(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokenizer, thinking: bool) -> dict[str, Any]:
+    said: dict[str, list[str]] = {"text": [], "reasoning": []}
+    lps: list[TokenLogprob] = []
+    try:
+        while True:
+            ev = await events.get()
+            if isinstance(ev, Token):
+                said[ev.delta.part].append(str(ev.delta))
+                if ev.logprob is not None:
+                    lps.append(ev.logprob)
+            elif isinstance(ev, Failed):
+                raise ApiError(ev.status, ev.message)
+            elif isinstance(ev, Finished):
+                break
+    finally:
+        if not isinstance(ev, Finished):
+            job.cancelled.set()
+    message = {"role": "assistant", "content": "".join(said["text"]),
+               "reasoning_content": "".join(said["reasoning"]) if thinking else None}  # fmt: skip
+    choice = {"index": 0, "message": message, "finish_reason": ev.finish_reason,
+              "logprobs": _logprobs(tokenizer, lps) if job.params.logprobs is not None else None}  # fmt: skip
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(ev)}
+
+
+async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokenizer, include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]}, ensure_ascii=False)}
+
+    done = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while not done:
+            ev = await events.get()
+            if isinstance(ev, Token):
+                lp = _logprobs(tokenizer, [ev.logprob]) if ev.logprob is not None else None
+                if ev.delta or lp:
+                    key = "reasoning_content" if ev.delta.part == "reasoning" else "content"
+                    yield chunk({key: str(ev.delta)}, logprobs=lp)
+            elif isinstance(ev, Failed):
+                done = True
+                body = {"error": {"message": ev.message, "type": "server_error", "param": None, "code": None}}
+                yield {"data": json.dumps(body)}
+            elif isinstance(ev, Finished):
+                done = True
+                yield chunk({}, ev.finish_reason)
+                if include_usage:
+                    yield {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev)})}
+        yield {"data": "[DONE]"}
+    finally:
+        if not done:
+            job.cancelled.set()

@@ -1,0 +1,321 @@
+"""Continuous batching over one preallocated KV cache: requests hold slots, one decoder call per step.
+
+Two threads. The *prep* thread renders each request, preprocesses its pictures and runs the vision
+tower (features come from a content-keyed cache when a picture was seen before), so a picture being
+encoded never stops running streams. The *engine* thread owns the decoder and the cache: it gives a
+prepared request a free slot (the one whose cached tokens share the longest prefix with it, so a
+follow-up request prefills only its new suffix), prefills it in chunks of ``prefill_chunk`` tokens
+while others decode, and advances every decoding slot with one batched call per step. Rows that are
+not decoding take part in that call and have their length restored after it: whatever the call
+wrote past their end is overwritten later. A request that finishes or whose client leaves frees its
+slot at once; the slot keeps its tokens for the next request that extends them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from ..runtime.conversation import reusable_prefix
+from ..runtime.generate import Decoding, image_slices, images_before
+from ..runtime.pipeline import Pipeline
+from ..runtime.positions import rope_index
+from ..runtime.prompt import Prompt
+from ..runtime.sampling import GenerationParams, TokenLogprob, token_logprob
+from ..runtime.text_stream import AnswerParts, Delta
+from ..runtime.vision_cache import VisionCache
+from .settings import ServerSettings
+
+log = logging.getLogger("qwen3vl_onnx.server")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    status: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Token:
+    delta: Delta
+    logprob: TokenLogprob | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+Event = Accepted | Failed | Token | Finished
+
+
+@dataclass
+class Job:
+    """One request on its way through the engine; ``sink`` receives its events from engine threads."""
+
+    messages: list[dict[str, Any]]
+    params: GenerationParams
+    sink: Callable[[Event], None]
+    explicit_max: bool = False  # the request set max_tokens: refuse it when prompt + max_tokens exceed the context
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt: Prompt | None = None
+    decoding: Decoding | None = None
+    keys: list[str] = field(default_factory=list)  # content keys of its pictures, in prompt order
+    features: tuple[np.ndarray, np.ndarray] | None = None  # all its pictures' (embeddings, DeepStack)
+    slot: int = -1
+    steps: Iterator[np.ndarray | None] | None = None  # the chunked prefill, while it runs
+    parts: AnswerParts | None = None
+    generated: list[int] = field(default_factory=list)
+    pending: int | None = None  # the sampled token the next decode step feeds
+    cached: int = 0
+
+
+@dataclass
+class Slot:
+    index: int
+    ids: list[int] = field(default_factory=list)  # tokens whose keys and values the row holds
+    keys: list[str] = field(default_factory=list)
+    job: Job | None = None
+    used: float = 0.0
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server queues."""
+
+
+class Engine:
+    def __init__(self, pipe: Pipeline, settings: ServerSettings, metrics: Any = None):
+        self.pipe, self.settings, self.metrics = pipe, settings, metrics
+        self.model = pipe.model
+        pipe.context_length = settings.ctx_size
+        # one position of headroom: a step writes one past every row's end, idle rows included
+        self.cache = self.model.new_cache(batch=settings.parallel, capacity=settings.ctx_size + 1)
+        self.cache.ensure(settings.ctx_size + 1)
+        self.slots = [Slot(i) for i in range(settings.parallel)]
+        self.rows = [self.cache.row(i) for i in range(settings.parallel)]
+        self.vision = VisionCache(64)
+        self.incoming: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        self.ready: collections.deque[Job] = collections.deque()
+        self.wake = threading.Condition()
+        cfg = self.model.config
+        self.pads = {cfg.image_token_id, cfg.video_token_id}
+        for target, name in ((self._prep_loop, "prep"), (self._engine_loop, "engine")):
+            threading.Thread(target=target, name=f"qwen3vl-{name}", daemon=True).start()
+
+    # ---- requests in ----
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.incoming.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.incoming.maxsize} requests are already waiting; try again later") from None
+        self._gauge("queue_depth", self.incoming.qsize() + len(self.ready))
+
+    def _prep_loop(self) -> None:
+        while True:
+            job = self.incoming.get()
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._prepare(job)
+            except UserError as e:
+                job.sink(Failed(400, str(e)))
+                continue
+            except Exception as e:  # a bug must fail the request, never the server
+                log.exception("preparing a request failed")
+                job.sink(Failed(500, f"internal error while preparing the request ({type(e).__name__})"))
+                continue
+            job.sink(Accepted(len(job.prompt.ids)))  # type: ignore[union-attr]
+            with self.wake:
+                self.ready.append(job)
+                self.wake.notify()
+
+    def _prepare(self, job: Job) -> None:
+        pipe, ctx = self.pipe, self.settings.ctx_size
+        prompt = pipe.prepare(job.messages)
+        if len(prompt.ids) >= ctx:
+            raise UserError(f"prompt is {len(prompt.ids)} tokens, the context (--ctx-size) holds {ctx}")
+        if job.explicit_max and len(prompt.ids) + job.params.max_new_tokens > ctx:
+            raise UserError(f"prompt ({len(prompt.ids)} tokens) + max_tokens ({job.params.max_new_tokens}) exceed the "
+                            f"context of {ctx} tokens (--ctx-size)")  # fmt: skip
+        job.prompt, job.decoding = prompt, pipe.decoding(job.params, len(prompt.ids))
+        pixels = image_slices(prompt)
+        job.keys = [VisionCache.key(p, g) for p, g in zip(pixels, prompt.grids, strict=True)]
+        if prompt.grids:
+            t = time.perf_counter()
+            job.features = self.vision.encode(self.model, pixels, prompt.grids)
+            self._observe("vision_seconds", time.perf_counter() - t)
+
+    # ---- the engine thread ----
+
+    def _engine_loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.ready and not any(s.job for s in self.slots):
+                    self.wake.wait()
+                self._admit()
+            try:
+                self._tick()
+            except Exception as e:  # keep serving: fail the running requests, start their slots afresh
+                log.exception("engine step failed")
+                for s in self.slots:
+                    if s.job is not None:
+                        s.job.sink(Failed(500, f"internal error while generating ({type(e).__name__})"))
+                        self._release(s, keep=False)
+
+    def _tick(self) -> None:
+        for s in self.slots:
+            if s.job is not None and s.job.cancelled.is_set():
+                self._release(s, keep=s.job.steps is None)
+        prefilling = [s.job for s in self.slots if s.job is not None and s.job.steps is not None]
+        if prefilling:
+            self._prefill_step(min(prefilling, key=lambda j: j.slot))
+        decoding = [s.job for s in self.slots if s.job is not None and s.job.pending is not None]
+        if decoding:
+            self._decode_step(decoding)
+        self._gauge("busy_slots", sum(1 for s in self.slots if s.job is not None))
+        self._gauge("queue_depth", self.incoming.qsize() + len(self.ready))
+
+    def _admit(self) -> None:
+        """Prepared requests into free slots, each where the longest prefix of it is cached."""
+        while self.ready:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self.ready.popleft()
+            if job.cancelled.is_set():
+                continue
+            prompt = job.prompt
+            assert prompt is not None and job.decoding is not None
+            frames = [g[0] for g in prompt.grids]
+            reuse = {s.index: reusable_prefix(s.ids, s.keys, prompt.ids, job.keys, self.pads, frames) for s in free}
+            slot = max(free, key=lambda s: (reuse[s.index], -s.used))
+            self._start(slot, job, reuse[slot.index])
+
+    def _start(self, slot: Slot, job: Job, keep: int) -> None:
+        prompt, cfg, row = job.prompt, self.model.config, self.rows[slot.index]
+        assert prompt is not None and job.decoding is not None
+        first = images_before(cfg, prompt, keep)
+        head = Prompt(prompt.ids[:keep], None, prompt.grids[:first], prompt.videos[:first])
+        row.lengths[0] = keep
+        row.rope_deltas[0] = rope_index(head.ids, cfg.image_token_id, cfg.video_token_id, head.image_grids,
+                                        head.video_grids, cfg.vision.spatial_merge_size)[1]  # fmt: skip
+        emb = ds = None
+        if job.features is not None and first < len(prompt.grids):
+            row0 = sum(int(np.prod(g)) for g in prompt.grids[:first]) // cfg.vision.spatial_merge_size**2
+            emb, ds = job.features[0][row0:], job.features[1][:, row0:]
+        tail = Prompt(prompt.ids[keep:], None, prompt.grids[first:], prompt.videos[first:])
+        slot.job, slot.ids, slot.keys, slot.used = job, list(prompt.ids[:keep]), job.keys, time.monotonic()
+        job.slot, job.cached = slot.index, keep
+        job.parts = AnswerParts(self.pipe.tokenizer, job.decoding.think_end, job.decoding.stop)
+        job.steps = self.model.prefill_steps(tail.ids, emb, ds, tail.image_grids, row, 1, tail.video_grids, self._chunk)
+        self._count("prompt_tokens", len(prompt.ids))
+        self._count("cached_prompt_tokens", keep)
+
+    def _chunk(self) -> int:
+        """Prompt tokens per call: short while other requests decode (their next token waits for
+        the call), the whole prompt (as memory allows) when nothing else runs."""
+        busy = any(s.job is not None and s.job.pending is not None for s in self.slots)
+        return self.settings.prefill_chunk if busy else self.settings.ctx_size
+
+    def _prefill_step(self, job: Job) -> None:
+        assert job.steps is not None and job.prompt is not None
+        t = time.perf_counter()
+        before = int(self.cache.lengths[job.slot])
+        out = next(job.steps)
+        self._rate("prefill", int(self.cache.lengths[job.slot]) - before, time.perf_counter() - t)
+        if out is None:
+            return
+        job.steps = None
+        self.slots[job.slot].ids = list(job.prompt.ids)
+        self._emit(job, out[0, -1])
+
+    def _decode_step(self, jobs: list[Job]) -> None:
+        tokens = np.zeros(len(self.slots), np.int64)
+        for j in jobs:
+            tokens[j.slot] = j.pending
+        before = self.cache.lengths.copy()
+        t = time.perf_counter()
+        logits = self.model.step(tokens, self.cache)
+        self._rate("decode", len(jobs), time.perf_counter() - t)
+        idle = np.ones(len(self.slots), bool)
+        idle[[j.slot for j in jobs]] = False
+        self.cache.lengths[idle] = before[idle]
+        for j in jobs:
+            self.slots[j.slot].ids.append(int(tokens[j.slot]))
+            j.pending = None
+            self._emit(j, logits[j.slot])
+
+    def _emit(self, job: Job, logits: np.ndarray) -> None:
+        """Sample the next token from ``logits`` and hand its text to the request (or finish it)."""
+        d, parts = job.decoding, job.parts
+        assert d is not None and parts is not None and job.prompt is not None
+        if d.processor is not None:
+            logits = d.processor(logits, job.prompt.ids, job.generated)
+        token = int(d.sampler(logits[None])[0])
+        if token in d.eos_ids:
+            return self._finish(job, "stop")
+        job.generated.append(token)
+        self._count("generation_tokens", 1)
+        lp = token_logprob(logits, token, d.logprobs) if d.logprobs is not None else None
+        job.sink(Token(parts.push(token), lp))
+        if parts.stopped:
+            return self._finish(job, "stop")
+        if len(job.generated) >= d.max_new_tokens:
+            return self._finish(job, "length")
+        job.pending = token
+
+    def _finish(self, job: Job, reason: str) -> None:
+        assert job.parts is not None and job.prompt is not None
+        if not job.parts.stopped:
+            tail = job.parts.flush()
+            if tail:
+                job.sink(Token(tail, None))
+        job.sink(Finished(reason, len(job.prompt.ids), len(job.generated), job.cached))
+        self._count("requests_finished", 1)
+        self._release(self.slots[job.slot], keep=True)
+
+    def _release(self, slot: Slot, keep: bool) -> None:
+        """Free ``slot``; ``keep``: its row's tokens stay reusable (False: half-prefilled, forget them)."""
+        slot.job = None
+        if not keep:
+            slot.ids, slot.keys = [], []
+            self.rows[slot.index].reset()
+
+    # ---- metrics (no-ops without --metrics) ----
+
+    def _count(self, name: str, n: float) -> None:
+        if self.metrics is not None:
+            self.metrics.count(name, n)
+
+    def _gauge(self, name: str, v: float) -> None:
+        if self.metrics is not None:
+            self.metrics.gauge(name, v)
+
+    def _observe(self, name: str, v: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(name, v)
+
+    def _rate(self, what: str, tokens: int, seconds: float) -> None:
+        if self.metrics is not None and tokens > 0 and seconds > 0:
+            self.metrics.gauge(f"{what}_tokens_per_second", tokens / seconds)
+
+    def slot_states(self) -> list[dict[str, Any]]:
+        return [{"id": s.index, "busy": s.job is not None, "cached_tokens": len(s.ids)} for s in self.slots]

@@ -1,0 +1,156 @@
+"""``qwen3vl-onnx serve`` through the official ``openai`` client: every answer equals what
+``Pipeline.generate`` gives for the same messages and parameters (greedy, or seeded sampling)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+
+from qwen3vl_onnx import Pipeline
+
+from .conftest import Server, make_video, picture
+
+GREEDY = dict(temperature=0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_one, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    picture(48, 64, seed=7).save(media / "pic.png")
+    s = Server(tiny_one.bundle, "--ctx-size", "1024", "--metrics", "--allowed-media-dir", str(media))
+    s.media = media
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_one) -> Pipeline:
+    return Pipeline.from_bundle(tiny_one.bundle)
+
+
+def data_url(img, fmt="PNG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _ours(pipe, messages, media=None, **kw):
+    """Pipeline.generate with the API's names mapped, and the messages' image URLs decoded as the server does."""
+    from qwen3vl_onnx.server.media import pipeline_messages
+    from qwen3vl_onnx.server.schemas import Message
+    from qwen3vl_onnx.server.settings import ServerSettings
+
+    msgs = pipeline_messages([Message(**m) for m in messages], ServerSettings("tiny", allowed_media_dir=media), 16)
+    kw["max_new_tokens"] = kw.pop("max_tokens")
+    return pipe.generate(msgs, **kw)
+
+
+def test_completion_and_stream_equal_the_pipeline(client, pipe):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    ref = _ours(pipe, messages, ignore_eos=True, **GREEDY)
+    r = client.chat.completions.create(model="tiny", messages=messages, extra_body={"ignore_eos": True}, **GREEDY)
+    assert r.choices[0].message.content == ref.text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, 8)
+    assert r.usage.total_tokens == ref.prompt_tokens + 8 and r.usage.prompt_tokens_details.cached_tokens >= 0
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}, **GREEDY))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+    # the same conversation again: its prompt comes from a slot's cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= ref.prompt_tokens - 1
+
+
+def test_image_and_video_data_urls_and_file_urls(client, pipe, server, tmp_path):
+    clip = make_video(tmp_path / "v.mp4", 10, 5, 64, 48)
+    video_url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    content = [{"type": "image_url", "image_url": {"url": data_url(picture(64, 40, seed=3))}},
+               {"type": "video_url", "video_url": {"url": video_url, "fps": 2}},
+               {"type": "image_url", "image_url": {"url": f"file://{server.media / 'pic.png'}"}},
+               {"type": "text", "text": "What do you see?"}]  # fmt: skip
+    messages = [{"role": "user", "content": content}]
+    r = client.chat.completions.create(model="tiny", messages=messages, extra_body={"ignore_eos": True}, **GREEDY)
+    ref = _ours(pipe, messages, server.media, ignore_eos=True, **GREEDY)
+    assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == ref.prompt_tokens
+    assert pipe.prepare([{"role": "user", "content": [{"type": "video", "video": str(clip)}]}]).videos == [True]
+
+
+def test_stop_strings_seeds_and_logprobs(client, pipe):
+    messages = [{"role": "user", "content": "Count from one to ten."}]
+    free = _ours(pipe, messages, temperature=0, max_tokens=12, ignore_eos=True).text
+    stop = free[3:5]
+    r = client.chat.completions.create(model="tiny", messages=messages, stop=[stop], temperature=0, max_tokens=12,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].message.content == free[: free.index(stop)] and r.choices[0].finish_reason == "stop"
+
+    sampled = dict(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234)
+    a = client.chat.completions.create(model="tiny", messages=messages, extra_body={"ignore_eos": True}, **sampled)
+    b = client.chat.completions.create(model="tiny", messages=messages, extra_body={"ignore_eos": True}, **sampled)
+    ref = _ours(pipe, messages, ignore_eos=True, **sampled)
+    assert a.choices[0].message.content == b.choices[0].message.content == ref.text
+
+    r = client.chat.completions.create(model="tiny", messages=messages, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True}, **GREEDY)  # fmt: skip
+    ref = _ours(pipe, messages, ignore_eos=True, logprobs=3, **GREEDY)
+    got = r.choices[0].logprobs.content
+    assert len(got) == 8 and all(len(t.top_logprobs) == 3 for t in got)
+    for g, want in zip(got, ref.logprobs, strict=True):
+        assert g.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert g.top_logprobs[0].logprob >= g.logprob - 1e-6  # greedy: the chosen token is the likeliest
+
+
+def test_thinking_checkpoint_returns_reasoning_apart(tiny_one, tmp_path):
+    """A template opening <think>: what comes before </think> is reasoning_content, whole and streamed."""
+    import shutil
+
+    from openai import OpenAI
+
+    from qwen3vl_onnx.demo.checkpoint import chat_template
+
+    bundle = shutil.copytree(tiny_one.bundle, tmp_path / "thinking")
+    tpl = chat_template().replace("{{- '<|im_start|>assistant\\n' -}}", "{{- '<|im_start|>assistant\\n<think>\\n' -}}")
+    (bundle / "chat_template.jinja").write_text(tpl)
+    ref = Pipeline.from_bundle(bundle).generate([{"role": "user", "content": "Think."}], max_new_tokens=6, temperature=0,
+                                                ignore_eos=True)  # fmt: skip
+    assert ref.reasoning  # no </think> in 6 random tokens: all of it is reasoning
+    s = Server(bundle, "--ctx-size", "256", api_key=None)
+    try:
+        c = OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Think."}], max_tokens=6,
+                                      temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+        msg = r.choices[0].message
+        assert msg.content == ref.text and msg.reasoning_content == ref.reasoning
+        chunks = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Think."}], max_tokens=6,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        streamed = "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks if ch.choices)
+        assert streamed == ref.reasoning
+    finally:
+        s.close()
+
+
+def test_models_tokenize_detokenize_metrics(server, pipe):
+    import httpx
+
+    h = {"Authorization": f"Bearer {server.api_key}"}
+    with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        ids = pipe.tokenizer.encode("Hello, world!", add_special_tokens=False).ids
+        assert c.post("/tokenize", json={"prompt": "Hello, world!"}).json()["tokens"] == ids == [9707, 11, 1879, 0]
+        msgs = [{"role": "user", "content": "Hi"}]
+        assert c.post("/tokenize", json={"messages": msgs}).json()["tokens"] == pipe.prepare(msgs).ids
+        assert c.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello, world!"
+        metrics = c.get("/metrics").text
+        assert "qwen3vl_onnx_generation_tokens_total" in metrics and "qwen3vl_onnx_busy_slots" in metrics
+        assert httpx.get(server.url + "/health").status_code == 200  # no key needed
