@@ -35,8 +35,9 @@ from .schemas import (
     ModelCard,
     ModelList,
     SlotState,
-    TokenizeRequest,
+    TokenizeMessages,
     TokenizeResponse,
+    TokenizeText,
 )
 from .settings import ServerSettings
 
@@ -128,8 +129,9 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
         except Exception:  # never a traceback to the client
             log.exception("request failed")
             response = error_response(500, "internal server error")
-        if metrics is not None:
-            metrics.count("requests", route=request.url.path[:64], status=str(response.status_code))
+        if metrics is not None:  # by route template, so made-up paths do not each get a series
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.count("requests", route=route, status=str(response.status_code))
         return response
 
     app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20))  # type: ignore[arg-type]
@@ -150,7 +152,9 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail))
+        r = error_response(e.status_code, str(e.detail))
+        r.headers.update(e.headers or {})  # 405 carries Allow
+        return r
 
     @app.get("/health", response_model=Health)
     async def health() -> Any:
@@ -168,11 +172,9 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
         return await chat_completion(body, state)
 
     @app.post("/tokenize", response_model=TokenizeResponse)
-    async def tokenize(body: TokenizeRequest) -> Any:
+    async def tokenize(body: TokenizeText | TokenizeMessages) -> Any:
         pipe = state.ready().pipe
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "give either prompt or messages")
-        if body.prompt is not None:
+        if isinstance(body, TokenizeText):
             ids = pipe.tokenizer.encode(body.prompt, add_special_tokens=False).ids
         else:
             from .media import MediaError, pipeline_messages
@@ -188,11 +190,7 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> Any:
-        pipe = state.ready().pipe
-        vocab = pipe.tokenizer.get_vocab_size(with_added_tokens=True)
-        if any(t >= vocab for t in body.tokens):
-            raise ApiError(400, f"token ids must be below {vocab}", param="tokens")
-        return {"prompt": pipe.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": state.ready().pipe.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/slots", response_model=list[SlotState])
     async def slots() -> Any:
@@ -204,4 +202,17 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
             raise ApiError(404, "metrics are off (start the server with --metrics)")
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the one model id this server answers to as an enum (so a
+        client or a fuzzer knows it)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = doc.get("components", {}).get("schemas", {})
+            schemas.get("ChatCompletionRequest", {}).get("properties", {}).get("model", {})["enum"] = [settings.model_name]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -111,7 +111,7 @@ class Engine:
         self.slots = [Slot(i) for i in range(settings.parallel)]
         self.rows = [self.cache.row(i) for i in range(settings.parallel)]
         self.vision = VisionCache(64)
-        self.incoming: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        self.incoming: queue.Queue[Job] = queue.Queue()
         self.ready: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
         cfg = self.model.config
@@ -122,10 +122,11 @@ class Engine:
     # ---- requests in ----
 
     def submit(self, job: Job) -> None:
-        try:
+        """Queue ``job``, or refuse it when ``queue_size`` requests already wait (for preparation or a slot)."""
+        with self.wake:
+            if self.incoming.qsize() + len(self.ready) >= self.settings.queue_size:
+                raise QueueFull(f"{self.settings.queue_size} requests are already waiting; try again later")
             self.incoming.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self.incoming.maxsize} requests are already waiting; try again later") from None
         self._gauge("queue_depth", self.incoming.qsize() + len(self.ready))
 
     def _prep_loop(self) -> None:

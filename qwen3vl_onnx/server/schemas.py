@@ -13,7 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Unknown fields ignored; known ones strictly typed (no "1" for 1, no 0 for false)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+MEDIA_URL = r"^(data:|file://|https?://)"
 
 
 class TextPart(_Lenient):
@@ -22,7 +27,7 @@ class TextPart(_Lenient):
 
 
 class ImageUrl(_Lenient):
-    url: str = Field(min_length=1)
+    url: str = Field(pattern=MEDIA_URL)
     detail: str | None = None
 
 
@@ -32,7 +37,7 @@ class ImagePart(_Lenient):
 
 
 class VideoUrl(_Lenient):
-    url: str = Field(min_length=1)
+    url: str = Field(pattern=MEDIA_URL)
     fps: Annotated[float, Field(gt=0, le=1000)] | None = None
     max_frames: Annotated[int, Field(ge=1)] | None = None
     max_pixels: Annotated[int, Field(ge=1)] | None = None
@@ -68,7 +73,7 @@ class ChatCompletionRequest(_Lenient):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**53)] | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     logprobs: bool = False
@@ -163,10 +168,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeText(_Lenient):
     model: str | None = None
-    prompt: str | None = None  # text tokenized as it is
-    messages: list[Message] | None = None  # or a conversation, rendered with the chat template
+    prompt: str  # text tokenized as it is
+
+
+class TokenizeMessages(_Lenient):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)  # a conversation, rendered with the chat template
     add_generation_prompt: bool = True
 
 
@@ -178,7 +187,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Lenient):
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[Annotated[int, Field(ge=0, le=2**32 - 1)]]  # ids the tokenizer does not know decode to nothing
 
 
 class DetokenizeResponse(BaseModel):

@@ -1,0 +1,145 @@
+"""The server's scheduler: concurrent requests decode together yet answer as they would alone, a
+client that leaves frees its slot, and one bad request never disturbs the others."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from qwen3vl_onnx import Pipeline
+
+from .conftest import Server, picture
+from .test_server_api import data_url
+
+H = {"Authorization": "Bearer test-key"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_one, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    picture(40, 40).save(media / "ok.png")
+    outside = tmp_path_factory.mktemp("outside")
+    picture(40, 40).save(outside / "secret.png")
+    (media / "link.png").symlink_to(outside / "secret.png")
+    s = Server(tiny_one.bundle, "--ctx-size", "512", "--parallel", "3", "--metrics", "--allowed-media-dir", str(media),
+               "--max-images", "2", "--max-body-mb", "1", "--queue-size", "4")  # fmt: skip
+    s.media, s.outside = media, outside
+    yield s
+    s.close()
+
+
+def _ask(url: str, messages: list, n: int = 12, **extra) -> dict:
+    body = {"model": "tiny", "messages": messages, "max_tokens": n, "temperature": 0, "ignore_eos": True, **extra}
+    r = httpx.post(url + "/v1/chat/completions", json=body, headers=H, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_concurrent_requests_equal_running_them_alone(server, tiny_one):
+    """Six requests (more than the three slots, one with a picture, different lengths) sent at
+    once: each answer equals Pipeline.generate on its own."""
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    prompts = [[{"role": "user", "content": f"Question {i}: " + "tell me more " * i}] for i in range(5)]
+    img = picture(64, 48, seed=5)
+    prompts.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                                 {"type": "text", "text": "What is it?"}]}])  # fmt: skip
+    lengths = [12, 5, 20, 8, 16, 10]
+    results: dict[int, dict] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _ask(server.url, prompts[i], lengths[i])))
+               for i in range(len(prompts))]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, messages in enumerate(prompts):
+        local = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}] if i == 5 \
+            else messages  # fmt: skip
+        ref = pipe.generate(local, max_new_tokens=lengths[i], temperature=0, ignore_eos=True)
+        assert results[i]["choices"][0]["message"]["content"] == ref.text, i
+        assert results[i]["usage"]["completion_tokens"] == lengths[i]
+
+
+def test_a_client_that_leaves_frees_its_slot(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 400,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=H, timeout=60) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n > 6:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        slots = httpx.get(server.url + "/slots", headers=H).json()
+        if not any(s["busy"] for s in slots):
+            break
+        time.sleep(0.1)
+    assert not any(s["busy"] for s in slots), slots
+    assert "qwen3vl_onnx_busy_slots 0.0" in httpx.get(server.url + "/metrics", headers=H).text
+
+
+def _error(r: httpx.Response, status: int, *needles: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "Traceback" not in err["message"]
+    for n in needles:
+        assert n in err["message"], err["message"]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    url, ok = server.url + "/v1/chat/completions", [{"role": "user", "content": "hi"}]
+    post = lambda body, **kw: httpx.post(url, json=body, headers=kw.pop("headers", H), timeout=60, **kw)  # noqa: E731
+
+    def part(u: str) -> list:
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}}]}]
+
+    _error(httpx.post(url, content=b"{not json", headers={**H, "content-type": "application/json"}), 400, "not valid JSON")
+    _error(post({"model": "tiny"}), 422, "messages")
+    _error(post({"model": "tiny", "messages": ok, "temperature": "hot"}), 422, "temperature")
+    _error(post({"model": "tiny", "messages": ok, "max_tokens": -3}), 422, "max_tokens")
+    _error(post({"model": "gpt-9", "messages": ok}), 404, "gpt-9")
+    _error(post({"model": "tiny", "messages": ok, "n": 2}), 400, "n = 1")
+    _error(post({"model": "tiny", "messages": part("data:image/png;base64,@@@")}), 400, "base64")
+    _error(post({"model": "tiny", "messages": part("data:image/png;base64," + base64.b64encode(b"nope").decode())}), 400,
+           "cannot read image")  # fmt: skip
+    _error(post({"model": "tiny", "messages": part(f"file://{server.outside / 'secret.png'}")}), 403, "outside")
+    _error(post({"model": "tiny", "messages": part(f"file://{server.media}/../{server.outside.name}/secret.png")}), 403,
+           "outside")  # fmt: skip
+    _error(post({"model": "tiny", "messages": part(f"file://{server.media / 'link.png'}")}), 403, "outside")
+    _error(post({"model": "tiny", "messages": part("https://example.com/cat.png")}), 403, "--allow-remote-media")
+    three = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{server.media / 'ok.png'}"}}] * 3}]
+    _error(post({"model": "tiny", "messages": three}), 400, "3 images", "--max-images")
+    _error(post({"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}), 413, "--max-body-mb")
+    _error(post({"model": "tiny", "messages": ok, "max_tokens": 600}), 400, "max_tokens (600)", "--ctx-size")
+    _error(post({"model": "tiny", "messages": [{"role": "user", "content": "word " * 700}]}), 400, "context")
+    _error(post({"model": "tiny", "messages": ok}, headers={}), 401, "API key")
+    _error(post({"model": "tiny", "messages": ok}, headers={"Authorization": "Bearer wrong"}), 401, "API key")
+    _error(httpx.get(server.url + "/v1/nothing", headers=H), 404)
+    good = _ask(server.url, part(f"file://{server.media / 'ok.png'}"), 3)  # still serving, a file URL inside the folder works
+    assert good["usage"]["completion_tokens"] == 3
+
+
+def test_a_full_queue_answers_429(server):
+    """Twelve long requests at once against three slots and a queue of four: the ones that find the
+    queue full are refused at once (429), every accepted one (at least the queue and one being
+    prepared) finishes."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Long answer."}], "max_tokens": 300, "ignore_eos": True}
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, headers=H, timeout=120)
+        with lock:
+            codes.append(r.status_code)
+            if r.status_code != 200:
+                assert r.status_code == 429 and json.loads(r.text)["error"]["type"] == "rate_limit_error"
+
+    threads = [threading.Thread(target=send) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes.count(429) >= 1 and codes.count(200) >= 5 and len(codes) == 12, codes
