@@ -57,8 +57,8 @@ def test_concurrent_requests_equal_running_them_alone(server, tiny_one):
     for t in threads:
         t.join()
     for i, messages in enumerate(prompts):
-        local = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}] if i == 5 \
-            else messages  # fmt: skip
+        pictured = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]
+        local = pictured if i == 5 else messages
         ref = pipe.generate(local, max_new_tokens=lengths[i], temperature=0, ignore_eos=True)
         assert results[i]["choices"][0]["message"]["content"] == ref.text, i
         assert results[i]["usage"]["completion_tokens"] == lengths[i]
