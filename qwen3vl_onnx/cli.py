@@ -187,6 +187,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--video", action="store_true",
                    help="instead, video figures: a 10 s clip's preprocess, vision and first token, a 60 s clip's memory "
                         "(with --compare: first token against OpenVINO GenAI on the same frames)")  # fmt: skip
+    b.add_argument("--serve", action="store_true",
+                   help="instead, server figures: decode with 1/4/8 clients, token gaps during an image prefill, "
+                        "a follow-up question cached and fresh")  # fmt: skip
+    b.add_argument("--soak", type=_positive_float, default=None, metavar="S",
+                   help="instead, 8 clients against the server for S seconds: errors and memory growth")  # fmt: skip
     b.add_argument("--kernels", action="store_true",
                    help="instead, measure this CPU's matmul kernels in GOPS (fp32/int8 peaks, the bundles' kernels)")  # fmt: skip
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")

@@ -57,6 +57,8 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         result.update(export_measured(ckpt, bundle, opts))
     if args.video:
         return _run_video(args, result, bundle, ckpt, work / name, out, name)
+    if args.serve or args.soak:
+        return _run_serve(args, result, bundle, out, name)
     print("measuring qwen3vl-onnx", file=sys.stderr)
     result["ours"] = child_measure(bundle, args.repeats)
     if args.compare:
@@ -96,6 +98,20 @@ def _run_video(args: argparse.Namespace, result: dict, bundle: Path, ckpt: Path 
     stem = out / f"bench-{name}-{args.precision}-video"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     table = video_markdown(result)
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.json, .md", file=sys.stderr)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace, result: dict, bundle: Path, out: Path, name: str) -> int:
+    """``bench --serve`` / ``--soak S``: figures of ``qwen3vl-onnx serve`` processes on the bundle."""
+    from .serve import run_serve_bench, serve_markdown
+
+    result["serve"] = run_serve_bench(bundle, args.soak)
+    stem = out / f"bench-{name}-{args.precision}-{'soak' if args.soak else 'serve'}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    table = serve_markdown(result)
     stem.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {stem}.json, .md", file=sys.stderr)

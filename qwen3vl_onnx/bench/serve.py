@@ -1,0 +1,238 @@
+"""Server figures (``bench --serve``), each against a ``qwen3vl-onnx serve`` process started here:
+
+- decode tokens/s of one streaming client, of 4 at once (``--parallel 4``) and of 8 (``--parallel 8``);
+- the gaps between tokens of 3 running streams while a 448x448 image prompt is prefilled (p99, max);
+- first token of a follow-up question about a 448x448 picture: on the server that answered the first
+  question (its slot and vision caches hold it) against a fresh server (everything computed);
+- ``--soak SECONDS``: 8 clients for that long, errors counted and the server's RSS sampled.
+
+Token times are client-side arrival times of server-sent events (one token per event here).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .procstats import stats
+
+STORY = "Tell me a long story about a lighthouse keeper."
+
+
+class ServerProcess:
+    def __init__(self, bundle: Path, *flags: str):
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile("w+")
+        cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "serve", str(bundle), "--port", str(port), "--model-name", "m", *flags]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.log.seek(0)
+        raise RuntimeError(f"server did not start: {self.log.read()[-1000:]}")
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def picture_url(seed: int, side: int = 448) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def stream(url: str, messages: list, max_tokens: int, times: list[float] | None = None, temperature: float = 0) -> dict:
+    """One streaming request: arrival time of each token, the text, and the time it was sent."""
+    import httpx
+
+    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    times = [] if times is None else times
+    text: list[str] = []
+    sent = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            if delta.get("role"):
+                continue
+            times.append(time.perf_counter())
+            text.append(delta.get("content") or "")
+    return {"sent": sent, "times": times, "text": "".join(text)}
+
+
+def _concurrent(url: str, clients: int, tokens: int) -> float:
+    """Aggregate decode tokens/s of ``clients`` streams started together (tokens after each's first)."""
+    out: list[dict] = [{}] * clients
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, stream(url, [{"role": "user", "content": f"{STORY} ({i})"}],
+                                                                             tokens))) for i in range(clients)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first, last = min(o["times"][0] for o in out), max(o["times"][-1] for o in out)
+    return sum(len(o["times"]) - 1 for o in out) / (last - first)
+
+
+def decode_scaling(bundle: Path, tokens: int = 64) -> dict:
+    res: dict = {}
+    for parallel, clients in ((4, (1, 4)), (8, (8,))):
+        server = ServerProcess(bundle, "--parallel", str(parallel))
+        try:
+            _concurrent(server.url, 1, 4)  # warm-up
+            for n in clients:
+                res[f"decode_{n}_clients_tok_s"] = _concurrent(server.url, n, tokens)
+        finally:
+            server.close()
+    res["scaling_4_vs_1"] = res["decode_4_clients_tok_s"] / res["decode_1_clients_tok_s"]
+    return res
+
+
+def gaps_during_image_prefill(bundle: Path) -> dict:
+    """Three streams run; a 448x448 image question arrives; the streams' token gaps meanwhile."""
+    server = ServerProcess(bundle, "--parallel", "4")
+    try:
+        stream(server.url, [{"role": "user", "content": "warm up"}], 2)
+        runs: list[list[float]] = [[], [], []]
+        threads = [threading.Thread(target=stream, args=(server.url, [{"role": "user", "content": f"{STORY} {i}"}], 200, runs[i]))
+                   for i in range(3)]  # fmt: skip
+        for t in threads:
+            t.start()
+        while min(len(r) for r in runs) < 5:
+            time.sleep(0.05)
+        content = [{"type": "image_url", "image_url": {"url": picture_url(1)}}, {"type": "text", "text": "What is in it?"}]
+        img = stream(server.url, [{"role": "user", "content": content}], 1)
+        for t in threads:
+            t.join()
+        start, end = img["sent"], img["times"][0]
+        gaps = [b - a for r in runs for a, b in zip(r, r[1:], strict=False) if b >= start and a <= end]
+        return {"image_ttft_s": end - start, "gaps_during_prefill_s": stats(gaps), "p99_gap_s": float(np.percentile(gaps, 99)),
+                "max_gap_s": max(gaps), "gaps_counted": len(gaps)}  # fmt: skip
+    finally:
+        server.close()
+
+
+def follow_up(bundle: Path) -> dict:
+    """First token of a follow-up question about a picture, cached (same server) and recomputed (fresh one)."""
+    url = picture_url(2)
+    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]
+    first = [{"role": "user", "content": parts}]
+    server = ServerProcess(bundle, "--parallel", "4")
+    try:
+        answer = stream(server.url, first, 32)["text"]
+        history = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And what else is there?"}]
+        r = stream(server.url, history, 1)
+        cached = r["times"][0] - r["sent"]
+    finally:
+        server.close()
+    server = ServerProcess(bundle, "--parallel", "4")
+    try:
+        stream(server.url, [{"role": "user", "content": "warm up"}], 2)
+        r = stream(server.url, history, 1)
+        fresh = r["times"][0] - r["sent"]
+    finally:
+        server.close()
+    return {"follow_up_ttft_cached_s": cached, "follow_up_ttft_fresh_s": fresh, "follow_up_speedup": fresh / cached}
+
+
+def soak(bundle: Path, seconds: float, clients: int = 8) -> dict:
+    """``clients`` clients asking without pause for ``seconds``; RSS after the first minute and at the end."""
+    import httpx
+
+    server = ServerProcess(bundle, "--parallel", str(clients), "--ctx-size", "1024")
+    errors, done = [], [0] * clients
+    stop = time.monotonic() + seconds
+    samples: list[tuple[float, float]] = []
+    pictures = [picture_url(i, 64) for i in range(4)]
+
+    def client(c: int) -> None:
+        rng = random.Random(c)
+        while time.monotonic() < stop:
+            content: list | str = f"client {c}: {rng.random()}"
+            if rng.random() < 0.3:
+                content = [{"type": "image_url", "image_url": {"url": rng.choice(pictures)}}, {"type": "text", "text": "Hm?"}]
+            try:
+                stream(server.url, [{"role": "user", "content": content}], rng.randint(1, 48), temperature=rng.choice([0, 0.8]))
+                done[c] += 1
+            except (httpx.HTTPError, RuntimeError) as e:
+                errors.append(repr(e)[:200])
+
+    try:
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            samples.append((time.monotonic() - t0, server.rss_mb()))
+            time.sleep(5)
+        base = next((mb for t, mb in samples if t >= min(60, seconds / 4)), samples[0][1])
+        return {"soak_s": seconds, "clients": clients, "requests": sum(done), "errors": len(errors), "error_examples": errors[:3],
+                "rss_after_warmup_mb": base, "rss_end_mb": samples[-1][1], "rss_growth": samples[-1][1] / base - 1}  # fmt: skip
+    finally:
+        server.close()
+
+
+def run_serve_bench(bundle: Path, soak_s: float | None) -> dict:
+    if soak_s:
+        return {"soak": soak(bundle, soak_s)}
+    print("decode with 1, 4 and 8 clients", file=sys.stderr)
+    res = {"decode": decode_scaling(bundle)}
+    print("token gaps while an image prompt is prefilled", file=sys.stderr)
+    res["image_prefill"] = gaps_during_image_prefill(bundle)
+    print("follow-up question, cached and fresh", file=sys.stderr)
+    res["follow_up"] = follow_up(bundle)
+    return res
+
+
+def serve_markdown(result: dict) -> str:
+    m = result["machine"]
+    flags = " ".join(m["cpu_flags"])
+    lines = [f"Server, {result['shape']} {result['precision']} on {m['cpu']} ({m['cores']} cores; {flags})", ""]
+    if "soak" in result["serve"]:
+        s = result["serve"]["soak"]
+        lines.append(f"soak {s['soak_s']:.0f} s, {s['clients']} clients: {s['requests']} requests, {s['errors']} errors, RSS "
+                     f"{s['rss_after_warmup_mb']:.0f} -> {s['rss_end_mb']:.0f} MB ({100 * s['rss_growth']:+.1f}%)")  # fmt: skip
+        return "\n".join(lines) + "\n"
+    d, g, f = result["serve"]["decode"], result["serve"]["image_prefill"], result["serve"]["follow_up"]
+    lines += [
+        f"decode tok/s: 1 client {d['decode_1_clients_tok_s']:.1f}, 4 clients {d['decode_4_clients_tok_s']:.1f} "
+        f"({d['scaling_4_vs_1']:.2f}x), 8 clients (--parallel 8) {d['decode_8_clients_tok_s']:.1f}",
+        f"while a 448x448 image prompt was prefilled ({g['image_ttft_s']:.2f} s to its first token): 3 streams' token gaps "
+        f"p99 {g['p99_gap_s']:.3f} s, max {g['max_gap_s']:.3f} s, median {g['gaps_during_prefill_s']['median']:.3f} s "
+        f"({g['gaps_counted']} gaps)",
+        f"follow-up question's first token: {f['follow_up_ttft_cached_s']:.2f} s cached, "
+        f"{f['follow_up_ttft_fresh_s']:.2f} s on a fresh server ({f['follow_up_speedup']:.1f}x)",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
