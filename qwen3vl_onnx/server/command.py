@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .settings import ServerSettings
@@ -35,26 +36,33 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           prefill_chunk=args.prefill_chunk)  # fmt: skip
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-
-        from .app import create_app
-        from .engine import Engine
-    except ImportError as e:
-        raise UserError(f"serve needs the server extra: pip install 'qwen3vl-onnx[server]' ({e.name} is missing)") from None
+def build_app(bundle: str | Path, settings: ServerSettings, threads: int | None = None) -> Any:
+    """The FastAPI app serving ``bundle``; it loads the bundle in the background when started (so
+    ``/health`` answers 503 meanwhile). Also what a Ray Serve deployment wraps as its ingress."""
     from ..runtime.pipeline import Pipeline
+    from .app import create_app
+    from .engine import Engine
 
-    settings = settings_from(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-
-    def load(metrics):  # noqa: ANN001, ANN202
-        pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, context_length=settings.ctx_size)
+    def load(metrics: Any) -> Engine:
+        pipe = Pipeline.from_bundle(bundle, threads=threads, context_length=settings.ctx_size)
         engine = Engine(pipe, settings, metrics)
-        logging.getLogger("qwen3vl_onnx.server").info("loaded %s: %d slots of %d tokens", args.bundle, settings.parallel,
+        logging.getLogger("qwen3vl_onnx.server").info("loaded %s: %d slots of %d tokens", bundle, settings.parallel,
                                                      settings.ctx_size)  # fmt: skip
         return engine
 
-    app = create_app(settings, load)
+    return create_app(settings, load)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UserError(f"serve needs the server extra: pip install 'qwen3vl-onnx[server]' ({e.name} is missing)") from None
+    settings = settings_from(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    app = build_app(args.bundle, settings, args.threads)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0

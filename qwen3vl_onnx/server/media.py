@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
 from ..runtime.preprocess import image_from_bytes
@@ -82,8 +85,16 @@ def _source(url: str, settings: ServerSettings) -> bytes | Path:
 
 def _image(part: ImagePart, settings: ServerSettings) -> dict[str, Any]:
     src = _source(part.image_url.url, settings)
+    data = src if isinstance(src, bytes) else src.read_bytes()
+    try:  # the header says the size: refuse a huge image before decoding its pixels
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        w = h = 0  # not an image: the decoder below says so
+    if w * h > settings.max_image_pixels:
+        raise MediaError(400, f"image of {w}x{h} is over the limit of {settings.max_image_pixels / 1e6:g} million pixels")
     try:
-        image = image_from_bytes(src) if isinstance(src, bytes) else image_from_bytes(src.read_bytes(), str(src))
+        image = image_from_bytes(data, "image" if isinstance(src, bytes) else str(src))
     except UserError as e:
         raise MediaError(400, str(e)) from None
     return {"type": "image", "image": image}

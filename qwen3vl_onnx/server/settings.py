@@ -21,6 +21,7 @@ class ServerSettings:
     cors_origin: str | None = None
     max_images: int = 8  # images (and videos) per request
     max_video_frames: int = 64  # frames sampled per video at most
+    max_image_pixels: int = 40_000_000  # an image file larger than this is refused before it is decoded
     max_body_mb: float = 20.0  # request body (base64 media included)
     metrics: bool = False  # GET /metrics
     prefill_chunk: int = 64  # prompt tokens per call while other requests decode (keeps their streams flowing)

@@ -1,0 +1,69 @@
+"""The app's own behaviour, in process (no engine needed): 503 while loading or after a failed
+load, the API key on every route but /health, errors in OpenAI's shape, media rules."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from qwen3vl_onnx.server.app import create_app
+from qwen3vl_onnx.server.media import MediaError, confined_path, pipeline_messages
+from qwen3vl_onnx.server.schemas import Message
+from qwen3vl_onnx.server.settings import ServerSettings
+
+
+def test_loading_and_failed_loading_answer_503():
+    release = threading.Event()
+
+    def slow(_metrics):
+        release.wait(10)
+        raise RuntimeError("bundle.onnx is damaged")
+
+    app = create_app(ServerSettings("m", api_key="k"), slow)
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                   headers={"Authorization": "Bearer k"})  # fmt: skip
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
+        assert c.get("/v1/models").status_code == 401  # the key is checked before anything else
+        release.set()
+        for _ in range(100):
+            r = c.get("/health")
+            if "failed" in r.json()["error"]["message"]:
+                break
+            threading.Event().wait(0.05)
+        assert r.status_code == 503 and "the model failed to load: bundle.onnx is damaged" in r.json()["error"]["message"]
+        assert c.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 404  # off without --metrics
+
+
+def _png(w: int, h: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_media_rules(tmp_path):
+    inside = tmp_path / "media"
+    inside.mkdir()
+    (inside / "a.png").write_bytes(base64.b64decode(_png(8, 8).split(",")[1]))
+    s = ServerSettings("m", allowed_media_dir=inside, max_image_pixels=10_000)
+    assert confined_path(f"file://{inside}/sub/../a.png", s) == (inside / "a.png").resolve()
+    with pytest.raises(MediaError) as e:
+        confined_path("file://remotehost/a.png", s)
+    assert e.value.status == 400
+    big = [Message(role="user", content=[{"type": "image_url", "image_url": {"url": _png(200, 100)}}])]
+    with pytest.raises(MediaError, match="image of 200x100 is over the limit of 0.01 million pixels"):
+        pipeline_messages(big, s)
+    video = [
+        Message(role="user", content=[{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA", "max_frames": 9}}])
+    ]
+    with pytest.raises(MediaError, match="max_frames 9 is over the limit of 8"):
+        pipeline_messages(video, s, frame_cap=8)
+    out = pipeline_messages([Message(role="developer", content="Be nice.")], s)
+    assert out == [{"role": "system", "content": "Be nice."}]
