@@ -147,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-origin", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")
     s.add_argument("--max-images", type=_at_least(0), default=8, help="images and videos per request")
     s.add_argument("--max-video-frames", type=_at_least(1), default=64, help="frames sampled per video at most")
+    s.add_argument("--max-image-pixels", type=_at_least(1), default=40_000_000, help="pixels per image file at most")
     s.add_argument("--max-body-mb", type=_positive_float, default=20.0, help="request body limit in MB")
     s.add_argument("--metrics", action="store_true", help="Prometheus figures at /metrics")
     _threads_arg(s)

@@ -32,7 +32,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(model_name=args.model_name or bundle.resolve().name, api_key=key or None, parallel=args.parallel,
                           ctx_size=args.ctx_size, queue_size=args.queue_size, allowed_media_dir=media,
                           allow_remote_media=args.allow_remote_media, cors_origin=args.cors_origin, max_images=args.max_images,
-                          max_video_frames=args.max_video_frames, max_body_mb=args.max_body_mb, metrics=args.metrics,
+                          max_video_frames=args.max_video_frames, max_image_pixels=args.max_image_pixels,
+                          max_body_mb=args.max_body_mb, metrics=args.metrics,
                           prefill_chunk=args.prefill_chunk)  # fmt: skip
 
 
