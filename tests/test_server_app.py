@@ -67,3 +67,16 @@ def test_media_rules(tmp_path):
         pipeline_messages(video, s, frame_cap=8)
     out = pipeline_messages([Message(role="developer", content="Be nice.")], s)
     assert out == [{"role": "system", "content": "Be nice."}]
+
+
+def test_serve_refuses_bad_options_in_one_line(run_cli, setup, tmp_path):
+    from .conftest import one_line_error
+
+    one_line_error(run_cli("serve", tmp_path / "nothing"), "not a bundle")
+    one_line_error(
+        run_cli("serve", setup / "bundle", "--allowed-media-dir", tmp_path / "nope"), "--allowed-media-dir is not a directory"
+    )
+    one_line_error(run_cli("serve", setup / "bundle", "--api-key-file", tmp_path / "key.txt"), "cannot read the API key")
+    (tmp_path / "empty.txt").write_text("\n")
+    one_line_error(run_cli("serve", setup / "bundle", "--api-key-file", tmp_path / "empty.txt"), "API key file is empty")
+    one_line_error(run_cli("serve", setup / "bundle", "--parallel", "0"), "--parallel: must be >= 1")
