@@ -95,13 +95,7 @@ def _run_video(args: argparse.Namespace, result: dict, bundle: Path, ckpt: Path 
         frames = frames_file(bundle, work)
         pairs = max(args.repeats, TURN_MIN_PAIRS)
         result["video_turns"] = run_video_turns(ckpt, bundle, work / "peers", frames, pairs, args.turn_pause, args.peers)
-    stem = out / f"bench-{name}-{args.precision}-video"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = video_markdown(result)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {stem}.json, .md", file=sys.stderr)
-    return 0
+    return _write(out / f"bench-{name}-{args.precision}-video", result, video_markdown(result))
 
 
 def _run_serve(args: argparse.Namespace, result: dict, bundle: Path, out: Path, name: str) -> int:
@@ -109,9 +103,12 @@ def _run_serve(args: argparse.Namespace, result: dict, bundle: Path, out: Path, 
     from .serve import run_serve_bench, serve_markdown
 
     result["serve"] = run_serve_bench(bundle, args.soak)
-    stem = out / f"bench-{name}-{args.precision}-{'soak' if args.soak else 'serve'}"
+    return _write(out / f"bench-{name}-{args.precision}-{'soak' if args.soak else 'serve'}", result, serve_markdown(result))
+
+
+def _write(stem: Path, result: dict, table: str) -> int:
+    """The figures as JSON and their report as markdown beside it; the report printed."""
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    table = serve_markdown(result)
     stem.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {stem}.json, .md", file=sys.stderr)

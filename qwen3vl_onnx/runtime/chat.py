@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import io
 import json
 from datetime import datetime
 from pathlib import Path
@@ -17,11 +16,10 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from PIL import Image
 
 from ..errors import UserError
-from .preprocess import ImageLike
-from .video import VideoRequest, video_from_url
+from .preprocess import ImageLike, image_from_bytes
+from .video import VideoRequest
 
 Visual = ImageLike | VideoRequest  # what a message part shows, in prompt order
 VIDEO_OPTIONS = {"fps": "fps", "max_frames": "max_frames", "max_pixels": "max_pixels", "video_start": "start",
@@ -68,17 +66,33 @@ def render(template: str, messages: list[dict[str, Any]], add_generation_prompt:
         raise UserError(f"chat template failed to render: {e}") from None
 
 
-def _image_from_url(url: str) -> ImageLike:
+def media_from_url(url: str, what: str) -> bytes | str:
+    """An ``image_url``/``video_url``: a data URL's bytes or a local path (``file://`` or plain);
+    never fetched from the network (the server has its own, stricter rules: server/media.py)."""
     if url.startswith("data:"):
         try:
-            return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-        except Exception:
-            raise UserError("image data URL could not be decoded") from None
+            return base64.b64decode(url.split(",", 1)[1], validate=True)
+        except (ValueError, IndexError):
+            raise UserError(f"{what} data URL could not be decoded") from None
     if url.startswith("file://"):
         return url[len("file://") :]
     if url.startswith(("http://", "https://")):
-        raise UserError(f"{url}: remote image URLs are not fetched; download the image and pass its path")
+        raise UserError(f"{url}: remote {what} URLs are not fetched; download the {what} and pass its path")
     return url
+
+
+def _image_from_url(url: str) -> ImageLike:
+    src = media_from_url(url, "image")
+    return image_from_bytes(src, "image data URL") if isinstance(src, bytes) else src
+
+
+def _part_url(part: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
+    """The url of an ``image_url``/``video_url`` part and the fields beside it (a video's options)."""
+    ref = part.get(kind)
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str) or not url:
+        raise UserError(f"{kind} part needs a url")
+    return url, ref if isinstance(ref, dict) else {}
 
 
 def _video_part(part: dict[str, Any], source: Any) -> VideoRequest:
@@ -112,22 +126,15 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
                 images.append(part.get("image") if part.get("image") is not None else part.get("path"))
                 parts.append({"type": "image"})
             elif kind == "image_url":
-                ref = part.get("image_url")
-                url = ref.get("url") if isinstance(ref, dict) else ref
-                if not isinstance(url, str) or not url:
-                    raise UserError("image_url part needs a url")
-                images.append(_image_from_url(url))
+                images.append(_image_from_url(_part_url(part, kind)[0]))
                 parts.append({"type": "image"})
             elif kind == "video" or (kind is None and isinstance(part, dict) and "video" in part):
                 source = part.get("video")
-                images.append(_video_part(part, video_from_url(source) if isinstance(source, str) else source))
+                images.append(_video_part(part, media_from_url(source, "video") if isinstance(source, str) else source))
                 parts.append({"type": "video"})
             elif kind == "video_url":
-                ref = part.get("video_url")
-                url = ref.get("url") if isinstance(ref, dict) else ref
-                if not isinstance(url, str) or not url:
-                    raise UserError("video_url part needs a url")
-                images.append(_video_part({**part, **(ref if isinstance(ref, dict) else {})}, video_from_url(url)))
+                url, options = _part_url(part, kind)
+                images.append(_video_part({**part, **options}, media_from_url(url, "video")))
                 parts.append({"type": "video"})
             else:
                 raise UserError(f"unsupported message content part: {kind!r}")

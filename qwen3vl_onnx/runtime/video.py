@@ -15,7 +15,6 @@ long video never holds its full-size frames in memory.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections.abc import Sequence
@@ -263,17 +262,3 @@ def preprocess_video(req: VideoRequest, cfg: VideoProcessorConfig) -> Video:
     if isinstance(req.source, Sequence):
         return _frame_list(req, cfg)
     raise UserError(f"video must be a path, a data URL or a list of frames, got {type(req.source).__name__}")
-
-
-def video_from_url(url: str) -> VideoFile:
-    """A ``video_url``: a data URL's bytes or a local path (``file://`` or plain); never fetched remotely."""
-    if url.startswith("data:"):
-        try:
-            return base64.b64decode(url.split(",", 1)[1], validate=True)
-        except (ValueError, IndexError):
-            raise UserError("video data URL could not be decoded") from None
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    if url.startswith(("http://", "https://")):
-        raise UserError(f"{url}: remote video URLs are not fetched; download the video and pass its path")
-    return url

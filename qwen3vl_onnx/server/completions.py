@@ -112,6 +112,7 @@ async def chat_completion(body: ChatCompletionRequest, state: State) -> Any:
 async def _whole(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokenizer, thinking: bool) -> dict[str, Any]:
     said: dict[str, list[str]] = {"text": [], "reasoning": []}
     lps: list[TokenLogprob] = []
+    ev: object = None
     try:
         while True:
             ev = await events.get()
@@ -126,6 +127,7 @@ async def _whole(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokeniz
     finally:
         if not isinstance(ev, Finished):
             job.cancelled.set()
+    assert isinstance(ev, Finished)
     message = {"role": "assistant", "content": "".join(said["text"]),
                "reasoning_content": "".join(said["reasoning"]) if thinking else None}  # fmt: skip
     choice = {"index": 0, "message": message, "finish_reason": ev.finish_reason,
