@@ -56,9 +56,14 @@ class KVCache:
     def row(self, b: int) -> KVCache:
         """Row ``b`` as a batch-1 cache that shares this cache's memory (keys, values, length and
         delta): a prompt is prefilled into its slot with batch-1 calls, then decoded with the rest."""
+        return self.rows(b, b + 1)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows ``start`` to ``stop - 1`` as a cache sharing this one's memory: a decode step for
+        the busy rows need not compute the idle ones around them."""
         if not self.fused:
             raise ValueError("row views need the fused (preallocated) cache layout")
-        s = slice(b, b + 1)
+        s = slice(start, stop)
         return KVCache([k[s] for k in self.keys], [v[s] for v in self.values], self.lengths[s], self.rope_deltas[s],
                        fused=True, growable=False)  # fmt: skip
 

@@ -110,6 +110,7 @@ class Engine:
         self.cache.ensure(settings.ctx_size + 1)
         self.slots = [Slot(i) for i in range(settings.parallel)]
         self.rows = [self.cache.row(i) for i in range(settings.parallel)]
+        self._views: dict[tuple[int, int], Any] = {}  # (first, stop) -> a view of those rows, bound once
         self.vision = VisionCache(64)
         self.incoming: queue.Queue[Job] = queue.Queue()
         self.ready: collections.deque[Job] = collections.deque()
@@ -207,7 +208,7 @@ class Engine:
             assert prompt is not None and job.decoding is not None
             frames = [g[0] for g in prompt.grids]
             reuse = {s.index: reusable_prefix(s.ids, s.keys, prompt.ids, job.keys, self.pads, frames) for s in free}
-            slot = max(free, key=lambda s: (reuse[s.index], -s.used))
+            slot = max(free, key=lambda s: (reuse[s.index], -s.index))  # else the lowest: busy rows stay together
             self._start(slot, job, reuse[slot.index])
 
     def _start(self, slot: Slot, job: Job, keep: int) -> None:
@@ -249,20 +250,26 @@ class Engine:
         self._emit(job, out[0, -1])
 
     def _decode_step(self, jobs: list[Job]) -> None:
-        tokens = np.zeros(len(self.slots), np.int64)
+        """One decoder call for the rows from the first to the last decoding slot (idle rows between
+        them ride along and get their lengths back)."""
+        lo, hi = min(j.slot for j in jobs), max(j.slot for j in jobs) + 1
+        if (lo, hi) not in self._views:
+            self._views[(lo, hi)] = self.cache.rows(lo, hi)
+        view = self._views[(lo, hi)]
+        tokens = np.zeros(hi - lo, np.int64)
         for j in jobs:
-            tokens[j.slot] = j.pending
-        before = self.cache.lengths.copy()
+            tokens[j.slot - lo] = j.pending
+        before = view.lengths.copy()
         t = time.perf_counter()
-        logits = self.model.step(tokens, self.cache)
+        logits = self.model.step(tokens, view)
         self._rate("decode", len(jobs), time.perf_counter() - t)
-        idle = np.ones(len(self.slots), bool)
-        idle[[j.slot for j in jobs]] = False
-        self.cache.lengths[idle] = before[idle]
+        idle = np.ones(hi - lo, bool)
+        idle[[j.slot - lo for j in jobs]] = False
+        view.lengths[idle] = before[idle]
         for j in jobs:
-            self.slots[j.slot].ids.append(int(tokens[j.slot]))
+            self.slots[j.slot].ids.append(int(tokens[j.slot - lo]))
             j.pending = None
-            self._emit(j, logits[j.slot])
+            self._emit(j, logits[j.slot - lo])
 
     def _emit(self, job: Job, logits: np.ndarray) -> None:
         """Sample the next token from ``logits`` and hand its text to the request (or finish it)."""
