@@ -16,8 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .generate import Result, Stream, image_slices, images_before, prefill_input, stream_generate
-from .positions import rope_index
+from .generate import Result, Stream, image_slices, prefill_input, prefix_rope_delta, stream_generate
 from .prompt import Prompt
 from .sampling import GenerationParams
 from .vision_cache import VisionCache
@@ -118,11 +117,7 @@ class Conversation:
     def _trim_to(self, prompt: Prompt, keep: int) -> None:
         """Cut the cache back to the first ``keep`` tokens of ``prompt`` and set their MRoPE offset."""
         self.cache.trim(self.cache.length - keep)
-        cfg = self.pipe.config
-        head = Prompt(prompt.ids[:keep], None, *(x[: images_before(cfg, prompt, keep)] for x in (prompt.grids, prompt.videos)))
-        _, delta = rope_index(head.ids, cfg.image_token_id, cfg.video_token_id, head.image_grids, head.video_grids,
-                              cfg.vision.spatial_merge_size)  # fmt: skip
-        self.cache.rope_deltas[0] = delta
+        self.cache.rope_deltas[0] = prefix_rope_delta(self.pipe.config, prompt, keep)
         self.cached_ids = list(prompt.ids[:keep])
 
     def _record(self, events: Iterator[str | Result], messages: list[dict[str, Any]], prompt: Prompt,

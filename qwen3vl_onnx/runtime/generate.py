@@ -190,6 +190,15 @@ def images_before(cfg: Qwen3VLConfig, prompt: Prompt, end: int) -> int:
     return n
 
 
+def prefix_rope_delta(cfg: Qwen3VLConfig, prompt: Prompt, keep: int) -> int:
+    """The MRoPE offset of ``prompt.ids[:keep]`` (a prefix kept in a cache; it must not cut a
+    picture), from its tokens and the grids of the pictures in it."""
+    n = images_before(cfg, prompt, keep)
+    head = Prompt(prompt.ids[:keep], None, prompt.grids[:n], prompt.videos[:n])
+    return rope_index(head.ids, cfg.image_token_id, cfg.video_token_id, head.image_grids, head.video_grids,
+                      cfg.vision.spatial_merge_size)[1]  # fmt: skip
+
+
 def prefill_input(model: BundleModel, prompt: Prompt, start: int = 0, vision: VisionCache | None = None) -> PrefillInput:
     """``prompt.ids[start:]`` with the features of the images whose pads it holds (``start`` must
     not cut an image's pads), encoded in one vision call or taken from ``vision``."""

@@ -26,9 +26,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..runtime.conversation import reusable_prefix
-from ..runtime.generate import Decoding, image_slices, images_before
+from ..runtime.generate import Decoding, image_slices, images_before, prefix_rope_delta
 from ..runtime.pipeline import Pipeline
-from ..runtime.positions import rope_index
 from ..runtime.prompt import Prompt
 from ..runtime.sampling import GenerationParams, TokenLogprob, token_logprob
 from ..runtime.text_stream import AnswerParts, Delta
@@ -93,7 +92,6 @@ class Slot:
     ids: list[int] = field(default_factory=list)  # tokens whose keys and values the row holds
     keys: list[str] = field(default_factory=list)
     job: Job | None = None
-    used: float = 0.0
 
 
 class QueueFull(Exception):
@@ -215,16 +213,14 @@ class Engine:
         prompt, cfg, row = job.prompt, self.model.config, self.rows[slot.index]
         assert prompt is not None and job.decoding is not None
         first = images_before(cfg, prompt, keep)
-        head = Prompt(prompt.ids[:keep], None, prompt.grids[:first], prompt.videos[:first])
         row.lengths[0] = keep
-        row.rope_deltas[0] = rope_index(head.ids, cfg.image_token_id, cfg.video_token_id, head.image_grids,
-                                        head.video_grids, cfg.vision.spatial_merge_size)[1]  # fmt: skip
+        row.rope_deltas[0] = prefix_rope_delta(cfg, prompt, keep)
         emb = ds = None
         if job.features is not None and first < len(prompt.grids):
             row0 = sum(int(np.prod(g)) for g in prompt.grids[:first]) // cfg.vision.spatial_merge_size**2
             emb, ds = job.features[0][row0:], job.features[1][:, row0:]
         tail = Prompt(prompt.ids[keep:], None, prompt.grids[first:], prompt.videos[first:])
-        slot.job, slot.ids, slot.keys, slot.used = job, list(prompt.ids[:keep]), job.keys, time.monotonic()
+        slot.job, slot.ids, slot.keys = job, list(prompt.ids[:keep]), job.keys
         job.slot, job.cached = slot.index, keep
         job.parts = AnswerParts(self.pipe.tokenizer, job.decoding.think_end, job.decoding.stop)
         job.steps = self.model.prefill_steps(tail.ids, emb, ds, tail.image_grids, row, 1, tail.video_grids, self._chunk)
