@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.runtime.cache import KVCache
 from qwen3vl_onnx.runtime.positions import rope_index
 
 from .conftest import picture
@@ -78,3 +79,16 @@ def test_prefill_graph_continues_a_cache(int8_bundle):
     second = m.forward(m.embed(ids[20:])[None], pos[:, None, 20:], cache, logits_to_keep=12)[0]
     np.testing.assert_allclose(second, full, atol=1e-4, rtol=0)
     np.testing.assert_allclose(m.step([7], cache), m.step([7], full_cache), atol=1e-4, rtol=0)
+
+
+def test_prefault_keeps_what_the_cache_holds():
+    """Mapping every page ahead (the server does it at load) must not change a value."""
+    cache = KVCache.empty(layers=2, batch=3, kv_heads=2, head_dim=8, capacity=700, fused=True)
+    cache.ensure(700)
+    rng = np.random.default_rng(0)
+    for a in (*cache.keys, *cache.values):
+        a[...] = rng.standard_normal(a.shape, dtype=np.float32)
+    before = [a.copy() for a in (*cache.keys, *cache.values)]
+    cache.prefault()
+    for a, b in zip((*cache.keys, *cache.values), before, strict=True):
+        np.testing.assert_array_equal(a, b)

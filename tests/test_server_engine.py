@@ -7,11 +7,13 @@ import base64
 import json
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.runtime.sampling import GenerationParams
 
 from .conftest import Server, picture
 from .test_server_api import data_url
@@ -40,6 +42,21 @@ def _ask(url: str, messages: list, n: int = 12, **extra) -> dict:
     return r.json()
 
 
+def _same_or_near_tie(served: dict, ref, tokenizer) -> None:
+    """The served answer equals the reference, or departs from it only where the reference's two
+    likeliest tokens were a near-tie. Why the allowance: a batched decode step runs the int4 matmul
+    kernel with several rows, whose float rounding differs from one row's in the last bits; the
+    random test model's flat logits sometimes hold two tokens within that rounding (measured: one
+    departure seen in this project's CI runs)."""
+    got = [e["token"] for e in served["choices"][0]["logprobs"]["content"]]
+    want = [tokenizer.decode([t], skip_special_tokens=False) for t in ref.token_ids]
+    if got == want:
+        return
+    k = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+    top = ref.logprobs[k].top
+    assert len(top) >= 2 and top[0][1] - top[1][1] < 1e-3, (k, got, want, top)
+
+
 def test_concurrent_requests_equal_running_them_alone(server, tiny_one):
     """Six requests (more than the three slots, one with a picture, different lengths) sent at
     once: each answer equals Pipeline.generate on its own."""
@@ -50,7 +67,8 @@ def test_concurrent_requests_equal_running_them_alone(server, tiny_one):
                                                  {"type": "text", "text": "What is it?"}]}])  # fmt: skip
     lengths = [12, 5, 20, 8, 16, 10]
     results: dict[int, dict] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _ask(server.url, prompts[i], lengths[i])))
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _ask(server.url, prompts[i], lengths[i], logprobs=True,
+                                                                               top_logprobs=2)))
                for i in range(len(prompts))]  # fmt: skip
     for t in threads:
         t.start()
@@ -59,9 +77,53 @@ def test_concurrent_requests_equal_running_them_alone(server, tiny_one):
     for i, messages in enumerate(prompts):
         pictured = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is it?"}]}]
         local = pictured if i == 5 else messages
-        ref = pipe.generate(local, max_new_tokens=lengths[i], temperature=0, ignore_eos=True)
-        assert results[i]["choices"][0]["message"]["content"] == ref.text, i
+        ref = pipe.generate(local, max_new_tokens=lengths[i], temperature=0, ignore_eos=True, logprobs=2)
+        _same_or_near_tie(results[i], ref, pipe.tokenizer)
         assert results[i]["usage"]["completion_tokens"] == lengths[i]
+
+
+def test_a_prompt_prefilled_in_time_slices_answers_as_alone(tiny_one):
+    """With a 1 ms prefill slice, a long prompt that arrives while another request decodes is
+    prefilled a few tokens per call, interleaved with the other's steps, and both answers still
+    equal Pipeline.generate."""
+    from qwen3vl_onnx.server.engine import Engine, Finished, Job, Token
+    from qwen3vl_onnx.server.settings import ServerSettings
+
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    engine = Engine(pipe, ServerSettings(model_name="tiny", parallel=2, ctx_size=512, prefill_slice_ms=1))
+    calls: list[int] = []  # decoder calls per prefill
+    steps = engine.model.prefill_steps
+
+    def counting(*a, **k):
+        calls.append(0)
+        for out in steps(*a, **k):
+            calls[-1] += 1
+            yield out
+
+    engine.model.prefill_steps = counting
+    texts: dict[int, list[str]] = {0: [], 1: []}
+    done = [threading.Event(), threading.Event()]
+
+    def sink(i: int):
+        def f(ev):
+            if isinstance(ev, Token):
+                texts[i].append(str(ev.delta))
+            elif isinstance(ev, Finished):
+                done[i].set()
+
+        return f
+
+    params = pipe.params(GenerationParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    long = [{"role": "user", "content": "Please read all of this. " * 12}]
+    engine.submit(Job([{"role": "user", "content": "Count."}], params, sink(0)))
+    while len(texts[0]) < 3:
+        time.sleep(0.01)
+    engine.submit(Job(long, replace(params, max_new_tokens=8), sink(1)))
+    assert done[0].wait(60) and done[1].wait(60)
+    assert calls[0] == 1 and calls[1] >= 3, calls  # alone: one call; beside a decoding request: cut
+    for i, (messages, n) in enumerate(((["Count."], 40), (long, 8))):
+        msgs = [{"role": "user", "content": messages[0]}] if i == 0 else messages
+        assert "".join(texts[i]) == pipe.generate(msgs, max_new_tokens=n, temperature=0, ignore_eos=True).text
 
 
 def test_a_client_that_leaves_frees_its_slot(server):
@@ -124,8 +186,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
 
 def test_a_full_queue_answers_429(server):
     """Ten long requests at once against three slots and a queue of four: the ones that find the
-    queue full are refused at once (429), every accepted one (at least the queue and one being
-    prepared) finishes."""
+    queue full are refused at once (429), every accepted one (at least the slots and the queue) finishes."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Long answer."}], "max_tokens": 150, "ignore_eos": True}
     codes: list[int] = []
     lock = threading.Lock()
@@ -142,4 +203,4 @@ def test_a_full_queue_answers_429(server):
         t.start()
     for t in threads:
         t.join()
-    assert codes.count(429) >= 1 and codes.count(200) >= 5 and len(codes) == 10, codes
+    assert codes.count(429) >= 1 and codes.count(200) >= 7 and len(codes) == 10, codes

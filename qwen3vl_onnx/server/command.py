@@ -34,7 +34,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           allow_remote_media=args.allow_remote_media, cors_origin=args.cors_origin, max_images=args.max_images,
                           max_video_frames=args.max_video_frames, max_image_pixels=args.max_image_pixels,
                           max_body_mb=args.max_body_mb, metrics=args.metrics,
-                          prefill_chunk=args.prefill_chunk)  # fmt: skip
+                          prefill_slice_ms=args.prefill_slice_ms)  # fmt: skip
 
 
 def build_app(bundle: str | Path, settings: ServerSettings, threads: int | None = None) -> Any:

@@ -4,8 +4,8 @@ Two threads. The *prep* thread renders each request, preprocesses its pictures a
 tower (features come from a content-keyed cache when a picture was seen before), so a picture being
 encoded never stops running streams. The *engine* thread owns the decoder and the cache: it gives a
 prepared request a free slot (the one whose cached tokens share the longest prefix with it, so a
-follow-up request prefills only its new suffix), prefills it in chunks of ``prefill_chunk`` tokens
-while others decode, and advances every decoding slot with one batched call per step. Rows that are
+follow-up request prefills only its new suffix), prefills it in chunks sized to take about
+``prefill_slice_ms`` while others decode, and advances every decoding slot with one batched call per step. Rows that are
 not decoding take part in that call and have their length restored after it: whatever the call
 wrote past their end is overwritten later. A request that finishes or whose client leaves frees its
 slot at once; the slot keeps its tokens for the next request that extends them.
@@ -106,10 +106,13 @@ class Engine:
         # one position of headroom: a step writes one past every row's end, idle rows included
         self.cache = self.model.new_cache(batch=settings.parallel, capacity=settings.ctx_size + 1)
         self.cache.ensure(settings.ctx_size + 1)
+        self._warm()
         self.slots = [Slot(i) for i in range(settings.parallel)]
         self.rows = [self.cache.row(i) for i in range(settings.parallel)]
         self._views: dict[tuple[int, int], Any] = {}  # (first, stop) -> a view of those rows, bound once
         self.vision = VisionCache(64)
+        self._token_s = settings.prefill_slice_ms / 1000 / 16  # prompt seconds per token, measured as chunks run
+        self._sliced = False  # the chunk being run was cut to the time budget
         self.incoming: queue.Queue[Job] = queue.Queue()
         self.ready: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
@@ -118,12 +121,25 @@ class Engine:
         for target, name in ((self._prep_loop, "prep"), (self._engine_loop, "engine")):
             threading.Thread(target=target, name=f"qwen3vl-{name}", daemon=True).start()
 
+    def _warm(self) -> None:
+        """Map the whole KV buffer and run one decode step at every batch width before the first
+        request. Why: a fresh row's first call maps its whole capacity (1.7 s per 4096-token 4B row
+        on this project's VMs) and a width's first call costs about twice a later one; requests
+        would otherwise pay both as stalls of every running stream."""
+        self.cache.prefault()
+        for width in range(1, self.settings.parallel + 1):
+            view = self.cache.rows(0, width)
+            self.model.step(np.zeros(width, np.int64), view)
+            view.reset()
+
     # ---- requests in ----
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``, or refuse it when ``queue_size`` requests already wait (for preparation or a slot)."""
+        """Queue ``job``, or refuse it when ``queue_size`` requests already wait for a slot (those
+        being prepared while slots are free do not count: a burst as large as the slots is never refused)."""
         with self.wake:
-            if self.incoming.qsize() + len(self.ready) >= self.settings.queue_size:
+            free = sum(1 for s in self.slots if s.job is None)
+            if self.incoming.qsize() + len(self.ready) - free >= self.settings.queue_size:
                 raise QueueFull(f"{self.settings.queue_size} requests are already waiting; try again later")
             self.incoming.put_nowait(job)
         self._gauge("queue_depth", self.incoming.qsize() + len(self.ready))
@@ -228,17 +244,26 @@ class Engine:
         self._count("cached_prompt_tokens", keep)
 
     def _chunk(self) -> int:
-        """Prompt tokens per call: short while other requests decode (their next token waits for
-        the call), the whole prompt (as memory allows) when nothing else runs."""
-        busy = any(s.job is not None and s.job.pending is not None for s in self.slots)
-        return self.settings.prefill_chunk if busy else self.settings.ctx_size
+        """Prompt tokens for the next call: the whole prompt (as memory allows) when nothing else
+        runs; while other requests decode (their next token waits for this call), as many as take
+        ``prefill_slice_ms`` at the speed the last cut chunks ran. Why time, not tokens: a chunk's
+        cost differs thirtyfold between bundles and doubles while a picture is being encoded beside
+        it; a fixed 64 tokens of a 4B prompt took 1.5-1.9 s and stalled every stream that long.
+        (Seconds per token fall as chunks grow, so the size settles where a call takes the budget.)"""
+        self._sliced = any(s.job is not None and s.job.pending is not None for s in self.slots)
+        if not self._sliced:
+            return self.settings.ctx_size
+        return max(1, min(self.settings.ctx_size, int(self.settings.prefill_slice_ms / 1000 / self._token_s)))
 
     def _prefill_step(self, job: Job) -> None:
         assert job.steps is not None and job.prompt is not None
         t = time.perf_counter()
         before = int(self.cache.lengths[job.slot])
         out = next(job.steps)
-        self._rate("prefill", int(self.cache.lengths[job.slot]) - before, time.perf_counter() - t)
+        done, seconds = int(self.cache.lengths[job.slot]) - before, time.perf_counter() - t
+        if self._sliced and done > 0:
+            self._token_s = (self._token_s + seconds / done) / 2
+        self._rate("prefill", done, seconds)
         if out is None:
             return
         job.steps = None

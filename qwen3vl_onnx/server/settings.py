@@ -24,4 +24,4 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000  # an image file larger than this is refused before it is decoded
     max_body_mb: float = 20.0  # request body (base64 media included)
     metrics: bool = False  # GET /metrics
-    prefill_chunk: int = 64  # prompt tokens per call while other requests decode (keeps their streams flowing)
+    prefill_slice_ms: int = 250  # longest prompt call while other requests decode (keeps their streams flowing)
