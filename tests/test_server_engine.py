@@ -187,7 +187,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
 def test_a_full_queue_answers_429(server):
     """Ten long requests at once against three slots and a queue of four: the ones that find the
     queue full are refused at once (429), every accepted one (at least the slots and the queue) finishes."""
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Long answer."}], "max_tokens": 150, "ignore_eos": True}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Long answer."}], "max_tokens": 60, "ignore_eos": True}
     codes: list[int] = []
     lock = threading.Lock()
 
