@@ -164,6 +164,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     _error(post({"model": "tiny", "messages": ok, "max_tokens": -3}), 422, "max_tokens")
     _error(post({"model": "gpt-9", "messages": ok}), 404, "gpt-9")
     _error(post({"model": "tiny", "messages": ok, "n": 2}), 400, "n = 1")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    _error(post({"model": "tiny", "messages": ok, "tools": [tool]}), 400, "tool calls are not supported")
+    _error(post({"model": "tiny", "messages": ok, "response_format": {"type": "json_object"}}), 400, "'json_object' is not")
+    _error(post({"model": "tiny", "messages": ok, "response_format": {"type": "xml"}}), 422, "response_format")
+    plain = post({"model": "tiny", "messages": ok, "max_tokens": 2, "tools": [], "response_format": {"type": "text"}})
+    assert plain.status_code == 200, plain.text  # the inert values clients send by default still work
     _error(post({"model": "tiny", "messages": part("data:image/png;base64,@@@")}), 400, "base64")
     _error(post({"model": "tiny", "messages": part("data:image/png;base64," + base64.b64encode(b"nope").decode())}), 400,
            "cannot read image")  # fmt: skip

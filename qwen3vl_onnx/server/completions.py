@@ -77,6 +77,11 @@ async def chat_completion(body: ChatCompletionRequest, state: State) -> Any:
                        "model", "model_not_found")  # fmt: skip
     if body.n != 1:
         raise ApiError(400, "only n = 1 is supported", "n")
+    if body.tools:
+        raise ApiError(400, "tool calls are not supported by this server yet; send the request without 'tools'", "tools")
+    kind = body.response_format.type if body.response_format is not None else "text"
+    if kind != "text":
+        raise ApiError(400, f"response_format {kind!r} is not supported yet (only 'text')", "response_format")
     params, explicit = generation_params(body, settings)
     try:
         params = engine.pipe.params(params)

@@ -63,6 +63,10 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatCompletionRequest(_Lenient):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -80,6 +84,9 @@ class ChatCompletionRequest(_Lenient):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # declared so that a request relying on them is refused by name, not answered as if they were absent
+    tools: list[dict] | None = None
+    response_format: ResponseFormat | None = None
     # extensions llama.cpp and vLLM accept
     ignore_eos: bool = False
     top_k: Annotated[int, Field(ge=0)] | None = None
