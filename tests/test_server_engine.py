@@ -162,6 +162,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     _error(post({"model": "tiny"}), 422, "messages")
     _error(post({"model": "tiny", "messages": ok, "temperature": "hot"}), 422, "temperature")
     _error(post({"model": "tiny", "messages": ok, "max_tokens": -3}), 422, "max_tokens")
+    audio = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
+    _error(post({"model": "tiny", "messages": audio}), 422, "messages.0.content.0", "'input_audio'", "'image_url'")
+    ftp = post({"model": "tiny", "messages": part("ftp://host/cat.png")})  # the path as the client wrote it
+    _error(ftp, 422, "messages.0.content.0.image_url.url: String should match pattern")
+    assert ftp.json()["error"]["param"] == "messages.0.content.0.image_url.url"
     _error(post({"model": "gpt-9", "messages": ok}), 404, "gpt-9")
     _error(post({"model": "tiny", "messages": ok, "n": 2}), 400, "n = 1")
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}

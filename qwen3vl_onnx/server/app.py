@@ -58,6 +58,20 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse({"error": body}, status_code=status)
 
 
+_UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _where(loc: tuple) -> str:
+    """A validation error's field path as a client wrote it: pydantic's union-branch labels
+    ('str', 'list[...]', a tag repeating its field's name) left out."""
+    out: list[str] = []
+    for x in map(str, loc):
+        if x == "body" or "[" in x or x in _UNION_BRANCHES or (out and out[-1] == x):
+            continue
+        out.append(x)
+    return ".".join(out)
+
+
 class State:
     """What the routes share: the engine once loaded, the metrics, the settings."""
 
@@ -144,10 +158,12 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        if first.get("type") == "json_invalid":
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
             return error_response(400, "request body is not valid JSON")
+        # a union field reports one error per member; the deepest one names what the client got wrong
+        first = max(errors, key=lambda err: len(err.get("loc", ())), default={})
+        where = _where(first.get("loc", ()))
         return error_response(422, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
 
     @app.exception_handler(HTTPException)
