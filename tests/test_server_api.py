@@ -151,6 +151,11 @@ def test_models_tokenize_detokenize_metrics(server, pipe):
         msgs = [{"role": "user", "content": "Hi"}]
         assert c.post("/tokenize", json={"messages": msgs}).json()["tokens"] == pipe.prepare(msgs).ids
         assert c.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello, world!"
+        size = pipe.tokenizer.get_vocab_size(with_added_tokens=True)
+        r = c.post("/detokenize", json={"tokens": [9707, size]})
+        assert r.status_code == 400 and f"token id {size} is not in" in r.json()["error"]["message"], r.text
+        r = c.post("/tokenize", json={"content": "Hi"})  # neither a prompt nor messages: the path names no model class
+        assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
         metrics = c.get("/metrics").text
         assert "qwen3vl_onnx_generation_tokens_total" in metrics and "qwen3vl_onnx_busy_slots" in metrics
         assert httpx.get(server.url + "/health").status_code == 200  # no key needed

@@ -63,10 +63,11 @@ _UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 def _where(loc: tuple) -> str:
     """A validation error's field path as a client wrote it: pydantic's union-branch labels
-    ('str', 'list[...]', a tag repeating its field's name) left out."""
+    ('str', 'list[...]', a model's class name, a tag repeating its field's name) left out (the API's
+    own field names are lower-case)."""
     out: list[str] = []
     for x in map(str, loc):
-        if x == "body" or "[" in x or x in _UNION_BRANCHES or (out and out[-1] == x):
+        if x == "body" or "[" in x or x[:1].isupper() or x in _UNION_BRANCHES or (out and out[-1] == x):
             continue
         out.append(x)
     return ".".join(out)
@@ -206,7 +207,12 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> Any:
-        return {"prompt": state.ready().pipe.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        tokenizer = state.ready().pipe.tokenizer
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        unknown = next((t for t in body.tokens if t >= size or tokenizer.id_to_token(t) is None), None)
+        if unknown is not None:
+            raise ApiError(400, f"token id {unknown} is not in the tokenizer's vocabulary (0..{size - 1})", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/slots", response_model=list[SlotState])
     async def slots() -> Any:
