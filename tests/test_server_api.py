@@ -159,3 +159,17 @@ def test_models_tokenize_detokenize_metrics(server, pipe):
         metrics = c.get("/metrics").text
         assert "qwen3vl_onnx_generation_tokens_total" in metrics and "qwen3vl_onnx_busy_slots" in metrics
         assert httpx.get(server.url + "/health").status_code == 200  # no key needed
+
+
+def test_null_fields_mean_their_defaults(server, pipe):
+    """OpenAI's API lets a client send null for any optional field (many do); it means the default."""
+    import httpx
+
+    messages = [{"role": "user", "content": "Count to five."}]
+    nulls = dict.fromkeys(["n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+                           "logit_bias", "seed", "stop", "top_p", "max_completion_tokens", "ignore_eos", "top_k", "min_p",
+                           "repetition_penalty", "tools", "response_format"])  # fmt: skip
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {server.api_key}"}, timeout=60,
+                   json={"model": "tiny", "messages": messages, **GREEDY, **nulls})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == _ours(pipe, messages, **GREEDY).text

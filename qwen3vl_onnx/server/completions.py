@@ -34,6 +34,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def generation_params(body: ChatCompletionRequest, settings: ServerSettings) -> tuple[GenerationParams, bool]:
     """The body's sampling fields as GenerationParams, and whether it set a token limit itself."""
     limit = body.max_completion_tokens or body.max_tokens
@@ -49,9 +53,9 @@ def generation_params(body: ChatCompletionRequest, settings: ServerSettings) -> 
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     params = GenerationParams(
         max_new_tokens=limit or settings.ctx_size, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        min_p=body.min_p, repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, logit_bias=bias, stop=stop, seed=body.seed, ignore_eos=body.ignore_eos,
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        min_p=body.min_p or 0.0, repetition_penalty=_or(body.repetition_penalty, 1.0),
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias,
+        stop=stop, seed=body.seed, ignore_eos=bool(body.ignore_eos), logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )  # fmt: skip
     return params, limit is not None
 
@@ -75,7 +79,7 @@ async def chat_completion(body: ChatCompletionRequest, state: State) -> Any:
     if body.model != settings.model_name:
         raise ApiError(404, f"model {body.model[:80]!r} is not served here (GET /v1/models lists {settings.model_name!r})",
                        "model", "model_not_found")  # fmt: skip
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise ApiError(400, "only n = 1 is supported", "n")
     if body.tools:
         raise ApiError(400, "tool calls are not supported by this server yet; send the request without 'tools'", "tools")
@@ -109,7 +113,7 @@ async def chat_completion(body: ChatCompletionRequest, state: State) -> Any:
     head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": settings.model_name}
     tokenizer, thinking = engine.pipe.tokenizer, engine.pipe.thinking
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
+        usage = body.stream_options is not None and bool(body.stream_options.include_usage)
         return EventSourceResponse(_stream(job, events, head, tokenizer, usage), ping=15)
     return await _whole(job, events, head, tokenizer, thinking)
 

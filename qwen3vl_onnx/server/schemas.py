@@ -60,7 +60,7 @@ class Message(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class ResponseFormat(_Lenient):
@@ -68,30 +68,32 @@ class ResponseFormat(_Lenient):
 
 
 class ChatCompletionRequest(_Lenient):
+    """As in OpenAI's API, every optional field may be null, which means its default."""
+
     model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     seed: Annotated[int, Field(ge=0, le=2**53)] | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
-    logprobs: bool = False
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     # declared so that a request relying on them is refused by name, not answered as if they were absent
     tools: list[dict] | None = None
     response_format: ResponseFormat | None = None
     # extensions llama.cpp and vLLM accept
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = 1.0
 
 
 class TopLogprob(BaseModel):
