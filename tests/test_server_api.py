@@ -146,6 +146,8 @@ def test_models_tokenize_detokenize_metrics(server, pipe):
     h = {"Authorization": f"Bearer {server.api_key}"}
     with httpx.Client(base_url=server.url, headers=h, timeout=60) as c:
         assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        assert c.get("/v1/models/tiny").json() == c.get("/v1/models").json()["data"][0]
+        assert c.get("/v1/models/gpt-9").json()["error"]["code"] == "model_not_found"
         ids = pipe.tokenizer.encode("Hello, world!", add_special_tokens=False).ids
         assert c.post("/tokenize", json={"prompt": "Hello, world!"}).json()["tokens"] == ids == [9707, 11, 1879, 0]
         msgs = [{"role": "user", "content": "Hi"}]

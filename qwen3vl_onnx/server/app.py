@@ -183,6 +183,13 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
     async def models() -> Any:
         return {"object": "list", "data": [ModelCard(id=settings.model_name, created=state.created)]}
 
+    @app.get("/v1/models/{model}", response_model=ModelCard)
+    async def model(model: str) -> Any:
+        if model != settings.model_name:
+            raise ApiError(404, f"model {model[:80]!r} is not served here (GET /v1/models lists {settings.model_name!r})",
+                           "model", "model_not_found")  # fmt: skip
+        return ModelCard(id=settings.model_name, created=state.created)
+
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
     async def completions(body: ChatCompletionRequest) -> Any:
