@@ -143,6 +143,24 @@ def test_a_client_that_leaves_frees_its_slot(server):
     assert "qwen3vl_onnx_busy_slots 0.0" in httpx.get(server.url + "/metrics", headers=H).text
 
 
+def _generated(server) -> float:
+    text = httpx.get(server.url + "/metrics", headers=H).text
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("qwen3vl_onnx_generation_tokens_total")))
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(server):
+    """Not streaming, the server learns of the leave only from the connection: it must still stop."""
+    before = _generated(server)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 490, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=H, timeout=0.3)
+    deadline = time.monotonic() + 20
+    while any(s["busy"] for s in httpx.get(server.url + "/slots", headers=H).json()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(s["busy"] for s in httpx.get(server.url + "/slots", headers=H).json())
+    assert _generated(server) - before < 400  # stopped early: the tiny model makes ~200 tokens/s here, 490 take > 2 s
+
+
 def _error(r: httpx.Response, status: int, *needles: str) -> None:
     assert r.status_code == status, (r.status_code, r.text)
     err = r.json()["error"]

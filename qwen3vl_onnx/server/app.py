@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..errors import UserError
-from .completions import ApiError, chat_completion
+from .completions import ApiError, ClientGone, chat_completion
 from .engine import Engine
 from .metrics import Metrics
 from .schemas import (
@@ -167,6 +167,10 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
         where = _where(first.get("loc", ()))
         return error_response(422, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
 
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request", for logs and metrics
+
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
         r = error_response(e.status_code, str(e.detail))
@@ -192,8 +196,8 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
-    async def completions(body: ChatCompletionRequest) -> Any:
-        return await chat_completion(body, state)
+    async def completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await chat_completion(body, state, request)
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeText | TokenizeMessages) -> Any:

@@ -21,6 +21,7 @@ from .schemas import ChatCompletionRequest
 from .settings import ServerSettings
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
     from tokenizers import Tokenizer
 
     from .app import State
@@ -74,7 +75,28 @@ def _usage(f: Finished) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": f.cached_tokens}}  # fmt: skip
 
 
-async def chat_completion(body: ChatCompletionRequest, state: State) -> Any:
+class ClientGone(Exception):
+    """The client closed its connection before its answer was complete."""
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has closed the connection (the body is already read, so the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next(events: asyncio.Queue, gone: asyncio.Future) -> object:
+    """The job's next event; ClientGone if the client leaves first."""
+    getter = asyncio.ensure_future(events.get())
+    done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if getter not in done:
+        getter.cancel()
+        raise ClientGone
+    return getter.result()
+
+
+async def chat_completion(body: ChatCompletionRequest, state: State, request: Request) -> Any:
     engine, settings = state.ready(), state.settings
     if body.model != settings.model_name:
         raise ApiError(404, f"model {body.model[:80]!r} is not served here (GET /v1/models lists {settings.model_name!r})",
@@ -102,29 +124,35 @@ async def chat_completion(body: ChatCompletionRequest, state: State) -> Any:
         engine.submit(job)
     except QueueFull as e:
         raise ApiError(429, str(e)) from None
+    # a client that leaves while its request waits, is prefilled or (not streaming) decodes cancels
+    # it; once streaming, sse-starlette watches the connection instead
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        first = await events.get()
+        first = await _next(events, gone)
+        if isinstance(first, Failed):
+            raise ApiError(first.status, first.message)
+        assert isinstance(first, Accepted)
+        head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": settings.model_name}
+        tokenizer, thinking = engine.pipe.tokenizer, engine.pipe.thinking
+        if body.stream:
+            usage = body.stream_options is not None and bool(body.stream_options.include_usage)
+            return EventSourceResponse(_stream(job, events, head, tokenizer, usage), ping=15)
+        return await _whole(job, events, gone, head, tokenizer, thinking)
     except BaseException:
         job.cancelled.set()
         raise
-    if isinstance(first, Failed):
-        raise ApiError(first.status, first.message)
-    assert isinstance(first, Accepted)
-    head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": settings.model_name}
-    tokenizer, thinking = engine.pipe.tokenizer, engine.pipe.thinking
-    if body.stream:
-        usage = body.stream_options is not None and bool(body.stream_options.include_usage)
-        return EventSourceResponse(_stream(job, events, head, tokenizer, usage), ping=15)
-    return await _whole(job, events, head, tokenizer, thinking)
+    finally:
+        gone.cancel()
 
 
-async def _whole(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokenizer, thinking: bool) -> dict[str, Any]:
+async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: dict, tokenizer: Tokenizer, thinking: bool
+                 ) -> dict[str, Any]:  # fmt: skip
     said: dict[str, list[str]] = {"text": [], "reasoning": []}
     lps: list[TokenLogprob] = []
     ev: object = None
     try:
         while True:
-            ev = await events.get()
+            ev = await _next(events, gone)
             if isinstance(ev, Token):
                 said[ev.delta.part].append(str(ev.delta))
                 if ev.logprob is not None:
