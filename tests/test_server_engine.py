@@ -126,13 +126,22 @@ def test_a_prompt_prefilled_in_time_slices_answers_as_alone(tiny_one):
         assert "".join(texts[i]) == pipe.generate(msgs, max_new_tokens=n, temperature=0, ignore_eos=True).text
 
 
-def test_a_client_that_leaves_frees_its_slot(server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 400,
+def _generated(server) -> float:
+    text = httpx.get(server.url + "/metrics", headers=H).text
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("qwen3vl_onnx_generation_tokens_total")))
+
+
+@pytest.mark.parametrize("lines", [1, 7])
+def test_a_client_that_leaves_frees_its_slot(server, lines):
+    """Leaving mid-stream, or right after the first chunk (before any token): the server stops
+    generating for it (the tiny model makes ~200 tokens/s here, its 480 would take > 2 s)."""
+    before = _generated(server)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 480,
             "ignore_eos": True, "stream": True}  # fmt: skip
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=H, timeout=60) as r:
         for n, _ in enumerate(r.iter_lines()):
-            if n > 6:
-                break  # leave mid-stream
+            if n + 1 >= lines:
+                break  # leave
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         slots = httpx.get(server.url + "/slots", headers=H).json()
@@ -141,11 +150,7 @@ def test_a_client_that_leaves_frees_its_slot(server):
         time.sleep(0.1)
     assert not any(s["busy"] for s in slots), slots
     assert "qwen3vl_onnx_busy_slots 0.0" in httpx.get(server.url + "/metrics", headers=H).text
-
-
-def _generated(server) -> float:
-    text = httpx.get(server.url + "/metrics", headers=H).text
-    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("qwen3vl_onnx_generation_tokens_total")))
+    assert _generated(server) - before < 400
 
 
 def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(server):
@@ -158,7 +163,7 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(server):
     while any(s["busy"] for s in httpx.get(server.url + "/slots", headers=H).json()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(s["busy"] for s in httpx.get(server.url + "/slots", headers=H).json())
-    assert _generated(server) - before < 400  # stopped early: the tiny model makes ~200 tokens/s here, 490 take > 2 s
+    assert _generated(server) - before < 400  # stopped early (490 tokens take > 2 s)
 
 
 def _error(r: httpx.Response, status: int, *needles: str) -> None:
@@ -233,3 +238,30 @@ def test_a_full_queue_answers_429(server):
     for t in threads:
         t.join()
     assert codes.count(429) >= 1 and codes.count(200) >= 7 and len(codes) == 10, codes
+
+
+def test_clients_that_leave_the_queue_hold_no_place_in_it(tiny_one):
+    """A stream holds the only slot; two clients queue and leave; the queue (two places) must take
+    a third request, which is answered once the stream ends."""
+    server = Server(tiny_one.bundle, "--ctx-size", "4096", "--parallel", "1", "--queue-size", "2", "--metrics")
+    url, long = server.url + "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Go."}],
+                                                     "max_tokens": 4000, "ignore_eos": True}  # fmt: skip
+    try:
+        with httpx.stream("POST", url, json={**long, "stream": True}, headers=H, timeout=60) as stream:
+            lines = stream.iter_lines()  # kept: a dropped line iterator closes the connection
+            next(lines)
+            for _ in range(2):
+                with pytest.raises(httpx.TimeoutException):
+                    httpx.post(url, json=long, headers=H, timeout=0.3)
+            time.sleep(0.3)
+            metrics = httpx.get(server.url + "/metrics", headers=H).text
+            assert "qwen3vl_onnx_busy_slots 1.0" in metrics and "qwen3vl_onnx_queue_depth 0.0" in metrics, metrics
+            answer: list[httpx.Response] = []
+            third = threading.Thread(target=lambda: answer.append(httpx.post(url, json={**long, "max_tokens": 4}, headers=H,
+                                                                             timeout=60)))  # fmt: skip
+            third.start()
+            time.sleep(0.3)  # queued (or refused) while the stream runs
+        third.join()
+        assert answer[0].status_code == 200, answer[0].text
+    finally:
+        server.close()

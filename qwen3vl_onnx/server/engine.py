@@ -139,10 +139,16 @@ class Engine:
         being prepared while slots are free do not count: a burst as large as the slots is never refused)."""
         with self.wake:
             free = sum(1 for s in self.slots if s.job is None)
-            if self.incoming.qsize() + len(self.ready) - free >= self.settings.queue_size:
+            if self._waiting() - free >= self.settings.queue_size:
                 raise QueueFull(f"{self.settings.queue_size} requests are already waiting; try again later")
             self.incoming.put_nowait(job)
-        self._gauge("queue_depth", self.incoming.qsize() + len(self.ready))
+            self._gauge("queue_depth", self._waiting())
+
+    def _waiting(self) -> int:
+        """Requests waiting for a slot whose clients are still there (one who left holds no place)."""
+        with self.incoming.mutex:
+            incoming = sum(1 for j in self.incoming.queue if not j.cancelled.is_set())
+        return incoming + sum(1 for j in self.ready if not j.cancelled.is_set())
 
     def _prep_loop(self) -> None:
         while True:
@@ -207,7 +213,8 @@ class Engine:
         if decoding:
             self._decode_step(decoding)
         self._gauge("busy_slots", sum(1 for s in self.slots if s.job is not None))
-        self._gauge("queue_depth", self.incoming.qsize() + len(self.ready))
+        with self.wake:
+            self._gauge("queue_depth", self._waiting())
 
     def _admit(self) -> None:
         """Prepared requests into free slots, each where the longest prefix of it is cached."""
