@@ -37,6 +37,62 @@ def test_min_p_keeps_tokens_near_the_likeliest():
     assert draws == {0, 1}  # 0.15 and 0.05 are under half of 0.5
 
 
+def _reference_distribution(z: np.ndarray, temperature: float, top_p: float, top_k: int, min_p: float) -> np.ndarray:
+    """What the sampler must draw from, written the plain way: whole-vocabulary sorts and masks."""
+    z = z / temperature
+    if top_k:
+        z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+    p = np.exp(z - z.max())
+    p = np.where(p < min_p, 0.0, p)
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros(len(p), bool)
+    keep[order] = np.cumsum(p[order]) - p[order] < top_p
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("vocab,temperature,top_p,top_k,min_p,scale", [
+    (151_936, 0.7, 0.8, 20, 0.0, 3.0),  # Qwen3-VL Instruct's defaults on Qwen's vocabulary, peaked logits
+    (151_936, 1.0, 0.9, 0, 0.0, 6.0),   # no top-k: a 30-token nucleus found among the likeliest 64
+    (4_000, 1.0, 0.95, 0, 0.0, 0.05),   # nearly flat logits: the nucleus holds most of the vocabulary
+    (4_000, 1.0, 0.5, 0, 0.05, 1.0),    # min_p then top_p
+    (4_000, 1.3, 1.0, 50, 0.0, 1.0),    # top-k alone
+])  # fmt: skip
+def test_sampler_draws_from_the_exact_distribution(vocab, temperature, top_p, top_k, min_p, scale):
+    """6000 draws: each token's frequency within 5 standard errors of its exact probability (plus
+    0.003), and no token drawn outside the allowed set."""
+    z = np.random.default_rng(3).standard_normal(vocab) * scale
+    want = _reference_distribution(z, temperature, top_p, top_k, min_p)
+    sample = make_sampler(temperature, top_p, top_k, np.random.default_rng(4), min_p)
+    draws = np.array([sample(z[None])[0] for _ in range(6000)])
+    freq = np.bincount(draws, minlength=len(z)) / len(draws)
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(want))
+    bound = 5 * np.sqrt(want * (1 - want) / len(draws)) + 0.003
+    assert np.all(np.abs(freq - want) <= bound), np.max(np.abs(freq - want) - bound)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 4.0, 12.0])
+def test_top_and_nucleus_equal_a_full_sort(scale):
+    """The partial selections behind the sampler against whole-vocabulary sorts, ties included
+    (logits rounded to a coarse grid), at every size the nucleus search passes through."""
+    from qwen3vl_onnx.runtime.sampling import _nucleus, _top
+
+    rng = np.random.default_rng(int(scale * 100))
+    for vocab in (151_936, 3_000, 70):
+        z = np.round(rng.standard_normal(vocab) * scale, 2)
+        order = np.argsort(-z, kind="stable")
+        for m in (1, 20, 64, 512, 4096, vocab):
+            if m <= vocab:
+                np.testing.assert_array_equal(z[_top(z, m)], z[order[:m]])
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        for top_p in (0.1, 0.8, 0.95, 0.999):
+            ref = order[np.cumsum(p[order]) - p[order] < top_p]
+            got = _nucleus(p, top_p)
+            assert len(got) == len(ref) and np.allclose(np.sort(p[got]), np.sort(p[ref]), rtol=0, atol=0), (vocab, top_p)
+
+
 def test_token_logprob_is_log_softmax_with_the_likeliest_alternatives():
     z = np.array([1.0, 3.0, 2.0, 0.0])
     lp = token_logprob(z, 2, 2)
