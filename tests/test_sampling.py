@@ -100,6 +100,11 @@ def test_token_logprob_is_log_softmax_with_the_likeliest_alternatives():
     assert lp.token == 2 and lp.logprob == pytest.approx(ref[2])
     assert [t for t, _ in lp.top] == [1, 2] and lp.top[0][1] == pytest.approx(ref[1])
     assert token_logprob(z, 0, 0).top == []
+    big = (np.random.default_rng(5).standard_normal(151_936) * 3).astype(np.float32)  # the model's float32 logits
+    ref = big.astype(np.float64) - big.max() - np.log(np.exp(big.astype(np.float64) - big.max()).sum())
+    lp = token_logprob(big, 7, 5)
+    assert [t for t, _ in lp.top] == list(np.argsort(-ref)[:5])
+    assert abs(lp.logprob - ref[7]) < 1e-6 and max(abs(v - ref[t]) for t, v in lp.top) < 1e-6  # measured 1e-8
 
 
 def test_stop_strings_split_over_pieces_are_never_shown():
