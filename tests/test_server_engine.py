@@ -265,3 +265,28 @@ def test_clients_that_leave_the_queue_hold_no_place_in_it(tiny_one):
         assert answer[0].status_code == 200, answer[0].text
     finally:
         server.close()
+
+
+def test_a_cache_larger_than_memory_is_refused_by_name(tiny_one, monkeypatch):
+    """Too many slots for the memory left: a one-line reason at load (and on /health), not a
+    process killed for memory while the cache is mapped."""
+    from fastapi.testclient import TestClient
+
+    from qwen3vl_onnx.errors import UserError
+    from qwen3vl_onnx.server import engine
+    from qwen3vl_onnx.server.command import build_app
+    from qwen3vl_onnx.server.settings import ServerSettings
+
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    settings = ServerSettings(model_name="tiny", parallel=4, ctx_size=2048)
+    need = pipe.model.cache_bytes(4, 2049)
+    monkeypatch.setattr(engine, "available_memory", lambda: need - 1)
+    with pytest.raises(UserError, match=r"--parallel 4 x --ctx-size 2048 needs .* GiB .* lower --parallel or --ctx-size"):
+        engine.Engine(pipe, settings)
+    with TestClient(build_app(tiny_one.bundle, settings)) as client:
+        deadline = time.monotonic() + 60
+        while (r := client.get("/health")).status_code == 503 and "failed" not in r.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert r.status_code == 503 and "lower --parallel or --ctx-size" in r.json()["error"]["message"], r.text
+    monkeypatch.setattr(engine, "available_memory", lambda: need)
+    engine.Engine(pipe, settings)  # exactly enough is enough

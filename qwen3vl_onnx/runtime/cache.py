@@ -34,6 +34,11 @@ class KVCache:
     growable: bool = True  # False for a row view: its buffer belongs to the batch cache
     _bound: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
 
+    @staticmethod
+    def size_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int) -> int:
+        """Bytes of a fused cache of ``capacity`` positions per row (float32 keys and values)."""
+        return 2 * layers * batch * kv_heads * (capacity + (-capacity % CAPACITY_STEP)) * head_dim * 4
+
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, fused: bool) -> KVCache:
         cap = capacity + (-capacity % CAPACITY_STEP) if fused else 0

@@ -104,6 +104,11 @@ class BundleModel:
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
+    def cache_bytes(self, batch: int, capacity: int) -> int:
+        """What ``new_cache(batch, capacity)`` holds once every position is used."""
+        t = self.config.text
+        return KVCache.size_bytes(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity)
+
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache; fused bundles preallocate ``capacity`` positions per row (grown on demand)."""
         t = self.config.text

@@ -121,6 +121,9 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
     def start() -> None:
         try:
             state.engine = load(metrics)
+        except UserError as e:  # a one-line reason (e.g. memory), reported like any failed load
+            log.error("loading failed: %s", e)
+            state.load_error = f"the model failed to load: {e}"
         except Exception as e:  # reported by /health and every route, the process stays up
             log.exception("loading failed")
             state.load_error = f"the model failed to load: {e}"

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,25 @@ class Slot:
     job: Job | None = None
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still take: the kernel's MemAvailable, or less where a cgroup (a
+    container's memory limit) allows less; None where neither can be read (not Linux)."""
+    free: int | None = None
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
 class QueueFull(Exception):
     """More requests are waiting than the server queues."""
 
@@ -103,6 +123,11 @@ class Engine:
         self.pipe, self.settings, self.metrics = pipe, settings, metrics
         self.model = pipe.model
         pipe.context_length = settings.ctx_size
+        need, free = self.model.cache_bytes(settings.parallel, settings.ctx_size + 1), available_memory()
+        if free is not None and need > free:  # refused by name, not killed for memory while the cache is mapped
+            raise UserError(f"the KV cache for --parallel {settings.parallel} x --ctx-size {settings.ctx_size} needs "
+                            f"{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of memory is available: lower --parallel or "
+                            "--ctx-size")  # fmt: skip
         # one position of headroom: a step writes one past every row's end, idle rows included
         self.cache = self.model.new_cache(batch=settings.parallel, capacity=settings.ctx_size + 1)
         self.cache.ensure(settings.ctx_size + 1)
