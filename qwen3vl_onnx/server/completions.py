@@ -35,10 +35,6 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 def generation_params(body: ChatCompletionRequest, settings: ServerSettings) -> tuple[GenerationParams, bool]:
     """The body's sampling fields as GenerationParams, and whether it set a token limit itself."""
     limit = body.max_completion_tokens or body.max_tokens
@@ -54,7 +50,7 @@ def generation_params(body: ChatCompletionRequest, settings: ServerSettings) -> 
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     params = GenerationParams(
         max_new_tokens=limit or settings.ctx_size, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        min_p=body.min_p or 0.0, repetition_penalty=_or(body.repetition_penalty, 1.0),
+        min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias,
         stop=stop, seed=body.seed, ignore_eos=bool(body.ignore_eos), logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )  # fmt: skip
