@@ -190,7 +190,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(with --compare: first token against OpenVINO GenAI on the same frames)")  # fmt: skip
     b.add_argument("--serve", action="store_true",
                    help="instead, server figures: decode with 1/4/8 clients, token gaps during an image prefill, "
-                        "a follow-up question cached and fresh")  # fmt: skip
+                        "a follow-up question cached and fresh (with --compare: decode with 1 and 4 streams against "
+                        "OpenVINO GenAI's continuous batching, in turns)")  # fmt: skip
     b.add_argument("--soak", type=_positive_float, default=None, metavar="S",
                    help="instead, 8 clients against the server for S seconds: errors and memory growth")  # fmt: skip
     b.add_argument("--kernels", action="store_true",

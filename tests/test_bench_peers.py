@@ -76,3 +76,30 @@ def test_turns_report_a_worker_that_dies_with_its_error_line():
         take_turns(ok, dead, ["ttft_448_s"], 1, pause_s=0)
     res = take_turns(ok, ok, ["ttft_448_s"], 2, pause_s=0)["ttft_448_s"]
     assert res["pair_ratios"] == {"median": 1.0, "min": 1.0, "max": 1.0, "n": 2}
+
+
+def test_serve_decode_in_turns_with_a_peer(tiny_one, monkeypatch, tmp_path):
+    """bench --serve --compare: our worker starts a real `serve --parallel 4` on a bundle and answers the
+    decode rates of 1 and 4 streaming clients; a peer worker (here a stand-in answering 5 and 12 tok/s,
+    as the OpenVINO one is not installed in CI) is asked in turns; the report gives both scalings."""
+    import sys
+
+    from qwen3vl_onnx.bench import peers
+    from qwen3vl_onnx.bench.serve import _peer_line
+
+    fake = tmp_path / "python"
+    rates = "{'decode_1_streams_tok_s': lambda: 5.0, 'decode_4_streams_tok_s': lambda: 12.0}"
+    code = f"from qwen3vl_onnx.bench.procstats import serve_loop; serve_loop({rates})"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{code}"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(peers, "openvino_python", lambda workdir: fake)
+    monkeypatch.setattr(peers, "command", lambda module, workdir: [str(fake)])
+    res = peers.run_serve_turns(tmp_path / "ckpt", tiny_one.bundle, tmp_path, 2, 0, ["f32"], tokens=12)
+    assert list(res) == ["OpenVINO GenAI int4 (f32 hint)"]
+    t = res["OpenVINO GenAI int4 (f32 hint)"]
+    for task in ("decode_1_streams_tok_s", "decode_4_streams_tok_s"):
+        assert t[task]["ours"]["n"] == 2 and t[task]["ours"]["min"] > 0, t
+        assert t[task]["peer"]["median"] == (5.0 if "1_" in task else 12.0)
+    line = _peer_line("OpenVINO GenAI int4 (f32 hint)", t)
+    assert "2 pairs" in line and "theirs 2.40x" in line, line
+    assert _peer_line("x", {"skipped": "no OpenVINO environment"}) == "x: skipped (no OpenVINO environment)"

@@ -58,7 +58,7 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     if args.video:
         return _run_video(args, result, bundle, ckpt, work / name, out, name)
     if args.serve or args.soak:
-        return _run_serve(args, result, bundle, out, name)
+        return _run_serve(args, result, bundle, ckpt, out, name)
     print("measuring qwen3vl-onnx", file=sys.stderr)
     result["ours"] = child_measure(bundle, args.repeats)
     if args.compare:
@@ -98,11 +98,20 @@ def _run_video(args: argparse.Namespace, result: dict, bundle: Path, ckpt: Path 
     return _write(out / f"bench-{name}-{args.precision}-video", result, video_markdown(result))
 
 
-def _run_serve(args: argparse.Namespace, result: dict, bundle: Path, out: Path, name: str) -> int:
-    """``bench --serve`` / ``--soak S``: figures of ``qwen3vl-onnx serve`` processes on the bundle."""
+def _run_serve(args: argparse.Namespace, result: dict, bundle: Path, ckpt: Path | None, out: Path, name: str) -> int:
+    """``bench --serve`` / ``--soak S``: figures of ``qwen3vl-onnx serve`` processes on the bundle;
+    with --compare, decode with 1 and 4 streams also in turns with OpenVINO GenAI's continuous batching."""
     from .serve import run_serve_bench, serve_markdown
 
+    if args.compare and ckpt is None:
+        raise UserError("--compare needs --shape (peers run on the same random checkpoint)")
     result["serve"] = run_serve_bench(bundle, args.soak)
+    if args.compare and not args.soak:
+        from .peers import TURN_MIN_PAIRS, run_serve_turns
+
+        pairs = max(args.repeats, TURN_MIN_PAIRS)
+        result["serve"]["peers"] = run_serve_turns(ckpt, bundle, Path(args.workdir).expanduser() / args.shape / "peers", pairs,
+                                                   args.turn_pause, args.peers)  # fmt: skip
     return _write(out / f"bench-{name}-{args.precision}-{'soak' if args.soak else 'serve'}", result, serve_markdown(result))
 
 

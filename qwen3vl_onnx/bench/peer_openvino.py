@@ -10,6 +10,7 @@ with AVX512-BF16) and ``INFERENCE_PRECISION_HINT=f32`` are measured.
 
     OPENVINO_VENV/bin/python peer_openvino.py CKPT WORKDIR REPEATS DECODE_TOKENS [f32|default]
     OPENVINO_VENV/bin/python peer_openvino.py --serve CKPT WORKDIR f32|default [FRAMES.npy]  (a worker for bench/turns.py)
+    OPENVINO_VENV/bin/python peer_openvino.py --serve-batched CKPT WORKDIR f32|default TOKENS  (the same, for bench --serve)
 """
 
 from __future__ import annotations
@@ -157,7 +158,45 @@ def serve(ckpt: Path, work: Path, precision: str, frames_path: Path | None = Non
     serve_loop(answer)
 
 
+def serve_batched(ckpt: Path, work: Path, precision: str, tokens: int) -> None:
+    """Worker for ``bench --serve --compare``: aggregate decode tok/s of 1 and of 4 sequences started
+    together on a ``ContinuousBatchingPipeline`` (OpenVINO GenAI's continuous batching with a paged
+    KV cache), counted as the server bench counts ours: tokens over the time every sequence streams."""
+    import openvino_genai as og
+
+    export(ckpt, work / "openvino-int4")
+    sched = og.SchedulerConfig()
+    sched.max_num_seqs, sched.cache_size = 8, 2  # sequences, GB of KV cache
+    props = {"INFERENCE_PRECISION_HINT": "f32"} if precision == "f32" else {}
+    pipe = og.ContinuousBatchingPipeline(str(work / "openvino-int4"), sched, "CPU", {}, props)
+    ids = itertools.count()
+
+    def rate(streams: int) -> float:
+        cfg = og.GenerationConfig()
+        cfg.max_new_tokens = cfg.min_new_tokens = tokens
+        cfg.ignore_eos, cfg.apply_chat_template = True, False
+        call = next(ids)  # a new prompt each call: no cached prefix answers for the work
+        handles = [pipe.add_request(call * 16 + i, f"Tell me a long story about lighthouse keeper {call} ({i}).", cfg)
+                   for i in range(streams)]  # fmt: skip
+        got, marks = [0] * streams, []
+        while pipe.has_non_finished_requests():
+            pipe.step()
+            for i, h in enumerate(handles):
+                if h.can_read():
+                    got[i] += sum(len(o.generated_ids) for o in h.read().values())
+            marks.append((time.perf_counter(), min(got), sum(got)))
+        start = next(m for m in marks if m[1] >= 1)
+        end = next(m for m in marks if m[1] >= tokens)  # sequences end together (same length, EOS ignored)
+        return (end[2] - start[2]) / (end[0] - start[0])
+
+    serve_loop({"decode_1_streams_tok_s": lambda: rate(1), "decode_4_streams_tok_s": lambda: rate(4)})
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve-batched":  # peer_openvino.py --serve-batched CKPT WORKDIR PRECISION TOKENS
+        Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
+        serve_batched(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        sys.exit(0)
     if sys.argv[1] == "--serve":
         Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)  # peer_openvino.py --serve CKPT WORKDIR PRECISION [FRAMES.npy]
         serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], Path(sys.argv[5]) if len(sys.argv) > 5 else None)

@@ -156,3 +156,29 @@ def run_video_turns(ckpt: Path, bundle: Path, workdir: Path, frames: Path, repea
         except RuntimeError as e:
             out[name] = {"skipped": f"failed: {e}"}
     return out
+
+
+SERVE_TOKENS = 64  # tokens per stream in the decode rates of ``bench --serve``
+
+
+def run_serve_turns(ckpt: Path, bundle: Path, workdir: Path, repeats: int, pause_s: float, only: list[str] | None = None,
+                    tokens: int = SERVE_TOKENS) -> dict:  # fmt: skip
+    """Decode rates of 1 and 4 streams: our server (``--parallel 4``, streaming HTTP clients) and each
+    OpenVINO GenAI precision's continuous-batching pipeline (in process, no HTTP), in turns."""
+    from .turns import take_turns
+
+    ours = [sys.executable, "-m", "qwen3vl_onnx.bench.serve", str(bundle), str(tokens)]
+    out: dict = {}
+    for name, peer in PEERS.items():
+        if peer.module != "openvino" or (only and not any(o.lower() in name.lower() for o in only)):
+            continue
+        if not openvino_python(workdir).is_file():
+            out[name] = {"skipped": f"no OpenVINO environment at {openvino_python(workdir).parent.parent} ({peer.install})"}
+            continue
+        cmd = [*command("openvino", workdir), "--serve-batched", str(ckpt), str(workdir), *peer.args, str(tokens)]
+        print(f"measuring decode with 1 and 4 streams in turns with {name}", file=sys.stderr)
+        try:
+            out[name] = take_turns(ours, cmd, ["decode_1_streams_tok_s", "decode_4_streams_tok_s"], repeats, pause_s)
+        except RuntimeError as e:
+            out[name] = {"skipped": f"failed: {e}"}
+    return out

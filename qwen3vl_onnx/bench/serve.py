@@ -138,6 +138,19 @@ def decode_scaling(bundle: Path, tokens: int = 64, rounds: int = 3) -> dict:
     return res
 
 
+def decode_worker(bundle: Path, tokens: int) -> None:
+    """Our side of ``bench --serve --compare``'s turns (``bench/turns.py``): a ``serve --parallel 4``
+    process answering decode rates of 1 and 4 streaming clients, counted as ``_concurrent`` does."""
+    from .procstats import serve_loop
+
+    server = ServerProcess(bundle, "--parallel", "4")
+    try:
+        _concurrent(server.url, 1, 4)  # warm-up
+        serve_loop({f"decode_{n}_streams_tok_s": lambda n=n: _concurrent(server.url, n, tokens)[0] for n in (1, 4)})
+    finally:
+        server.close()
+
+
 def gaps_during_image_prefill(bundle: Path) -> dict:
     """Three streams run; a 448x448 image question arrives; the streams' token gaps meanwhile."""
     server = ServerProcess(bundle, "--parallel", "4")
@@ -257,4 +270,22 @@ def serve_markdown(result: dict) -> str:
         f"follow-up question's first token: {f['follow_up_ttft_cached_s']:.2f} s cached, "
         f"{f['follow_up_ttft_fresh_s']:.2f} s on a fresh server ({f['follow_up_speedup']:.1f}x)",
     ]  # fmt: skip
+    for name, t in result["serve"].get("peers", {}).items():
+        lines.append(_peer_line(name, t))
     return "\n".join(lines) + "\n"
+
+
+def _peer_line(name: str, t: dict) -> str:
+    """One peer's decode rates in turns with ours, each system's 4-vs-1 scaling and the pair ratios."""
+    if "skipped" in t:
+        return f"{name}: skipped ({t['skipped']})"
+    one, four = t["decode_1_streams_tok_s"], t["decode_4_streams_tok_s"]
+    med = {who: (one[who]["median"], four[who]["median"]) for who in ("ours", "peer")}
+    return (f"in turns with {name} (continuous batching, in process), {one['pair_ratios']['n']} pairs, decode tok/s: "
+            f"1 stream ours {med['ours'][0]:.1f} vs {med['peer'][0]:.1f} ({one['pair_ratios']['median']:.2f}x), "
+            f"4 streams ours {med['ours'][1]:.1f} vs {med['peer'][1]:.1f} ({four['pair_ratios']['median']:.2f}x); "
+            f"4 vs 1 ours {med['ours'][1] / med['ours'][0]:.2f}x, theirs {med['peer'][1] / med['peer'][0]:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    decode_worker(Path(sys.argv[1]), int(sys.argv[2]))  # python -m qwen3vl_onnx.bench.serve BUNDLE TOKENS
