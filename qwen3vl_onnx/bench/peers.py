@@ -135,11 +135,12 @@ def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int
     return out
 
 
-def run_video_turns(ckpt: Path, bundle: Path, workdir: Path, frames: Path, repeats: int, pause_s: float,
-                    only: list[str] | None = None) -> dict:  # fmt: skip
-    """First token for the same video frames, ours and each OpenVINO GenAI precision in turns (its
-    worker exports the checkpoint first when no export is cached)."""
-    from .turns import our_worker_command, take_turns
+def _openvino_turns(workdir: Path, only: list[str] | None, what: str, ours: list[str], worker_args: Callable[[Peer], list[str]],
+                    tasks: list[str], repeats: int, pause_s: float, after: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """``tasks`` asked of our worker (command ``ours``) and of each OpenVINO GenAI precision's worker
+    (``peer_openvino.py`` with ``worker_args(peer)``) in turns; a peer without its environment, or
+    whose worker fails, is reported as skipped with the reason."""
+    from .turns import take_turns
 
     out: dict = {}
     for name, peer in PEERS.items():
@@ -148,14 +149,23 @@ def run_video_turns(ckpt: Path, bundle: Path, workdir: Path, frames: Path, repea
         if not openvino_python(workdir).is_file():
             out[name] = {"skipped": f"no OpenVINO environment at {openvino_python(workdir).parent.parent} ({peer.install})"}
             continue
-        cmd = [*command("openvino", workdir), "--serve", str(ckpt), str(workdir), *peer.args, str(frames)]
-        print(f"measuring the video in turns with {name}", file=sys.stderr)
+        print(f"measuring {what} in turns with {name}", file=sys.stderr)
         try:
-            out[name] = take_turns(our_worker_command(bundle, frames), cmd, ["ttft_video_s"], repeats, pause_s,
-                                   after=("video_input_tokens",))  # fmt: skip
+            out[name] = take_turns(ours, [*command("openvino", workdir), *worker_args(peer)], tasks, repeats, pause_s, after)
         except RuntimeError as e:
             out[name] = {"skipped": f"failed: {e}"}
     return out
+
+
+def run_video_turns(ckpt: Path, bundle: Path, workdir: Path, frames: Path, repeats: int, pause_s: float,
+                    only: list[str] | None = None) -> dict:  # fmt: skip
+    """First token for the same video frames, ours and each OpenVINO GenAI precision in turns (its
+    worker exports the checkpoint first when no export is cached)."""
+    from .turns import our_worker_command
+
+    return _openvino_turns(workdir, only, "the video", our_worker_command(bundle, frames),
+                           lambda peer: ["--serve", str(ckpt), str(workdir), *peer.args, str(frames)],
+                           ["ttft_video_s"], repeats, pause_s, after=("video_input_tokens",))  # fmt: skip
 
 
 SERVE_TOKENS = 64  # tokens per stream in the decode rates of ``bench --serve``
@@ -165,20 +175,7 @@ def run_serve_turns(ckpt: Path, bundle: Path, workdir: Path, repeats: int, pause
                     tokens: int = SERVE_TOKENS) -> dict:  # fmt: skip
     """Decode rates of 1 and 4 streams: our server (``--parallel 4``, streaming HTTP clients) and each
     OpenVINO GenAI precision's continuous-batching pipeline (in process, no HTTP), in turns."""
-    from .turns import take_turns
-
-    ours = [sys.executable, "-m", "qwen3vl_onnx.bench.serve", str(bundle), str(tokens)]
-    out: dict = {}
-    for name, peer in PEERS.items():
-        if peer.module != "openvino" or (only and not any(o.lower() in name.lower() for o in only)):
-            continue
-        if not openvino_python(workdir).is_file():
-            out[name] = {"skipped": f"no OpenVINO environment at {openvino_python(workdir).parent.parent} ({peer.install})"}
-            continue
-        cmd = [*command("openvino", workdir), "--serve-batched", str(ckpt), str(workdir), *peer.args, str(tokens)]
-        print(f"measuring decode with 1 and 4 streams in turns with {name}", file=sys.stderr)
-        try:
-            out[name] = take_turns(ours, cmd, ["decode_1_streams_tok_s", "decode_4_streams_tok_s"], repeats, pause_s)
-        except RuntimeError as e:
-            out[name] = {"skipped": f"failed: {e}"}
-    return out
+    return _openvino_turns(workdir, only, "decode with 1 and 4 streams",
+                           [sys.executable, "-m", "qwen3vl_onnx.bench.serve", str(bundle), str(tokens)],
+                           lambda peer: ["--serve-batched", str(ckpt), str(workdir), *peer.args, str(tokens)],
+                           ["decode_1_streams_tok_s", "decode_4_streams_tok_s"], repeats, pause_s)  # fmt: skip
