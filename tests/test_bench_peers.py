@@ -94,7 +94,7 @@ def test_serve_decode_in_turns_with_a_peer(tiny_one, monkeypatch, tmp_path):
     fake.chmod(0o755)
     monkeypatch.setattr(peers, "openvino_python", lambda workdir: fake)
     monkeypatch.setattr(peers, "command", lambda module, workdir: [str(fake)])
-    res = peers.run_serve_turns(tmp_path / "ckpt", tiny_one.bundle, tmp_path, 2, 0, ["f32"], tokens=12)
+    res = peers.run_serve_turns(tmp_path / "ckpt", tiny_one.bundle, tmp_path, 2, 0, ["f32"], tokens=48)
     assert list(res) == ["OpenVINO GenAI int4 (f32 hint)"]
     t = res["OpenVINO GenAI int4 (f32 hint)"]
     for task in ("decode_1_streams_tok_s", "decode_4_streams_tok_s"):
@@ -103,3 +103,13 @@ def test_serve_decode_in_turns_with_a_peer(tiny_one, monkeypatch, tmp_path):
     line = _peer_line("OpenVINO GenAI int4 (f32 hint)", t)
     assert "2 pairs" in line and "theirs 2.40x" in line, line
     assert _peer_line("x", {"skipped": "no OpenVINO environment"}) == "x: skipped (no OpenVINO environment)"
+
+
+def test_serve_rates_count_tokens_while_every_stream_runs():
+    """Two streams overlapping from t=1 to t=3: 4 tokens arrive in that window (1.5, 2, 2.5, 3)."""
+    from qwen3vl_onnx.bench.serve import rates
+
+    together, overall = rates([[0.0, 1.0, 2.0, 3.0], [1.0, 1.5, 2.5, 5.0]])
+    assert together == 4 / 2 and overall == 6 / 5
+    # never both at once: the window rate does not exist, the first-to-last one stands for it
+    assert rates([[0.0, 1.0], [2.0, 4.0]]) == (2 / 4, 2 / 4)

@@ -94,9 +94,7 @@ def stream(url: str, messages: list, max_tokens: int, times: list[float] | None 
 
 
 def _concurrent(url: str, clients: int, tokens: int) -> tuple[float, float]:
-    """Aggregate decode tokens/s of ``clients`` streams started together: over the time all of
-    them stream (decode alone), and from the first token to the last (the prompts of the later
-    ones, prefilled meanwhile, included)."""
+    """Aggregate decode tokens/s of ``clients`` streams started together (see ``rates``)."""
     out: list[dict] = [{}] * clients
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, stream(url, [{"role": "user", "content": f"{STORY} ({i})"}],
                                                                              tokens))) for i in range(clients)]  # fmt: skip
@@ -104,10 +102,19 @@ def _concurrent(url: str, clients: int, tokens: int) -> tuple[float, float]:
         t.start()
     for t in threads:
         t.join()
-    first, last = min(o["times"][0] for o in out), max(o["times"][-1] for o in out)
-    a, b = max(o["times"][0] for o in out), min(o["times"][-1] for o in out)
-    together = sum(a < t <= b for o in out for t in o["times"]) / (b - a)
-    return together, sum(len(o["times"]) - 1 for o in out) / (last - first)
+    return rates([o["times"] for o in out])
+
+
+def rates(times: list[list[float]]) -> tuple[float, float]:
+    """Tokens/s of streams given each one's token arrival times: over the time all of them stream
+    (decode alone), and from the first token to the last (the prompts of the later ones, prefilled
+    meanwhile, included). Where no moment has every stream running (one answered whole before
+    another's first token: short answers of a tiny model), the first is the second."""
+    first, last = min(t[0] for t in times), max(t[-1] for t in times)
+    a, b = max(t[0] for t in times), min(t[-1] for t in times)
+    overall = sum(len(t) - 1 for t in times) / (last - first)
+    together = sum(a < x <= b for t in times for x in t) / (b - a) if b > a else overall
+    return together, overall
 
 
 def decode_scaling(bundle: Path, tokens: int = 64, rounds: int = 3) -> dict:
