@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-size", type=_at_least(1), default=64, help="requests waiting for a slot before 429")
     s.add_argument("--prefill-slice-ms", type=_at_least(1), default=250,
                    help="longest prompt call while other requests stream (their next token waits for it)")  # fmt: skip
+    s.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0, metavar="S",
+                   help="on SIGTERM or Ctrl-C, seconds running answers get to finish before they end with an error")  # fmt: skip
     s.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="serve file:// image/video URLs from inside DIR")
     s.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs")
     s.add_argument("--cors-origin", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..errors import UserError
-from .completions import ApiError, ClientGone, chat_completion
+from .completions import ApiError, ClientGone, Drain, chat_completion
 from .engine import Engine
 from .metrics import Metrics
 from .schemas import (
@@ -74,13 +74,14 @@ def _where(loc: tuple) -> str:
 
 
 class State:
-    """What the routes share: the engine once loaded, the metrics, the settings."""
+    """What the routes share: the engine once loaded, the metrics, the settings, the shutdown's drain."""
 
     def __init__(self, settings: ServerSettings, metrics: Metrics | None):
         self.settings, self.metrics = settings, metrics
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.created = int(time.time())
+        self.drain = Drain(settings.shutdown_grace_s)
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -129,6 +130,7 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
             state.load_error = f"the model failed to load: {e}"
 
     async def lifespan(app: FastAPI):  # noqa: ANN202
+        state.drain.bind()
         threading.Thread(target=start, name="qwen3vl-load", daemon=True).start()
         yield
 

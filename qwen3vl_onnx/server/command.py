@@ -34,7 +34,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           allow_remote_media=args.allow_remote_media, cors_origin=args.cors_origin, max_images=args.max_images,
                           max_video_frames=args.max_video_frames, max_image_pixels=args.max_image_pixels,
                           max_body_mb=args.max_body_mb, metrics=args.metrics,
-                          prefill_slice_ms=args.prefill_slice_ms)  # fmt: skip
+                          prefill_slice_ms=args.prefill_slice_ms, shutdown_grace_s=args.shutdown_grace)  # fmt: skip
 
 
 def build_app(bundle: str | Path, settings: ServerSettings, threads: int | None = None) -> Any:
@@ -65,5 +65,15 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     app = build_app(args.bundle, settings, args.threads)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    drain = app.state.qwen.drain
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            drain.begin()  # running answers get the grace; uvicorn stops taking connections
+            super().handle_exit(sig, frame)
+
+    # uvicorn waits for open connections a little longer than the grace, so the last events get out
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2)  # fmt: skip
+    Server(config).run()
     return 0

@@ -75,21 +75,59 @@ class ClientGone(Exception):
     """The client closed its connection before its answer was complete."""
 
 
+class Drain:
+    """The server's shutdown as requests see it: from the signal on, no new connections (uvicorn),
+    and the answers already running get ``grace`` seconds to finish; one still running then ends
+    with a 503, or a stream with an error event, instead of a connection cut mid-answer."""
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self.deadline: float | None = None
+        self._begun: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self) -> None:
+        """Called on the server's event loop before the first request."""
+        self._loop, self._begun = asyncio.get_running_loop(), asyncio.Event()
+
+    def begin(self) -> None:
+        """The shutdown signal (from a signal handler or another thread)."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.grace
+            if self._loop is not None and self._begun is not None:
+                self._loop.call_soon_threadsafe(self._begun.set)
+
+    async def next(self, events: asyncio.Queue, gone: asyncio.Future | None = None) -> object:
+        """The job's next event; ClientGone if the client leaves first; ``SHUT`` once the grace is over."""
+        while True:
+            getter = asyncio.ensure_future(events.get())
+            waits: set[asyncio.Future] = {getter} if gone is None else {getter, gone}
+            begun = None
+            if self.deadline is None and self._begun is not None:
+                begun = asyncio.ensure_future(self._begun.wait())
+                waits.add(begun)
+            left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if begun is not None:
+                begun.cancel()
+            if getter in done:
+                return getter.result()
+            getter.cancel()
+            if gone is not None and gone in done:
+                raise ClientGone
+            if begun is None or begun not in done:
+                return SHUT  # the grace ran out (or it was 0)
+
+
+SHUT = object()  # Drain.next's answer once the server's shutdown grace is over
+SHUT_MESSAGE = "the server is shutting down and its grace period ended before this answer did"
+
+
 async def _client_gone(request: Request) -> None:
     """Returns once the client has closed the connection (the body is already read, so the next
     ASGI message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _next(events: asyncio.Queue, gone: asyncio.Future) -> object:
-    """The job's next event; ClientGone if the client leaves first."""
-    getter = asyncio.ensure_future(events.get())
-    done, _ = await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if getter not in done:
-        getter.cancel()
-        raise ClientGone
-    return getter.result()
 
 
 async def chat_completion(body: ChatCompletionRequest, state: State, request: Request) -> Any:
@@ -124,7 +162,9 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
     # it; once streaming, sse-starlette watches the connection instead
     gone = asyncio.ensure_future(_client_gone(request))
     try:
-        first = await _next(events, gone)
+        first = await state.drain.next(events, gone)
+        if first is SHUT:
+            raise ApiError(503, SHUT_MESSAGE, code="server_shutdown")
         if isinstance(first, Failed):
             raise ApiError(first.status, first.message)
         assert isinstance(first, Accepted)
@@ -132,8 +172,10 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
         tokenizer, thinking = engine.pipe.tokenizer, engine.pipe.thinking
         if body.stream:
             usage = body.stream_options is not None and bool(body.stream_options.include_usage)
-            return EventSourceResponse(_stream(job, events, head, tokenizer, usage), ping=15)
-        return await _whole(job, events, gone, head, tokenizer, thinking)
+            # sse-starlette ends streams at once on shutdown unless given a grace; ours ends them itself
+            return EventSourceResponse(_stream(job, events, head, tokenizer, usage, state.drain), ping=15,
+                                       shutdown_grace_period=state.drain.grace + 1)  # fmt: skip
+        return await _whole(job, events, gone, head, tokenizer, thinking, state.drain)
     except BaseException:
         job.cancelled.set()
         raise
@@ -141,14 +183,16 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
         gone.cancel()
 
 
-async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: dict, tokenizer: Tokenizer, thinking: bool
-                 ) -> dict[str, Any]:  # fmt: skip
+async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: dict, tokenizer: Tokenizer, thinking: bool,
+                 drain: Drain) -> dict[str, Any]:  # fmt: skip
     said: dict[str, list[str]] = {"text": [], "reasoning": []}
     lps: list[TokenLogprob] = []
     ev: object = None
     try:
         while True:
-            ev = await _next(events, gone)
+            ev = await drain.next(events, gone)
+            if ev is SHUT:
+                raise ApiError(503, SHUT_MESSAGE, code="server_shutdown")
             if isinstance(ev, Token):
                 said[ev.delta.part].append(str(ev.delta))
                 if ev.logprob is not None:
@@ -168,7 +212,8 @@ async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: di
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(ev)}
 
 
-async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokenizer, include_usage: bool) -> AsyncIterator[dict]:
+async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokenizer, include_usage: bool, drain: Drain
+                  ) -> AsyncIterator[dict]:  # fmt: skip
     def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]}, ensure_ascii=False)}
@@ -177,8 +222,13 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokeni
     try:
         yield chunk({"role": "assistant", "content": ""})
         while not done:
-            ev = await events.get()
-            if isinstance(ev, Token):
+            ev = await drain.next(events)
+            if ev is SHUT:
+                done = True
+                job.cancelled.set()
+                body = {"error": {"message": SHUT_MESSAGE, "type": "unavailable", "param": None, "code": "server_shutdown"}}
+                yield {"data": json.dumps(body)}
+            elif isinstance(ev, Token):
                 lp = _logprobs(tokenizer, [ev.logprob]) if ev.logprob is not None else None
                 if ev.delta or lp:
                     key = "reasoning_content" if ev.delta.part == "reasoning" else "content"

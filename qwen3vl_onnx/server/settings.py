@@ -25,3 +25,4 @@ class ServerSettings:
     max_body_mb: float = 20.0  # request body (base64 media included)
     metrics: bool = False  # GET /metrics
     prefill_slice_ms: int = 250  # longest prompt call while other requests decode (keeps their streams flowing)
+    shutdown_grace_s: float = 10.0  # once stopping, how long running answers may still take before they are cut
