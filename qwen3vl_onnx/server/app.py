@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..errors import UserError
-from .completions import ApiError, ClientGone, Drain, chat_completion
+from .completions import ApiError, ClientGone, Drain, chat_completion, error_body
 from .engine import Engine
 from .metrics import Metrics
 from .schemas import (
@@ -49,13 +49,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                        (404, "unknown model"), (413, "body or media too large"), (422, "invalid body"),
                        (429, "queue full"), (500, "internal error"), (503, "still loading"))
 }  # fmt: skip
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error", 503: "unavailable"}  # fmt: skip
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
 _UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from .app import State
 
 
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error", 503: "unavailable"}  # fmt: skip
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: a response's body, and the event that ends a stream that failed."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
 class ApiError(Exception):
     """An answer other than 200: status, message and optionally the parameter at fault."""
 
@@ -123,6 +132,14 @@ SHUT = object()  # Drain.next's answer once the server's shutdown grace is over
 SHUT_MESSAGE = "the server is shutting down and its grace period ended before this answer did"
 
 
+async def _event(drain: Drain, events: asyncio.Queue, gone: asyncio.Future) -> object:
+    """The job's next event while the client waits for a whole response: a 503 once the grace is over."""
+    ev = await drain.next(events, gone)
+    if ev is SHUT:
+        raise ApiError(503, SHUT_MESSAGE, code="server_shutdown")
+    return ev
+
+
 async def _client_gone(request: Request) -> None:
     """Returns once the client has closed the connection (the body is already read, so the next
     ASGI message is the disconnect)."""
@@ -162,9 +179,7 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
     # it; once streaming, sse-starlette watches the connection instead
     gone = asyncio.ensure_future(_client_gone(request))
     try:
-        first = await state.drain.next(events, gone)
-        if first is SHUT:
-            raise ApiError(503, SHUT_MESSAGE, code="server_shutdown")
+        first = await _event(state.drain, events, gone)
         if isinstance(first, Failed):
             raise ApiError(first.status, first.message)
         assert isinstance(first, Accepted)
@@ -190,9 +205,7 @@ async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: di
     ev: object = None
     try:
         while True:
-            ev = await drain.next(events, gone)
-            if ev is SHUT:
-                raise ApiError(503, SHUT_MESSAGE, code="server_shutdown")
+            ev = await _event(drain, events, gone)
             if isinstance(ev, Token):
                 said[ev.delta.part].append(str(ev.delta))
                 if ev.logprob is not None:
@@ -226,8 +239,7 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokeni
             if ev is SHUT:
                 done = True
                 job.cancelled.set()
-                body = {"error": {"message": SHUT_MESSAGE, "type": "unavailable", "param": None, "code": "server_shutdown"}}
-                yield {"data": json.dumps(body)}
+                yield {"data": json.dumps(error_body(503, SHUT_MESSAGE, code="server_shutdown"))}
             elif isinstance(ev, Token):
                 lp = _logprobs(tokenizer, [ev.logprob]) if ev.logprob is not None else None
                 if ev.delta or lp:
@@ -235,8 +247,7 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokeni
                     yield chunk({key: str(ev.delta)}, logprobs=lp)
             elif isinstance(ev, Failed):
                 done = True
-                body = {"error": {"message": ev.message, "type": "server_error", "param": None, "code": None}}
-                yield {"data": json.dumps(body)}
+                yield {"data": json.dumps(error_body(ev.status, ev.message))}
             elif isinstance(ev, Finished):
                 done = True
                 yield chunk({}, ev.finish_reason)

@@ -123,14 +123,14 @@ class Engine:
         self.pipe, self.settings, self.metrics = pipe, settings, metrics
         self.model = pipe.model
         pipe.context_length = settings.ctx_size
-        need, free = self.model.cache_bytes(settings.parallel, settings.ctx_size + 1), available_memory()
+        capacity = settings.ctx_size + 1  # one position of headroom: a step writes one past every row's end, idle rows included
+        need, free = self.model.cache_bytes(settings.parallel, capacity), available_memory()
         if free is not None and need > free:  # refused by name, not killed for memory while the cache is mapped
             raise UserError(f"the KV cache for --parallel {settings.parallel} x --ctx-size {settings.ctx_size} needs "
                             f"{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of memory is available: lower --parallel or "
                             "--ctx-size")  # fmt: skip
-        # one position of headroom: a step writes one past every row's end, idle rows included
-        self.cache = self.model.new_cache(batch=settings.parallel, capacity=settings.ctx_size + 1)
-        self.cache.ensure(settings.ctx_size + 1)
+        self.cache = self.model.new_cache(batch=settings.parallel, capacity=capacity)
+        self.cache.ensure(capacity)
         self._warm()
         self.slots = [Slot(i) for i in range(settings.parallel)]
         self.rows = [self.cache.row(i) for i in range(settings.parallel)]
