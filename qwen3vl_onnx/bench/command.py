@@ -125,13 +125,14 @@ def _write(stem: Path, result: dict, table: str) -> int:
 
 
 def _run_kernels(args: argparse.Namespace) -> int:
-    from .kernels import kernels_markdown, measure_kernels
+    from .kernels import kernels_markdown, measure_attention_cases, measure_kernels
     from .run import machine
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "kernels": measure_kernels(max(args.repeats, 3))}
-    table = kernels_markdown(result["kernels"], result["machine"])
+    repeats = max(args.repeats, 3)
+    result = {"machine": machine(), "kernels": measure_kernels(repeats), "attention": measure_attention_cases(repeats)}
+    table = kernels_markdown(result["kernels"], result["machine"], result["attention"])
     (out / "bench-kernels.json").write_text(json.dumps(result, indent=1))
     (out / "bench-kernels.md").write_text(table)
     print(table)

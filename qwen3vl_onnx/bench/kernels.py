@@ -2,8 +2,14 @@
 
 The bundle figures of ``bench`` are read against these: a square fp32 MatMul and a square u8 x s8
 GEMM estimate the machine's fp32 and int8 peaks, and the kernels the bundles use run at the 4B
-shapes (vision tower: M = 784 patches of a 448x448 image; prompt: M = 256; decode: M = 1). Each
-figure is the best of several runs of one single-node graph, 2 * M * K * N operations per call.
+shapes (vision tower: M = 784 patches of a 448x448 image; prompt: M = 256; decode: M = 1, and
+M = 4 for a server's step over four streams). Each figure is the best of several runs of one
+single-node graph, 2 * M * K * N operations per call.
+
+Decode attention is timed apart: a 4B step's 36 GroupQueryAttention calls for one new token per
+row, each over its own preallocated cache bound as its past and present (as the decoder runs them),
+for 1 and 4 rows and for one query head per kv head. Its figure is the cache read per second: what a step over long
+conversations, or over several streams at once, pays for attention.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..export.graph import FLOAT, Graph
+from ..export.graph import FLOAT, MS_DOMAIN, Graph
 
 # (label, kernel, M, K, N)
 CASES = [
@@ -29,7 +35,16 @@ CASES = [
     ("prefill MLP, per-row u8 x s8 (--prefill-int8)", "rows", 256, 2560, 9728),
     ("decode MLP, MatMulNBits int4", "nbits4", 1, 2560, 9728),
     ("decode MLP, MatMulNBits int8", "nbits8", 1, 2560, 9728),
+    ("decode MLP, 4 rows, MatMulNBits int4", "nbits4", 4, 2560, 9728),
 ]
+
+# (label, rows, cached positions, query heads): a 4B step's 36 layers of 8 kv heads of 128
+ATTENTION_CASES = [
+    ("decode attention, 1 row", 1, 1000, 32),
+    ("decode attention, 4 rows", 4, 1000, 32),
+    ("decode attention, 1 row, 8 query heads (one per kv head)", 1, 1000, 8),
+]
+KV_HEADS, HEAD_DIM, ATTENTION_LAYERS = 8, 128, 36
 
 
 def _build(kernel: str, w: np.ndarray) -> Callable[[Graph, str], str]:
@@ -74,9 +89,82 @@ def measure_kernels(repeats: int) -> list[dict]:
             for label, kernel, m, k, n in CASES]  # fmt: skip
 
 
-def kernels_markdown(rows: list[dict], machine: dict) -> str:
+class DecodeAttention:
+    """A decoder step's attention alone: ``layers`` GroupQueryAttention nodes, each over its own
+    cache buffer bound as both its past and its present (each call writes the new keys at the rows'
+    ``cached`` lengths in place), all fed the same new token per row; the output is their sum.
+    Why several layers: one layer's cache stays in the CPU's caches between calls, a step's does not."""
+
+    def __init__(self, rows: int, cached: int, q_heads: int, layers: int, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM):
+        rng = np.random.default_rng(0)
+        self.q = rng.standard_normal((rows, 1, q_heads * head_dim), dtype=np.float32)
+        self.k, self.v = (rng.standard_normal((rows, 1, kv_heads * head_dim), dtype=np.float32) for _ in range(2))
+        capacity = cached + 1 + (-(cached + 1) % 256)
+        shape = (rows, kv_heads, capacity, head_dim)
+        self.keys = [rng.standard_normal(shape, dtype=np.float32) for _ in range(layers)]
+        self.values = [rng.standard_normal(shape, dtype=np.float32) for _ in range(layers)]
+        self.cached, self.bytes_read = cached, 2 * layers * self.keys[0][:, :, : cached + 1].nbytes
+        width = {"q": q_heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+        with tempfile.TemporaryDirectory() as d:
+            g = Graph("attention", Path(d) / "a.onnx")
+            new = [g.input(n, FLOAT, ["b", 1, w]) for n, w in width.items()]
+            lengths = [g.input("seqlens_k", np.int32, ["b"]), g.input("total_sequence_length", np.int32, [])]
+            outs = []
+            for i in range(layers):
+                past = [g.input(f"{n}.{i}", FLOAT, ["b", kv_heads, "c", head_dim]) for n in ("past_key", "past_value")]
+                o, pk, pv = g.op("GroupQueryAttention", *new, *past, *lengths, domain=MS_DOMAIN, num_heads=q_heads,
+                                 kv_num_heads=kv_heads, scale=head_dim**-0.5, n_out=3)  # fmt: skip
+                for value, name in ((pk, f"present_key.{i}"), (pv, f"present_value.{i}")):
+                    g.output(value, name, FLOAT, ["b", kv_heads, "c", head_dim])
+                outs.append(o)
+            g.output(g.op("Sum", *outs) if layers > 1 else outs[0], "o", FLOAT, ["b", 1, width["q"]])
+            g.save()
+            self.session = ort.InferenceSession(str(Path(d) / "a.onnx"), providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        for name, a in (("q", self.q), ("k", self.k), ("v", self.v)):
+            self.binding.bind_cpu_input(name, a)
+        self.binding.bind_cpu_input("seqlens_k", np.full(rows, cached, np.int32))
+        self.binding.bind_cpu_input("total_sequence_length", np.array(cached + 1, np.int32))
+        self.binding.bind_output("o", "cpu")  # first, so it is get_outputs()[0]
+        for i in range(layers):
+            for n, a in (("key", self.keys[i]), ("value", self.values[i])):
+                buf = ort.OrtValue.ortvalue_from_numpy(a)
+                self.binding.bind_ortvalue_input(f"past_{n}.{i}", buf)
+                self.binding.bind_ortvalue_output(f"present_{n}.{i}", buf)
+
+    def run(self) -> np.ndarray:
+        """(rows, 1, q_heads * head_dim): the layers' summed attention outputs for the new tokens."""
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
+
+
+def measure_attention(rows: int, cached: int, q_heads: int, repeats: int, layers: int = ATTENTION_LAYERS) -> dict:
+    """Best time of one step's decode attention and the cache it reads per second."""
+    a = DecodeAttention(rows, cached, q_heads, layers)
+    a.run()
+    calls = max(1, int(1e9 // a.bytes_read))  # about 1 GB of cache per timed sample
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            a.session.run_with_iobinding(a.binding)
+        best = min(best, (time.perf_counter() - t) / calls)
+    return {"layers": layers, "ms_per_step": best * 1e3, "cache_gb_s": a.bytes_read / best / 1e9}
+
+
+def measure_attention_cases(repeats: int) -> list[dict]:
+    return [{"case": label, "rows": rows, "cached": cached, "q_heads": heads, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+             **measure_attention(rows, cached, heads, repeats)} for label, rows, cached, heads in ATTENTION_CASES]  # fmt: skip
+
+
+def kernels_markdown(rows: list[dict], machine: dict, attention: list[dict] = ()) -> str:
     lines = ["| kernel | M x K x N | GOPS |", "|---|---|---|"]
     lines += [f"| {r['case']} | {r['m']} x {r['k']} x {r['n']} | {r['gops']:.0f} |" for r in rows]
+    if attention:
+        lines += ["", "| GroupQueryAttention, one new token per row | cached positions | ms per step | cache read GB/s |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['case']} ({r['layers']} layers) | {r['cached']} | {r['ms_per_step']:.1f} | {r['cache_gb_s']:.1f} |"
+                  for r in attention]  # fmt: skip
     flags = " ".join(machine.get("cpu_flags", [])) or "unknown"
     lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores, CPU flags: {flags}; "
               f"onnxruntime {machine['onnxruntime']}. Best of the repeats, 2*M*K*N operations per call."]  # fmt: skip

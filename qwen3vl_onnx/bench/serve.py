@@ -4,7 +4,9 @@
 - the gaps between tokens of 3 running streams while a 448x448 image prompt is prefilled (p99, max);
 - first token of a follow-up question about a 448x448 picture: on the server that answered the first
   question (its slot and vision caches hold it) against a fresh server (everything computed);
-- ``--soak SECONDS``: 8 clients for that long, errors counted and the server's RSS sampled.
+- ``--soak SECONDS``: 8 clients for that long, errors counted and the server's RSS sampled;
+- in process, no server: a decoder step's time for 1 and 4 rows of one cache at several cached
+  lengths, the ceiling of the 4-vs-1 rate and how it falls as conversations grow.
 
 Token times are client-side arrival times of server-sent events (one token per event here).
 """
@@ -242,6 +244,36 @@ def soak(bundle: Path, seconds: float, clients: int = 8) -> dict:
         server.close()
 
 
+STEP_CACHED = (100, 1000, 2000)
+
+
+def step_scaling(bundle: Path, cached: tuple[int, ...] = STEP_CACHED, rows: int = 4, steps: int = 4, rounds: int = 3) -> dict:
+    """Decoder steps alone for 1 and ``rows`` rows of one cache, each row holding ``cached`` tokens,
+    in ``rounds`` alternating rounds of ``steps`` steps (medians). Why: a server step over several
+    streams is this call, so ``rows`` times the 1-row time over the ``rows``-row time bounds the
+    served rate's scaling; the matmuls read the weights once for all rows, but attention reads
+    every cached position of every row, so the bound falls as conversations grow."""
+    from ..runtime.model import BundleModel
+
+    model = BundleModel(bundle)
+    cache = model.new_cache(rows, max(cached) + 1)
+    cache.prefault()
+    out = []
+    for n in cached:
+        times: dict[int, list[float]] = {1: [], rows: []}
+        for _ in range(rounds):
+            for r, ts in times.items():
+                view = cache.rows(0, r)
+                for i in range(steps + 1):  # the first call of a round is not timed
+                    view.lengths[:] = n
+                    t = time.perf_counter()
+                    model.step(np.zeros(r, np.int64), view)
+                    ts.extend([time.perf_counter() - t] if i else [])
+        one, many = (1e3 * float(np.median(times[r])) for r in (1, rows))
+        out.append({"cached": n, "step_1_row_ms": one, "step_rows_ms": many, "scaling": rows * one / many})
+    return {"rows": rows, "steps": out}
+
+
 def run_serve_bench(bundle: Path, soak_s: float | None) -> dict:
     if soak_s:
         return {"soak": soak(bundle, soak_s)}
@@ -251,6 +283,8 @@ def run_serve_bench(bundle: Path, soak_s: float | None) -> dict:
     res["image_prefill"] = gaps_during_image_prefill(bundle)
     print("follow-up question, cached and fresh", file=sys.stderr)
     res["follow_up"] = follow_up(bundle)
+    print("decoder steps of 1 and 4 rows at several cached lengths (in process)", file=sys.stderr)
+    res["step"] = step_scaling(bundle)
     return res
 
 
@@ -277,9 +311,19 @@ def serve_markdown(result: dict) -> str:
         f"follow-up question's first token: {f['follow_up_ttft_cached_s']:.2f} s cached, "
         f"{f['follow_up_ttft_fresh_s']:.2f} s on a fresh server ({f['follow_up_speedup']:.1f}x)",
     ]  # fmt: skip
+    if "step" in result["serve"]:
+        lines.append(_step_line(result["serve"]["step"]))
     for name, t in result["serve"].get("peers", {}).items():
         lines.append(_peer_line(name, t))
     return "\n".join(lines) + "\n"
+
+
+def _step_line(step: dict) -> str:
+    n = step["rows"]
+    parts = [f"{s['cached']} cached: {s['step_1_row_ms']:.0f} / {s['step_rows_ms']:.0f} ms ({s['scaling']:.2f}x)"
+             for s in step["steps"]]  # fmt: skip
+    head = f"decoder step alone (in process), 1 row / {n} rows, and {n} rows' tokens per second over one row's: "
+    return head + "; ".join(parts)
 
 
 def _peer_line(name: str, t: dict) -> str:
