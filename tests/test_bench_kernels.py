@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen3vl_onnx.bench.kernels import DecodeAttention, kernels_markdown, measure_attention, measure_case
+from qwen3vl_onnx.bench.kernels import DecodeAttention, kernels_markdown, measure_attention, measure_case, measure_chain
 
 
 def _reference(a: DecodeAttention, layer: int, q_heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
@@ -44,6 +44,9 @@ def test_kernel_figures_and_their_table():
     gops = measure_case("nbits4", 4, 256, 128, repeats=1)
     assert gops > 0
     row = {"case": "decode attention", "rows": 2, "cached": 100, "q_heads": 8, **r}
+    chain = measure_chain((1, 4), repeats=1, k=128, layers=3)
+    assert [c["m"] for c in chain] == [1, 4] and all(c["ms"] > 0 for c in chain)
     machine = {"cpu": "c", "cores": 2, "onnxruntime": "x"}
-    table = kernels_markdown([{"case": "k", "m": 4, "k": 256, "n": 128, "gops": gops}], machine, [row])
+    table = kernels_markdown([{"case": "k", "m": 4, "k": 256, "n": 128, "gops": gops}], machine, [row], chain)
     assert "| k | 4 x 256 x 128 |" in table and "| decode attention (2 layers) | 100 |" in table
+    assert "3 chained 128 x 128 MatMulNBits int4" in table and "| M = 1 |" in table and "| 1.00x |" in table

@@ -125,14 +125,15 @@ def _write(stem: Path, result: dict, table: str) -> int:
 
 
 def _run_kernels(args: argparse.Namespace) -> int:
-    from .kernels import kernels_markdown, measure_attention_cases, measure_kernels
+    from .kernels import CHAIN_ROWS, kernels_markdown, measure_attention_cases, measure_chain, measure_kernels
     from .run import machine
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repeats = max(args.repeats, 3)
-    result = {"machine": machine(), "kernels": measure_kernels(repeats), "attention": measure_attention_cases(repeats)}
-    table = kernels_markdown(result["kernels"], result["machine"], result["attention"])
+    result = {"machine": machine(), "kernels": measure_kernels(repeats), "decode_rows": measure_chain(CHAIN_ROWS, repeats),
+              "attention": measure_attention_cases(repeats)}  # fmt: skip
+    table = kernels_markdown(result["kernels"], result["machine"], result["attention"], result["decode_rows"])
     (out / "bench-kernels.json").write_text(json.dumps(result, indent=1))
     (out / "bench-kernels.md").write_text(table)
     print(table)

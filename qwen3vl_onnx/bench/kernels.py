@@ -2,14 +2,14 @@
 
 The bundle figures of ``bench`` are read against these: a square fp32 MatMul and a square u8 x s8
 GEMM estimate the machine's fp32 and int8 peaks, and the kernels the bundles use run at the 4B
-shapes (vision tower: M = 784 patches of a 448x448 image; prompt: M = 256; decode: M = 1, and
-M = 4 for a server's step over four streams). Each figure is the best of several runs of one
-single-node graph, 2 * M * K * N operations per call.
+shapes (vision tower: M = 784 patches of a 448x448 image; prompt: M = 256; decode: M = 1). Each
+figure is the best of several runs of one single-node graph, 2 * M * K * N operations per call.
 
-Decode attention is timed apart: a 4B step's 36 GroupQueryAttention calls for one new token per
-row, each over its own preallocated cache bound as its past and present (as the decoder runs them),
-for 1 and 4 rows and for one query head per kv head. Its figure is the cache read per second: what a step over long
-conversations, or over several streams at once, pays for attention.
+Two decode figures are timed over more memory than the CPU's caches hold, as a decoder step's are,
+for what a server's step over several streams costs against one stream's: a chain of int4 matmuls
+at M = 1, 2, 4, 8 rows, and a 4B step's 36 GroupQueryAttention calls for one new token per row,
+each over its own preallocated cache bound as its past and present (as the decoder runs them), for
+1 and 4 rows and for one query head per kv head (its figure: cache read per second).
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ CASES = [
     ("prefill MLP, per-row u8 x s8 (--prefill-int8)", "rows", 256, 2560, 9728),
     ("decode MLP, MatMulNBits int4", "nbits4", 1, 2560, 9728),
     ("decode MLP, MatMulNBits int8", "nbits8", 1, 2560, 9728),
-    ("decode MLP, 4 rows, MatMulNBits int4", "nbits4", 4, 2560, 9728),
 ]
+# A server's decode step over M streams: 24 chained 2560 x 2560 int4 matmuls (78 MB of weights,
+# more than the CPU's caches hold, as a step's are), so each call reads its weights from memory.
+CHAIN, CHAIN_LAYERS, CHAIN_ROWS = 2560, 24, (1, 2, 4, 8)
 
 # (label, rows, cached positions, query heads): a 4B step's 36 layers of 8 kv heads of 128
 ATTENTION_CASES = [
@@ -82,6 +84,30 @@ def measure_case(kernel: str, m: int, k: int, n: int, repeats: int, threads: int
             sess.run(None, {"x": x})
         best = min(best, (time.perf_counter() - t) / calls)
     return 2 * m * k * n / best / 1e9
+
+
+def measure_chain(rows: tuple[int, ...], repeats: int, k: int = CHAIN, layers: int = CHAIN_LAYERS) -> list[dict]:
+    """Median ms of ``layers`` chained k x k MatMulNBits int4 calls at each M in ``rows`` (the M
+    alternate, so drift on a shared machine falls on all of them)."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        g = Graph("chain", Path(d) / "c.onnx")
+        x = g.input("x", FLOAT, ["m", k])
+        for i in range(layers):
+            x = g.linear_nbits(x, (rng.standard_normal((k, k), dtype=np.float32) * 0.02), f"w{i}", 4, 128, 4)
+        g.output(x, "y", FLOAT, ["m", k])
+        g.save()
+        sess = ort.InferenceSession(str(Path(d) / "c.onnx"), providers=["CPUExecutionProvider"])
+    xs = {m: rng.standard_normal((m, k), dtype=np.float32) for m in rows}
+    times: dict[int, list[float]] = {m: [] for m in rows}
+    for _ in range(max(repeats, 5)):
+        for m, x in xs.items():
+            sess.run(None, {"x": x})
+            t = time.perf_counter()
+            for _ in range(5):
+                sess.run(None, {"x": x})
+            times[m].append((time.perf_counter() - t) / 5)
+    return [{"m": m, "k": k, "n": k, "layers": layers, "ms": 1e3 * float(np.median(ts))} for m, ts in times.items()]
 
 
 def measure_kernels(repeats: int) -> list[dict]:
@@ -157,9 +183,14 @@ def measure_attention_cases(repeats: int) -> list[dict]:
              **measure_attention(rows, cached, heads, repeats)} for label, rows, cached, heads in ATTENTION_CASES]  # fmt: skip
 
 
-def kernels_markdown(rows: list[dict], machine: dict, attention: list[dict] = ()) -> str:
+def kernels_markdown(rows: list[dict], machine: dict, attention: list[dict] = (), chain: list[dict] = ()) -> str:
     lines = ["| kernel | M x K x N | GOPS |", "|---|---|---|"]
     lines += [f"| {r['case']} | {r['m']} x {r['k']} x {r['n']} | {r['gops']:.0f} |" for r in rows]
+    if chain:
+        one = chain[0]["ms"]
+        lines += ["", f"| decode over M streams: {chain[0]['layers']} chained {chain[0]['k']} x {chain[0]['n']} MatMulNBits int4 "
+                  "| ms (median) | over M = 1 |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| M = {r['m']} | {r['ms']:.2f} | {r['ms'] / one:.2f}x |" for r in chain]
     if attention:
         lines += ["", "| GroupQueryAttention, one new token per row | cached positions | ms per step | cache read GB/s |",
                   "|---|---|---|---|"]  # fmt: skip
