@@ -247,30 +247,34 @@ def soak(bundle: Path, seconds: float, clients: int = 8) -> dict:
 STEP_CACHED = (100, 1000, 2000)
 
 
-def step_scaling(bundle: Path, cached: tuple[int, ...] = STEP_CACHED, rows: int = 4, steps: int = 4, rounds: int = 3) -> dict:
-    """Decoder steps alone for 1 and ``rows`` rows of one cache, each row holding ``cached`` tokens,
-    in ``rounds`` alternating rounds of ``steps`` steps (medians). Why: a server step over several
-    streams is this call, so ``rows`` times the 1-row time over the ``rows``-row time bounds the
-    served rate's scaling; the matmuls read the weights once for all rows, but attention reads
-    every cached position of every row, so the bound falls as conversations grow."""
+def step_scaling(bundle: Path, cached: tuple[int, ...] = STEP_CACHED, rows: int = 4, pairs: int = 15) -> dict:
+    """Decoder steps alone for 1 and ``rows`` rows of one cache, each row holding ``cached`` tokens:
+    ``pairs`` pairs of one step each, back to back, so both of a pair meet the same load on a shared
+    machine (medians; ``scaling`` is the median of the pairs' ``rows`` x 1-row / ``rows``-row time).
+    Why: a server step over several streams is this call, so the scaling bounds the served rate's;
+    the matmuls read the weights once for all rows, but attention reads every cached position of
+    every row, so the bound falls as conversations grow."""
     from ..runtime.model import BundleModel
 
     model = BundleModel(bundle)
     cache = model.new_cache(rows, max(cached) + 1)
     cache.prefault()
+    views = {r: cache.rows(0, r) for r in (1, rows)}
+
+    def step(r: int, n: int) -> float:
+        views[r].lengths[:] = n
+        t = time.perf_counter()
+        model.step(np.zeros(r, np.int64), views[r])
+        return time.perf_counter() - t
+
     out = []
     for n in cached:
-        times: dict[int, list[float]] = {1: [], rows: []}
-        for _ in range(rounds):
-            for r, ts in times.items():
-                view = cache.rows(0, r)
-                for i in range(steps + 1):  # the first call of a round is not timed
-                    view.lengths[:] = n
-                    t = time.perf_counter()
-                    model.step(np.zeros(r, np.int64), view)
-                    ts.extend([time.perf_counter() - t] if i else [])
-        one, many = (1e3 * float(np.median(times[r])) for r in (1, rows))
-        out.append({"cached": n, "step_1_row_ms": one, "step_rows_ms": many, "scaling": rows * one / many})
+        for _ in range(3):  # first calls at a width and length (allocations, pages) are not timed
+            step(1, n), step(rows, n)
+        times = [(step(1, n), step(rows, n)) for _ in range(pairs)]
+        one, many = (1e3 * float(np.median([t[i] for t in times])) for i in (0, 1))
+        scaling = float(np.median([rows * a / b for a, b in times]))
+        out.append({"cached": n, "step_1_row_ms": one, "step_rows_ms": many, "scaling": scaling, "pairs": pairs})
     return {"rows": rows, "steps": out}
 
 
