@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..export.graph import FLOAT, MS_DOMAIN, Graph
+from ..runtime.cache import rounded_capacity
 
 # (label, kernel, M, K, N)
 CASES = [
@@ -125,8 +126,7 @@ class DecodeAttention:
         rng = np.random.default_rng(0)
         self.q = rng.standard_normal((rows, 1, q_heads * head_dim), dtype=np.float32)
         self.k, self.v = (rng.standard_normal((rows, 1, kv_heads * head_dim), dtype=np.float32) for _ in range(2))
-        capacity = cached + 1 + (-(cached + 1) % 256)
-        shape = (rows, kv_heads, capacity, head_dim)
+        shape = (rows, kv_heads, rounded_capacity(cached + 1), head_dim)
         self.keys = [rng.standard_normal(shape, dtype=np.float32) for _ in range(layers)]
         self.values = [rng.standard_normal(shape, dtype=np.float32) for _ in range(layers)]
         self.cached, self.bytes_read = cached, 2 * layers * self.keys[0][:, :, : cached + 1].nbytes

@@ -18,7 +18,8 @@ import onnxruntime as ort
 CAPACITY_STEP = 256
 
 
-def _rounded(capacity: int) -> int:
+def rounded_capacity(capacity: int) -> int:
+    """``capacity`` rounded up to a whole number of ``CAPACITY_STEP`` positions, as buffers are allocated."""
     return capacity + (-capacity % CAPACITY_STEP)
 
 
@@ -41,11 +42,11 @@ class KVCache:
     @staticmethod
     def size_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int) -> int:
         """Bytes of a fused cache of ``capacity`` positions per row (float32 keys and values)."""
-        return 2 * layers * batch * kv_heads * _rounded(capacity) * head_dim * 4
+        return 2 * layers * batch * kv_heads * rounded_capacity(capacity) * head_dim * 4
 
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, fused: bool) -> KVCache:
-        cap = _rounded(capacity) if fused else 0
+        cap = rounded_capacity(capacity) if fused else 0
         zeros = lambda: np.zeros((batch, kv_heads, cap, head_dim), np.float32)  # noqa: E731
         return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)],
                    np.zeros(batch, np.int64), np.zeros(batch, np.int64), fused)  # fmt: skip
@@ -111,7 +112,7 @@ class KVCache:
         if needed > cap:
             if not self.growable:
                 raise ValueError(f"row holds {cap} tokens, {needed} needed")
-            new_cap = _rounded(max(needed, 2 * cap))
+            new_cap = rounded_capacity(max(needed, 2 * cap))
             grow = lambda a: np.concatenate([a, np.zeros((*a.shape[:2], new_cap - cap, a.shape[3]), a.dtype)], axis=2)  # noqa: E731
             self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
         self._bound = [
