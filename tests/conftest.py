@@ -301,3 +301,24 @@ class Server:
             except Exception:
                 self.proc.kill()
         self.log.close()
+
+
+def transformers_prompt_ids(processor, messages, videos):
+    """transformers' prompt ids for ``messages`` (images inline, ``videos`` as (path, fps) in order)."""
+    from transformers.video_utils import load_video
+
+    frames, metas = [], []
+    for path, fps in videos:
+        def sample(metadata, fps=fps, **_):
+            return processor.video_processor.sample_frames(metadata, fps=fps)
+
+        v, meta = load_video(str(path), backend="pyav", sample_indices_fn=sample)
+        frames.append(v)
+        metas.append(meta)
+    images = [p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
+    template = [{**m, "content": [{"type": p["type"]} if p["type"] != "text" else p for p in m["content"]]}
+                if isinstance(m["content"], list) else m for m in messages]  # fmt: skip
+    text = processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
+    out = processor(text=[text], images=images or None, videos=frames or None, video_metadata=metas or None,
+                    do_sample_frames=False, cap_pixels_per_frame=True, return_tensors="np")  # fmt: skip
+    return out["input_ids"][0].tolist()

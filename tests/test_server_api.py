@@ -10,7 +10,7 @@ import pytest
 
 from qwen3vl_onnx import Pipeline
 
-from .conftest import Server, make_video, picture
+from .conftest import Server, make_video, picture, transformers_prompt_ids
 
 GREEDY = dict(temperature=0, max_tokens=8)
 
@@ -85,6 +85,25 @@ def test_image_and_video_data_urls_and_file_urls(client, pipe, server, tmp_path)
     ref = _ours(pipe, messages, server.media, ignore_eos=True, **GREEDY)
     assert r.choices[0].message.content == ref.text and r.usage.prompt_tokens == ref.prompt_tokens
     assert pipe.prepare([{"role": "user", "content": [{"type": "video", "video": str(clip)}]}]).videos == [True]
+
+
+def test_tokenize_renders_videos_and_images_as_transformers(server, tiny_one, tmp_path):
+    """What the server prefills for a video between two images is transformers' prompt, token for token."""
+    import httpx
+    from transformers import AutoProcessor
+
+    clip = make_video(tmp_path / "v.mp4", 14, 7, 80, 48)
+    video_url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    a, b = picture(64, 40, seed=3), picture(40, 56, seed=4)
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}}, {"type": "video_url", "video_url": {"url": video_url}},
+               {"type": "image_url", "image_url": {"url": data_url(b)}}, {"type": "text", "text": "Which came first?"}]  # fmt: skip
+    r = httpx.post(server.url + "/tokenize", headers={"Authorization": f"Bearer {server.api_key}"}, timeout=60,
+                   json={"messages": [{"role": "user", "content": content}]})  # fmt: skip
+    assert r.status_code == 200, r.text
+    processor = AutoProcessor.from_pretrained(str(tiny_one.checkpoint))
+    parts = [{"type": "image", "image": a}, {"type": "video", "video": str(clip)}, {"type": "image", "image": b},
+             {"type": "text", "text": "Which came first?"}]  # fmt: skip
+    assert r.json()["tokens"] == transformers_prompt_ids(processor, [{"role": "user", "content": parts}], [(clip, None)])
 
 
 def test_stop_strings_seeds_and_logprobs(client, pipe):

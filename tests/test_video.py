@@ -17,7 +17,7 @@ from qwen3vl_onnx import Pipeline
 from qwen3vl_onnx.runtime.prompt import Prompt
 from qwen3vl_onnx.runtime.video import VideoProcessorConfig, VideoRequest, preprocess_video
 
-from .conftest import TEST_VIDEO_PREPROCESSOR, make_video, picture
+from .conftest import TEST_VIDEO_PREPROCESSOR, make_video, picture, transformers_prompt_ids
 
 TOL = 1e-4
 PIXEL_TOL = 2 * 2 / 255  # two levels of 255, normalised by std 0.5
@@ -74,6 +74,34 @@ def test_preprocessing_and_prompt_match_transformers(clip, tiny_one, processor, 
     prompt = Pipeline.from_bundle(tiny_one.bundle).prepare(_messages(path))
     assert prompt.ids == ref["input_ids"][0].tolist()  # timestamps, markers and pad counts, token for token
     assert prompt.videos == [True] and prompt.grids == [video.grid]
+
+
+def test_several_videos_images_and_turns_render_as_transformers(tiny_one, processor, tmp_path):
+    """Two videos (one at its own fps), images between them and a conversation whose later turn
+    reuses the earlier ones: the prompt is transformers' token for token (no template markers left
+    around a video, one ``<|vision_start|>``/``<|vision_end|>`` pair per frame block)."""
+    v1 = make_video(tmp_path / "a.mp4", 20, 8, 96, 64)
+    v2 = make_video(tmp_path / "b.mp4", 30, 10, 64, 96, seed=3)
+    a, b = picture(64, 48, seed=1), picture(48, 80, seed=2)
+    pipe = Pipeline.from_bundle(tiny_one.bundle)
+    cfg = pipe.config
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "video", "video": str(v1)}, {"type": "image", "image": a},
+                                     {"type": "text", "text": "What moves?"}]},
+        {"role": "assistant", "content": "The blocks."},
+        {"role": "user", "content": [{"type": "image", "image": b}, {"type": "video", "video": str(v2), "fps": 1},
+                                     {"type": "text", "text": "And here?"}]},
+    ]  # fmt: skip
+    ours = pipe.prepare(messages)
+    ref = transformers_prompt_ids(processor, messages, [(v1, None), (v2, 1)])
+    assert ours.ids == ref
+    assert ours.videos == [True, False, False, True]
+    starts = sum(1 for i in ours.ids if i == cfg.vision_start_token_id)
+    frame_blocks = sum(t for t, _, _ in ours.video_grids)
+    assert starts == frame_blocks + len(ours.image_grids)  # images keep their pair; videos have one per frame block
+    first = pipe.prepare(messages[:2])
+    assert ours.ids[: len(first.ids) - 3] == first.ids[:-3]  # the first turn is a prefix of the second
 
 
 def test_a_container_without_a_frame_count(tmp_path):

@@ -72,14 +72,16 @@ def _preprocess(visual: Visual, proc: Processors) -> tuple[np.ndarray, tuple[int
 def build_prompt(tokenizer: Tokenizer, chat_template: str, proc: Processors, messages: list[dict[str, Any]],
                  add_generation_prompt: bool = True) -> Prompt:  # fmt: skip
     """Render, tokenize, preprocess the pictures and expand each pad: an image's to its token count,
-    a video's to ``<{t:.1f} seconds><|vision_start|>pads<|vision_end|>`` per temporal patch, inside
-    the template's own vision markers (as transformers' Qwen3VLProcessor renders it).
+    a video's to ``<{t:.1f} seconds><|vision_start|>pads<|vision_end|>`` per temporal patch. Those
+    per-frame markers replace the template's own pair around the video pad, as the processor
+    Qwen3-VL was released with (and transformers >= 5.25, vLLM, OpenVINO GenAI) renders it: the
+    model was trained on that form.
 
     Shared by inference and by the shapes training script, so both see byte-identical prompts.
     """
     tmpl_messages, visuals = split_messages(messages)
     text = render(chat_template, tmpl_messages, add_generation_prompt)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    ids = _unwrap_videos(tokenizer.encode(text, add_special_tokens=False).ids, proc)
     kinds = [isinstance(v, VideoRequest) for v in visuals]
     for token, is_video, what in ((proc.image_token_id, False, "image"), (proc.video_token_id, True, "video")):
         n_pads, n = sum(1 for i in ids if i == token), kinds.count(is_video)
@@ -103,6 +105,23 @@ def build_prompt(tokenizer: Tokenizer, chat_template: str, proc: Processors, mes
             expanded.extend(tokenizer.encode(f"<{s:.1f} seconds>", add_special_tokens=False).ids)
             expanded.extend([proc.vision_start_token_id, *[i] * (h * w // merge2), proc.vision_end_token_id])
     return Prompt(expanded, np.concatenate([d[0] for d in done]), [d[1] for d in done], kinds)
+
+
+def _unwrap_videos(ids: list[int], proc: Processors) -> list[int]:
+    """``ids`` with each ``<|vision_start|><|video_pad|><|vision_end|>`` of the template reduced to
+    the pad (the frames bring their own markers); a video pad written without that pair stays as it is."""
+    out: list[int] = []
+    n = len(ids)
+    k = 0
+    while k < n:
+        if (ids[k] == proc.vision_start_token_id and k + 2 < n and ids[k + 1] == proc.video_token_id
+                and ids[k + 2] == proc.vision_end_token_id):  # fmt: skip
+            out.append(proc.video_token_id)
+            k += 3
+            continue
+        out.append(ids[k])
+        k += 1
+    return out
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:

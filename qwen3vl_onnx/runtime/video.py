@@ -7,7 +7,7 @@ All frames get one size from the video ``smart_resize`` over the whole clip's pi
 the per-frame cap transformers calls ``cap_pixels_per_frame`` (qwen-vl-utils' behaviour, on unless
 the config says otherwise). The last frame is repeated to fill the temporal patch. Each temporal
 patch becomes ``<{t:.1f} seconds><|vision_start|>pads<|vision_end|>`` in the prompt (prompt.py),
-``t`` the mean time of its two frames.
+``t`` the mean time of its two frames, in place of the template's own markers around the video.
 
 Only the sampled frames are decoded and kept, each resized as it arrives (video_decode.py), so a
 long video never holds its full-size frames in memory.

@@ -210,7 +210,8 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
             from .media import MediaError, pipeline_messages
 
             try:
-                msgs = await run_in_threadpool(pipeline_messages, body.messages, settings)
+                video = pipe.processors.video  # the same frame limit as a completion's
+                msgs = await run_in_threadpool(pipeline_messages, body.messages, settings, video.max_frames if video else None)
                 ids = (await run_in_threadpool(pipe.prepare, msgs, body.add_generation_prompt)).ids
             except MediaError as e:
                 raise ApiError(e.status, str(e)) from None
