@@ -57,7 +57,7 @@ def _require_torch() -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        raise UserError("verify needs torch and transformers: pip install 'qwen3vl-onnx[torch]'") from None
+        raise UserError("verify needs torch and transformers: pip install -e '.[torch]' in the project's clone") from None
 
 
 def load_reference(checkpoint: Path):

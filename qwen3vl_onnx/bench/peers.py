@@ -38,8 +38,8 @@ class Peer(NamedTuple):
 
 
 PEERS: dict[str, Peer] = {
-    "PyTorch bf16": Peer("peer_torch", ["bf16"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 2),
-    "PyTorch fp32": Peer("peer_torch", ["fp32"], ["torch", "transformers"], "pip install 'qwen3vl-onnx[torch]'", 4),
+    "PyTorch bf16": Peer("peer_torch", ["bf16"], ["torch", "transformers"], "pip install -e '.[torch]' in the project's clone", 2),
+    "PyTorch fp32": Peer("peer_torch", ["fp32"], ["torch", "transformers"], "pip install -e '.[torch]' in the project's clone", 4),
     "onnxruntime-genai int4 (text)": Peer("peer_ortgenai", [], ["onnxruntime_genai", "onnx_ir", "torch", "transformers"],
                                           "pip install onnxruntime-genai 'qwen3vl-onnx[torch]'", 0),
     "llama.cpp Q4_0": Peer("peer_llamacpp", ["Q4_0"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
