@@ -41,7 +41,7 @@ PEERS: dict[str, Peer] = {
     "PyTorch bf16": Peer("peer_torch", ["bf16"], ["torch", "transformers"], "pip install -e '.[torch]' in the project's clone", 2),
     "PyTorch fp32": Peer("peer_torch", ["fp32"], ["torch", "transformers"], "pip install -e '.[torch]' in the project's clone", 4),
     "onnxruntime-genai int4 (text)": Peer("peer_ortgenai", [], ["onnxruntime_genai", "onnx_ir", "torch", "transformers"],
-                                          "pip install onnxruntime-genai 'qwen3vl-onnx[torch]'", 0),
+                                          "pip install onnxruntime-genai -e '.[torch]' in the project's clone", 0),
     "llama.cpp Q4_0": Peer("peer_llamacpp", ["Q4_0"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
     "llama.cpp Q4_K_M": Peer("peer_llamacpp", ["Q4_K_M"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),
     "OpenVINO GenAI int4 (bf16 default)": Peer("openvino", ["default"], [], OPENVINO_VENV, 0),
