@@ -95,8 +95,10 @@ def test_tokenize_renders_videos_and_images_as_transformers(server, tiny_one, tm
     clip = make_video(tmp_path / "v.mp4", 14, 7, 80, 48)
     video_url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
     a, b = picture(64, 40, seed=3), picture(40, 56, seed=4)
-    content = [{"type": "image_url", "image_url": {"url": data_url(a)}}, {"type": "video_url", "video_url": {"url": video_url}},
-               {"type": "image_url", "image_url": {"url": data_url(b)}}, {"type": "text", "text": "Which came first?"}]  # fmt: skip
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
+               {"type": "video_url", "video_url": {"url": video_url}},
+               {"type": "image_url", "image_url": {"url": data_url(b)}},
+               {"type": "text", "text": "Which came first?"}]  # fmt: skip
     r = httpx.post(server.url + "/tokenize", headers={"Authorization": f"Bearer {server.api_key}"}, timeout=60,
                    json={"messages": [{"role": "user", "content": content}]})  # fmt: skip
     assert r.status_code == 200, r.text
@@ -128,6 +130,21 @@ def test_stop_strings_seeds_and_logprobs(client, pipe):
     for g, want in zip(got, ref.logprobs, strict=True):
         assert g.logprob == pytest.approx(want.logprob, abs=1e-4)
         assert g.top_logprobs[0].logprob >= g.logprob - 1e-6  # greedy: the chosen token is the likeliest
+
+
+def test_logprob_bytes_of_a_partial_character(client, pipe):
+    """Token 125001 is the first two bytes of a three-byte character: its text is U+FFFD, its bytes
+    are its own (what a client rebuilds the character from), in the entry and among the alternatives."""
+    messages = [{"role": "user", "content": "Say something."}]
+    for stream in (False, True):
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, logprobs=True, top_logprobs=2,
+                                           logit_bias={"125001": 100}, stream=stream)  # fmt: skip
+        if stream:
+            entries = [e for c in r if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+        else:
+            entries = r.choices[0].logprobs.content
+        assert len(entries) == 1 and entries[0].bytes == [234, 153] and entries[0].token == "\ufffd"
+        assert entries[0].top_logprobs[0].bytes == [234, 153]
 
 
 def test_thinking_checkpoint_returns_reasoning_apart(tiny_one, tmp_path):

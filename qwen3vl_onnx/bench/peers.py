@@ -37,9 +37,10 @@ class Peer(NamedTuple):
     bytes_per_weight: int  # for its bundle size when it has no files of its own (0: measured from disk)
 
 
+FROM_CLONE = "pip install -e '.[torch]' in the project's clone"
 PEERS: dict[str, Peer] = {
-    "PyTorch bf16": Peer("peer_torch", ["bf16"], ["torch", "transformers"], "pip install -e '.[torch]' in the project's clone", 2),
-    "PyTorch fp32": Peer("peer_torch", ["fp32"], ["torch", "transformers"], "pip install -e '.[torch]' in the project's clone", 4),
+    "PyTorch bf16": Peer("peer_torch", ["bf16"], ["torch", "transformers"], FROM_CLONE, 2),
+    "PyTorch fp32": Peer("peer_torch", ["fp32"], ["torch", "transformers"], FROM_CLONE, 4),
     "onnxruntime-genai int4 (text)": Peer("peer_ortgenai", [], ["onnxruntime_genai", "onnx_ir", "torch", "transformers"],
                                           "pip install onnxruntime-genai -e '.[torch]' in the project's clone", 0),
     "llama.cpp Q4_0": Peer("peer_llamacpp", ["Q4_0"], ["llama_cpp", "torch", "sentencepiece"], LLAMA_BUILD, 0),

@@ -38,6 +38,34 @@ class Detokenizer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level vocabulary alphabet: the character that stands for each byte in a token."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(shifted)}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+class TokenBytes:
+    """A token's own bytes. One token may hold part of a multi-byte character, which decodes to
+    U+FFFD as text; its bytes (OpenAI's logprobs ``bytes``) let a client rebuild the character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self.byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
+
+    def __call__(self, token: int) -> bytes:
+        if token in self.added:
+            return self.added[token].encode("utf-8")
+        piece = self.tokenizer.id_to_token(token)
+        if self.byte_level and piece is not None and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        return self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+
+
 class AnswerParts:
     """Detokenises reasoning (up to ``think_end``) and answer separately; after ``</think>`` the
     answer's leading newlines (the template's separator) are not part of it. Stop strings end

@@ -61,7 +61,8 @@ def run_serve(args: argparse.Namespace) -> int:
         import sse_starlette  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise UserError(f"serve needs the server extra: pip install -e '.[server]' in the project's clone ({e.name} is missing)") from None
+        raise UserError(f"serve needs the server extra: pip install -e '.[server]' in the project's clone "
+                        f"({e.name} is missing)") from None
     settings = settings_from(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     app = build_app(args.bundle, settings, args.threads)

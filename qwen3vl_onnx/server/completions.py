@@ -15,6 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..errors import UserError
 from ..runtime.sampling import GenerationParams, TokenLogprob
+from ..runtime.text_stream import TokenBytes
 from .engine import Accepted, Failed, Finished, Job, QueueFull, Token
 from .media import MediaError, pipeline_messages
 from .schemas import ChatCompletionRequest
@@ -22,7 +23,6 @@ from .settings import ServerSettings
 
 if TYPE_CHECKING:
     from starlette.requests import Request
-    from tokenizers import Tokenizer
 
     from .app import State
 
@@ -66,10 +66,10 @@ def generation_params(body: ChatCompletionRequest, settings: ServerSettings) -> 
     return params, limit is not None
 
 
-def _logprobs(tokenizer: Tokenizer, lps: list[TokenLogprob]) -> dict[str, Any]:
+def _logprobs(token_bytes: TokenBytes, lps: list[TokenLogprob]) -> dict[str, Any]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        text = tokenizer.decode([token], skip_special_tokens=False)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        text = token_bytes.tokenizer.decode([token], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(token_bytes(token))}
 
     return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
 
@@ -184,13 +184,13 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
             raise ApiError(first.status, first.message)
         assert isinstance(first, Accepted)
         head = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": settings.model_name}
-        tokenizer, thinking = engine.pipe.tokenizer, engine.pipe.thinking
+        token_bytes, thinking = TokenBytes(engine.pipe.tokenizer), engine.pipe.thinking
         if body.stream:
             usage = body.stream_options is not None and bool(body.stream_options.include_usage)
             # sse-starlette ends streams at once on shutdown unless given a grace; ours ends them itself
-            return EventSourceResponse(_stream(job, events, head, tokenizer, usage, state.drain), ping=15,
+            return EventSourceResponse(_stream(job, events, head, token_bytes, usage, state.drain), ping=15,
                                        shutdown_grace_period=state.drain.grace + 1)  # fmt: skip
-        return await _whole(job, events, gone, head, tokenizer, thinking, state.drain)
+        return await _whole(job, events, gone, head, token_bytes, thinking, state.drain)
     except BaseException:
         job.cancelled.set()
         raise
@@ -198,7 +198,7 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
         gone.cancel()
 
 
-async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: dict, tokenizer: Tokenizer, thinking: bool,
+async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: dict, token_bytes: TokenBytes, thinking: bool,
                  drain: Drain) -> dict[str, Any]:  # fmt: skip
     said: dict[str, list[str]] = {"text": [], "reasoning": []}
     lps: list[TokenLogprob] = []
@@ -221,11 +221,11 @@ async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: di
     message = {"role": "assistant", "content": "".join(said["text"]),
                "reasoning_content": "".join(said["reasoning"]) if thinking else None}  # fmt: skip
     choice = {"index": 0, "message": message, "finish_reason": ev.finish_reason,
-              "logprobs": _logprobs(tokenizer, lps) if job.params.logprobs is not None else None}  # fmt: skip
+              "logprobs": _logprobs(token_bytes, lps) if job.params.logprobs is not None else None}  # fmt: skip
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(ev)}
 
 
-async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokenizer, include_usage: bool, drain: Drain
+async def _stream(job: Job, events: asyncio.Queue, head: dict, token_bytes: TokenBytes, include_usage: bool, drain: Drain
                   ) -> AsyncIterator[dict]:  # fmt: skip
     def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -241,7 +241,7 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, tokenizer: Tokeni
                 job.cancelled.set()
                 yield {"data": json.dumps(error_body(503, SHUT_MESSAGE, code="server_shutdown"))}
             elif isinstance(ev, Token):
-                lp = _logprobs(tokenizer, [ev.logprob]) if ev.logprob is not None else None
+                lp = _logprobs(token_bytes, [ev.logprob]) if ev.logprob is not None else None
                 if ev.delta or lp:
                     key = "reasoning_content" if ev.delta.part == "reasoning" else "content"
                     yield chunk({key: str(ev.delta)}, logprobs=lp)
