@@ -100,3 +100,19 @@ def test_video_figures_on_a_short_clip(tiny_one, tmp_path):
     report = video_markdown({"shape": "tiny", "precision": "fp32", "machine": machine(),
                              "video": {"video_10s": v, "video_60s_memory": mem}})  # fmt: skip
     assert "vision encode" in report and f"{v['prompt_tokens']} prompt tokens" in report
+
+
+def test_bench_bundle_reports_the_bundles_own_precision(cli, tiny_one, setup, tmp_path):
+    """A float bundle given with --bundle is labelled by its manifest (fp32, fp32 vision), not by the
+    export options' defaults (int4, int8), in the JSON, the report and the file name; no export was
+    timed, so none is reported (it printed 'export nan s'). A bundle whose context is too short for
+    the bench's prompts is a one-line error, not the child's traceback."""
+    r = cli("bench", "--bundle", tiny_one.bundle, "--repeats", "1", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / f"bench-{tiny_one.bundle.name}-fp32-vfp32.json").read_text())
+    assert (res["precision"], res["vision_precision"], res["block_size"], res["int8_projections"]) == ("fp32", "fp32", None, None)
+    assert "nan" not in r.stdout and "fp32; bundle given with --bundle (export not measured)" in r.stdout
+    assert "int4" not in r.stdout
+    r = cli("bench", "--bundle", setup / "bundle", "--repeats", "1", "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr and "context" in r.stderr.splitlines()[-1], r.stderr

@@ -14,12 +14,17 @@ from ..export.options import ExportOptions
 from ..export.quant import DEFAULT_BLOCK_SIZE
 
 
-def _bundle_has_prefill_graph(bundle: Path) -> bool | None:
-    """Whether a bundle given to ``bench --bundle`` was exported with --prefill-int8 (None: unreadable)."""
-    try:
-        return "decoder_prefill" in json.loads((bundle / "manifest.json").read_text())["graphs"]
-    except (OSError, ValueError, KeyError):
-        return None  # the bench child reports what is wrong with the bundle
+def _given_bundle(bundle: Path) -> dict:
+    """What ``bench --bundle`` reports of the bundle it was given, read from its manifest (not from
+    the export options on the command line, which describe bundles bench exports itself)."""
+    from ..runtime.model import read_manifest
+
+    m = read_manifest(bundle)
+    opts = m.get("export_options") or {}
+    return {"precision": m.get("precision"), "vision_precision": m.get("vision_precision"),
+            "block_size": opts.get("block_size") if m.get("precision") in ("int4", "int8") else None,
+            "int8_projections": opts.get("int8_projections") if m.get("precision") == "int4" else None,
+            "prefill_int8": bool(m.get("prefill_int8"))}  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
@@ -33,17 +38,15 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     opts = opts.resolve()
     args.vision_precision, args.int8_projections = opts.vision_precision, opts.int8_projections
     work, out = Path(args.workdir).expanduser(), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = args.shape if not args.bundle else Path(args.bundle).name
-    result: dict = {
-        "shape": name,
-        "precision": args.precision,
-        "vision_precision": args.vision_precision,
-        "block_size": None if args.bundle else args.block_size,
-        "int8_projections": None if args.bundle else list(args.int8_projections),
-        "prefill_int8": _bundle_has_prefill_graph(Path(args.bundle)) if args.bundle else args.prefill_int8,
-        "machine": machine(),
-    }
+    if args.bundle:
+        given = _given_bundle(Path(args.bundle))
+        args.precision, args.vision_precision = given["precision"], given["vision_precision"]
+    else:
+        given = {"precision": args.precision, "vision_precision": args.vision_precision, "block_size": args.block_size,
+                 "int8_projections": list(args.int8_projections), "prefill_int8": args.prefill_int8}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"shape": name, **given, "machine": machine()}
     p8 = "-p8" + ("+".join(args.int8_projections) or "none")  # names the 8-bit choice in file names
     pi8 = "-prefill8" if args.prefill_int8 else ""
     ckpt = None

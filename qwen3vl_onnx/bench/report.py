@@ -56,8 +56,7 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     extra = [
         "",
-        f"Shape {result['shape']}, {result['precision']}; export {result.get('export_s', float('nan')):.1f} s, "
-        f"export peak RSS {result.get('export_peak_rss_gb', float('nan')):.2f} GB; bundle {ours['bundle_gb']:.2f} GB; "
+        f"Shape {result['shape']}, {result['precision']}; {_export_figures(result)}; bundle {ours['bundle_gb']:.2f} GB; "
         f"load {ours['load_s']:.2f} s; inference peak RSS {ours['peak_rss_gb']:.2f} GB.",
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU flags: {' '.join(m.get('cpu_flags', [])) or 'unknown'}, "
         f"onnxruntime {m['onnxruntime']}. Medians (min-max) of repeated runs; "
@@ -109,3 +108,10 @@ def chart(result: dict, path: Path) -> None:
         d.text((28, y), name, fill="black")
         y += 20
     img.save(path)
+
+
+def _export_figures(result: dict) -> str:
+    """The export's time and memory, or that the bundle was given (exported elsewhere, not measured here)."""
+    if "export_s" not in result:
+        return "bundle given with --bundle (export not measured)"
+    return f"export {result['export_s']:.1f} s, export peak RSS {result.get('export_peak_rss_gb', float('nan')):.2f} GB"

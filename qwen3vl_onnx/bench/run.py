@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..demo.checkpoint import write_checkpoint
+from ..errors import UserError
 from ..export.options import ExportOptions
 from .presets import preset_config
 from .procstats import failure_reason, peak_rss_gb, run_polled, stats
@@ -152,9 +153,16 @@ def child_measure(bundle: Path, repeats: int) -> dict:
         [sys.executable, "-m", "qwen3vl_onnx.bench.run", str(bundle), str(repeats)], capture_output=True, text=True
     )
     if r.returncode:
+        said = r.stderr.strip().splitlines()
+        if r.returncode == 2 and said and said[-1].startswith("error: "):  # a problem with the bundle, said in one line
+            raise UserError(f"{bundle}: {said[-1][len('error: '):]}")
         raise RuntimeError(f"bench child failed: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":  # child entry: python -m qwen3vl_onnx.bench.run BUNDLE REPEATS
-    print(json.dumps(measure_bundle(Path(sys.argv[1]), int(sys.argv[2]))))
+    try:
+        print(json.dumps(measure_bundle(Path(sys.argv[1]), int(sys.argv[2]))))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

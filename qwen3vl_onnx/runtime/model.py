@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -52,6 +53,31 @@ def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -
         raise UserError(f"{path}: cannot load graph ({str(e).splitlines()[0][:200]})") from None
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The bundle's ``manifest.json``, checked enough that reading it later cannot fail: a missing,
+    unreadable, damaged or older manifest is a one-line error naming the bundle."""
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise UserError(f"{path}: not a bundle (manifest.json is missing)")
+    try:
+        manifest = json.loads(mpath.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{mpath}: not a readable manifest ({str(e).splitlines()[0][:120]}); export the checkpoint again") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath}: not a bundle manifest (a JSON {type(manifest).__name__}, not an object)")
+    if (found := manifest.get("format_version")) != BUNDLE_FORMAT_VERSION:
+        old = "has no format version (an early export)" if found is None else f"is format {found!r}"
+        raise UserError(f"{path}: bundle {old}, this version reads format {BUNDLE_FORMAT_VERSION}; export the checkpoint again")
+    try:
+        Qwen3VLConfig.from_manifest(manifest["config"])
+        [str(g["file"]) for g in manifest["graphs"].values()] + [str(manifest["embed_tokens"]["file"])]
+        bool(manifest["decoder_options"]["fused"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{mpath}: the manifest is damaged ({type(e).__name__}: {str(e)[:100]}); export the checkpoint again"
+                        ) from None  # fmt: skip
+    return manifest
+
+
 class BundleModel:
     """The graphs and embedding table of one bundle directory."""
 
@@ -60,15 +86,7 @@ class BundleModel:
         """``prefill_graph=False`` leaves a --prefill-int8 bundle's prompt graph unloaded (its memory
         back, prompts at the compact graph's speed)."""
         self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.is_file():
-            raise UserError(f"{self.path}: not a bundle (manifest.json is missing)")
-        self.manifest = json.loads(mpath.read_text())
-        if (found := self.manifest.get("format_version")) != BUNDLE_FORMAT_VERSION:
-            old = "has no format version (an early export)" if found is None else f"is format {found}"
-            raise UserError(
-                f"{self.path}: bundle {old}, this version reads format {BUNDLE_FORMAT_VERSION}; export the checkpoint again"
-            )
+        self.manifest = read_manifest(self.path)
         self.config = Qwen3VLConfig.from_manifest(self.manifest["config"])
         files = [g["file"] for g in self.manifest["graphs"].values()] + [self.manifest["embed_tokens"]["file"]]
         for f in files:
