@@ -153,6 +153,27 @@ def test_bundle_missing_graph(run_cli, setup, tmp_path):
     one_line_error(run_cli("generate", tmp_path / "nobundle", "--prompt", "x"), "manifest.json")
 
 
+@pytest.mark.parametrize("content, says", [
+    ("{not json", "not a readable manifest"),
+    ("[]", "not a bundle manifest (a JSON list, not an object)"),
+    ('"text"', "a JSON str, not an object"),
+    (b"\xff\xfe\x00garbage", "not a readable manifest"),
+    ('{"format_version": 2}', "the manifest is damaged (KeyError"),
+    ('{"format_version": 2, "config": [], "graphs": {}}', "the manifest is damaged"),
+    ('{"format_version": "2"}', "bundle is format '2', this version reads format"),
+])  # fmt: skip
+def test_damaged_manifest_is_one_line(run_cli, setup, tmp_path, content, says):
+    """A manifest cut short, overwritten or edited by hand: one line naming it, never a traceback."""
+    from qwen3vl_onnx.config import BUNDLE_FORMAT_VERSION
+
+    b = shutil.copytree(setup / "bundle", tmp_path / "b")
+    if isinstance(content, str):
+        content = content.replace('"format_version": 2', f'"format_version": {BUNDLE_FORMAT_VERSION}').encode()
+    (b / "manifest.json").write_bytes(content)
+    for args in (["generate", b, "--prompt", "x"], ["eval", b], ["bench", "--bundle", b, "--out", tmp_path / "o"]):
+        one_line_error(run_cli(*args), says)
+
+
 def test_verify_passes_and_catches_a_wrong_bundle(run_cli, tiny_one, setup, tmp_path):
     picture(50, 70).save(tmp_path / "v.png")
     ok = run_cli("verify", tiny_one.checkpoint, tiny_one.bundle, "--image", tmp_path / "v.png", "--steps", "4")

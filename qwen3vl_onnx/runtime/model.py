@@ -62,7 +62,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(mpath.read_bytes())
     except (OSError, ValueError) as e:
-        raise UserError(f"{mpath}: not a readable manifest ({str(e).splitlines()[0][:120]}); export the checkpoint again") from None
+        why = str(e).splitlines()[0][:120]
+        raise UserError(f"{mpath}: not a readable manifest ({why}); export the checkpoint again") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{mpath}: not a bundle manifest (a JSON {type(manifest).__name__}, not an object)")
     if (found := manifest.get("format_version")) != BUNDLE_FORMAT_VERSION:
