@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from .cli_args import generation_overrides, video_part
 from .errors import UserError
 from .runtime.generate import stats_line
 
@@ -102,7 +103,6 @@ class ChatSession:
         elif name == "/video":
             if not Path(arg).is_file():
                 raise UserError(f"{arg or '(no path)'}: video file not found")
-            from .cli import video_part
 
             self.attached.append(video_part(arg, self.args))
         elif name == "/system":
@@ -139,7 +139,6 @@ class ChatSession:
         content: str | list[dict[str, Any]] = text
         if self.attached:
             content = [*self.attached, {"type": "text", "text": text}]
-        from .cli import generation_overrides
 
         a = self.args
         stream = self.conv.send(content, **generation_overrides(a))

@@ -1,0 +1,167 @@
+"""The command line's argument types and shared option groups: every count bounded by what the
+machine or the task can use, every bad value one ``error: ...`` line before anything runs.
+
+Shared by ``cli`` (the parser and most commands) and ``cli_chat`` (the chat loop), which both
+import from here and not from each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+# Frames per video at most, whatever a checkpoint's config says (Qwen3-VL's video processor default).
+MAX_VIDEO_FRAMES = 768
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask: a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def at_least(lo: int, hi: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An integer option in [lo, hi]; ``why`` says where the upper bound comes from."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}{f' ({why})' if why else ''}, got {value}")
+        return value
+
+    return parse
+
+
+def bounded_float(lo: float, hi: float, positive: bool = False, why: str = "") -> Callable[[str], float]:
+    """A finite number in [lo, hi] (``positive``: above ``lo``, not at it)."""
+
+    def parse(text: str) -> float:
+        value = number(text)
+        if not (lo < value if positive else lo <= value):
+            raise argparse.ArgumentTypeError(f"must be a {'positive number' if positive and lo == 0 else f'number >= {lo:g}'}, "
+                                             f"got {text}")  # fmt: skip
+        if not value <= hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi:g}{f' ({why})' if why else ''}, got {text}")
+        return value
+
+    return parse
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    value = number(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def cosine(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a cosine is at most 1, got {text}")
+    return value
+
+
+# ONNX Runtime's CPU MatMulNBits kernels have fast paths for blocks of 16 to 256; larger blocks
+# only pad every row (a 4096 block took 6.2 GB to export a 22 MB model).
+MAX_BLOCK_SIZE = 256
+
+
+def block_size(text: str) -> int:
+    value = at_least(16, MAX_BLOCK_SIZE, "the largest block ONNX Runtime's CPU kernels run fast")(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
+    return value
+
+
+def threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=at_least(1, usable_cores(), "the cores this process may use"), default=None,
+                   help="ONNX Runtime intra-op threads (default: one per core)")  # fmt: skip
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's generation config)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: generation config)")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k likeliest tokens, 0 = all (default: generation config)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output (default: random)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the likeliest")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating prompt and answer tokens")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted from tokens already generated, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per repetition of a token, in [-2, 2]")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer before this text (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-turn token")
+    p.add_argument("--hide-reasoning", action="store_true", help="Thinking checkpoints: print only the answer, not the reasoning")
+
+
+def video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video-fps", type=bounded_float(0, 1000, positive=True), default=None, metavar="FPS",
+                   help="frames sampled per second of video (default: the checkpoint's, 2)")  # fmt: skip
+    p.add_argument("--video-max-frames", type=at_least(1, MAX_VIDEO_FRAMES, "Qwen3-VL's own limit"), default=None, metavar="N",
+                   help="at most N frames per video (default: the checkpoint's limit)")  # fmt: skip
+    p.add_argument("--video-start", type=non_negative_float, default=None, metavar="SECONDS",
+                   help="use the videos from this time on")  # fmt: skip
+    p.add_argument("--video-end", type=non_negative_float, default=None, metavar="SECONDS",
+                   help="use the videos up to this time")  # fmt: skip
+
+
+def video_part(path: str, args: argparse.Namespace) -> dict:
+    """A message part for the video at ``path`` with the --video-* options."""
+    part: dict = {"type": "video", "video": path}
+    if args.video_fps is not None:
+        part["fps"] = args.video_fps
+    if args.video_max_frames is not None:
+        part["max_frames"] = args.video_max_frames
+    if args.video_start is not None:
+        part["video_start"] = args.video_start
+    if args.video_end is not None:
+        part["video_end"] = args.video_end
+    return part
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """The GenerationParams fields the sampling options set."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed, ignore_eos=args.ignore_eos,
+                logprobs=getattr(args, "logprobs", None))  # fmt: skip
+
+
+def projection_list(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x not in ("", "none"))
+
+
+def int8_projections_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8-projections", default=None, metavar="LIST", type=projection_list,
+                   help="int4: decoder projections kept at 8 bits, comma-separated from q_proj, k_proj, v_proj, "
+                        "o_proj, gate_proj, up_proj, down_proj, lm_head, or none (default: v_proj,lm_head)")  # fmt: skip
+
+
+def prefill_int8_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-int8", action="store_true",
+                   help="int4/int8: add a prompt graph with int8 GEMMs (faster prefill; "
+                        "+1 byte per decoder weight in memory)")  # fmt: skip
+
+
