@@ -10,10 +10,9 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
-from .bench.turns import PAUSE_S
 from .cli_args import (
     MAX_VIDEO_FRAMES,
     at_least,
@@ -30,10 +29,9 @@ from .cli_args import (
     video_part,
 )
 from .errors import UserError
-from .export.options import ExportOptions
-from .export.quant import DEFAULT_BLOCK_SIZE
-from .runtime.preprocess import MAX_IMAGE_PIXELS
-from .shapes.model import PACKAGED_SHAPES
+
+if TYPE_CHECKING:
+    from .export.options import ExportOptions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +52,13 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: what they bring (onnx, numpy, Pillow) takes a second or two, and a
+    # Ctrl-C then must end in main's one line, not in a traceback from an import.
+    from .bench.turns import PAUSE_S
+    from .export.quant import DEFAULT_BLOCK_SIZE
+    from .runtime.preprocess import MAX_IMAGE_PIXELS
+    from .shapes.model import PACKAGED_SHAPES
+
     p = _Parser(prog="qwen3vl-onnx", description="Export Qwen3-VL checkpoints to ONNX bundles and run them on ONNX Runtime.",
                 formatter_class=_Help)  # fmt: skip
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -111,9 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", default=None, help="the model id clients name (default: the bundle's folder name)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     s.add_argument("--api-key-file", default=None, metavar="FILE", help="the API key, read from a file")
-    s.add_argument("--parallel", type=at_least(1, 1024), default=4, help="requests decoded together (slots)")
-    s.add_argument("--ctx-size", type=at_least(16, 1 << 24), default=4096,
-                   help="tokens per slot, prompt and answer (at most the model's context)")  # fmt: skip
+    s.add_argument("--parallel", type=at_least(1, 256), default=4, help="requests decoded together (slots)")
+    s.add_argument("--ctx-size", type=at_least(16, 1 << 24), default=None,
+                   help="tokens per slot, prompt and answer (default 4096, or the model's context where shorter)")  # fmt: skip
     s.add_argument("--queue-size", type=at_least(1, 100_000), default=64, help="requests waiting for a slot before 429")
     s.add_argument("--prefill-slice-ms", type=at_least(1, 60_000), default=250,
                    help="longest prompt call while other requests stream (their next token waits for it)")  # fmt: skip
@@ -218,6 +223,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export_options(args: argparse.Namespace) -> ExportOptions:
+    from .export.options import ExportOptions
+
     return ExportOptions(precision=args.precision, block_size=args.block_size, vision_precision=args.vision_precision,
                          int8_projections=args.int8_projections, prefill_int8=args.prefill_int8,
                          portable=getattr(args, "portable", False))  # fmt: skip
@@ -249,8 +256,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "export":
             from .export.bundle import export
 

@@ -58,7 +58,7 @@ def test_generate_refuses_bad_numbers_in_one_line(run_cli, setup, flag, value, s
      (["serve", "B", "--threads", "99999999999999999999"], "argument --threads: must be <= {cores}"),
      (["serve", "B", "--port", "99999999999999999999"], "argument --port: must be <= 65535"),
      (["serve", "B", "--port", "0"], "argument --port: must be >= 1"),
-     (["serve", "B", "--parallel", "100000"], "argument --parallel: must be <= 1024"),
+     (["serve", "B", "--parallel", "100000"], "argument --parallel: must be <= 256"),
      (["serve", "B", "--max-video-frames", "5000"], "argument --max-video-frames: must be <= 768"),
      (["export", "CKPT", "OUT", "--block-size", "4096"], "argument --block-size: must be <= 256"),
      (["verify", "CKPT", "B", "--steps", "100000"], "argument --steps: must be <= 1024"),

@@ -38,7 +38,7 @@ def test_loading_and_failed_loading_answer_503():
             if "failed" in r.json()["error"]["message"]:
                 break
             threading.Event().wait(0.05)
-        assert r.status_code == 503 and "the model failed to load: bundle.onnx is damaged" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "the model failed to load: RuntimeError: bundle.onnx is damaged" in r.json()["error"]["message"]
         assert c.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 404  # off without --metrics
 
 

@@ -77,6 +77,8 @@ class State:
         self.settings, self.metrics = settings, metrics
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self.loader: threading.Thread | None = None  # the background load, while it runs
+        self.on_load_failure: Callable[[], None] | None = None  # serve: stop the server (a Ray replica keeps 503s instead)
         self.created = int(time.time())
         self.drain = Drain(settings.shutdown_grace_s)
 
@@ -120,15 +122,20 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
         try:
             state.engine = load(metrics)
         except UserError as e:  # a one-line reason (e.g. memory), reported like any failed load
-            log.error("loading failed: %s", e)
             state.load_error = f"the model failed to load: {e}"
-        except Exception as e:  # reported by /health and every route, the process stays up
+        except Exception as e:  # reported by /health and every route
             log.exception("loading failed")
-            state.load_error = f"the model failed to load: {e}"
+            first = (str(e).splitlines() or [""])[0][:200]
+            state.load_error = f"the model failed to load: {type(e).__name__}: {first}"
+        if state.load_error is not None and state.on_load_failure is not None:
+            state.on_load_failure()
+        elif state.load_error is not None:
+            log.error("%s", state.load_error)
 
     async def lifespan(app: FastAPI):  # noqa: ANN202
         state.drain.bind()
-        threading.Thread(target=start, name="qwen3vl-load", daemon=True).start()
+        state.loader = threading.Thread(target=start, name="qwen3vl-load", daemon=True)
+        state.loader.start()
         yield
 
     app = FastAPI(title="qwen3vl-onnx", version="1", lifespan=lifespan, responses=ERRORS)

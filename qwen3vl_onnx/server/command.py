@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import Qwen3VLConfig, TextConfig
 from ..errors import UserError
 from .settings import ServerSettings
 
+DEFAULT_CTX_SIZE = 4096  # tokens per slot unless --ctx-size says otherwise (or the model's context is shorter)
+
 
 def settings_from(args: argparse.Namespace) -> ServerSettings:
+    if args.api_key is not None and args.api_key_file:
+        raise UserError("give the API key with --api-key or --api-key-file, not both")
     key = args.api_key
+    if key is not None and not key.strip():  # e.g. --api-key "$KEY" with KEY unset: never serve open by mistake
+        raise UserError("--api-key is empty; give a key, or leave the option out to serve without one")
     if args.api_key_file:
         try:
             key = Path(args.api_key_file).read_text().strip()
-        except OSError as e:
-            raise UserError(f"{args.api_key_file}: cannot read the API key ({e.strerror})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{args.api_key_file}: cannot read the API key ({getattr(e, 'strerror', None) or e})") from None
         if not key:
             raise UserError(f"{args.api_key_file}: the API key file is empty")
     media = None
@@ -27,14 +37,58 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         if not media.is_dir():
             raise UserError(f"{args.allowed_media_dir}: --allowed-media-dir is not a directory")
     bundle = Path(args.bundle)
-    if not (bundle / "manifest.json").is_file():
-        raise UserError(f"{bundle}: not a bundle (manifest.json is missing)")
+    context = _text_config(bundle).max_position_embeddings
+    if args.ctx_size is not None and args.ctx_size > context:
+        raise UserError(f"--ctx-size {args.ctx_size} is over the model's context of {context} tokens")
     return ServerSettings(model_name=args.model_name or bundle.resolve().name, api_key=key or None, parallel=args.parallel,
-                          ctx_size=args.ctx_size, queue_size=args.queue_size, allowed_media_dir=media,
+                          ctx_size=args.ctx_size or min(DEFAULT_CTX_SIZE, context), queue_size=args.queue_size,
+                          allowed_media_dir=media,
                           allow_remote_media=args.allow_remote_media, cors_origin=args.cors_origin, max_images=args.max_images,
                           max_video_frames=args.max_video_frames, max_image_pixels=args.max_image_pixels,
                           max_body_mb=args.max_body_mb, metrics=args.metrics,
                           prefill_slice_ms=args.prefill_slice_ms, shutdown_grace_s=args.shutdown_grace)  # fmt: skip
+
+
+def _text_config(bundle: Path) -> TextConfig:
+    from ..runtime.model import read_manifest
+
+    return Qwen3VLConfig.from_manifest(read_manifest(bundle)["config"]).text
+
+
+def check_fits(bundle: Path, settings: ServerSettings) -> None:
+    """Refuse at once what the server could never serve, before the minutes a large model takes to
+    load: a context beyond the model's, or graphs plus the slots' KV cache beyond the memory left."""
+    from ..runtime.cache import KVCache
+    from .engine import available_memory
+
+    t = _text_config(bundle)
+    cache = KVCache.size_bytes(t.num_hidden_layers, settings.parallel, t.num_key_value_heads, t.head_dim, settings.ctx_size + 1)
+    graphs = sum(f.stat().st_size for f in bundle.iterdir() if ".onnx" in f.name and f.is_file())
+    free = available_memory()
+    if free is not None and cache + graphs > free:
+        raise UserError(f"the graphs ({graphs / 2**30:.1f} GiB) and the KV cache for --parallel {settings.parallel} x --ctx-size "
+                        f"{settings.ctx_size} ({cache / 2**30:.1f} GiB) need more than the {free / 2**30:.1f} GiB of memory "
+                        "available: lower --parallel or --ctx-size")  # fmt: skip
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port`` before anything is loaded, so a busy port or an address
+    this machine does not have is a one-line error at once (uvicorn serves on it)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"--host {host!r} is not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a port in use: only one left in TIME_WAIT
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        hint = ": another process listens there (pick another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}){hint}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def build_app(bundle: str | Path, settings: ServerSettings, threads: int | None = None) -> Any:
@@ -64,9 +118,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"serve needs the server extra: pip install -e '.[server]' in the project's clone "
                         f"({e.name} is missing)") from None
     settings = settings_from(args)
+    check_fits(Path(args.bundle), settings)
+    sock = listen(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     app = build_app(args.bundle, settings, args.threads)
-    drain = app.state.qwen.drain
+    state = app.state.qwen
+    drain = state.drain
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -74,7 +131,35 @@ def run_serve(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     # uvicorn waits for open connections a little longer than the grace, so the last events get out
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2)  # fmt: skip
-    Server(config).run()
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 2)
+    server = Server(config)
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)  # a server that cannot answer stops
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    logging.getLogger("qwen3vl_onnx.server").info("listening on %s; loading %s (/health answers 503 until it is ready)",
+                                                 url, args.bundle)  # fmt: skip
+    try:
+        server.run(sockets=[sock])
+    except BaseException as e:
+        _leave_if_loading(state, 130 if isinstance(e, KeyboardInterrupt) else 1, "interrupted")
+        raise
+    finally:
+        sock.close()
+    if state.load_error is not None:
+        print(f"error: {state.load_error}", file=sys.stderr)
+        _leave_if_loading(state, 2)
+        return 2
+    _leave_if_loading(state, 0)
     return 0
+
+
+def _leave_if_loading(state: Any, code: int, why: str | None = None) -> None:
+    """Exit at once if the model is still loading: ending the interpreter under ONNX Runtime's
+    threads mid-load aborts the process ('terminate called without an active exception')."""
+    if state.loader is None or not state.loader.is_alive():
+        return
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
