@@ -193,7 +193,7 @@ def test_models_tokenize_detokenize_metrics(server, pipe):
         r = c.post("/detokenize", json={"tokens": [9707, size]})
         assert r.status_code == 400 and f"token id {size} is not in" in r.json()["error"]["message"], r.text
         r = c.post("/tokenize", json={"content": "Hi"})  # neither a prompt nor messages: the path names no model class
-        assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
         metrics = c.get("/metrics").text
         assert "qwen3vl_onnx_generation_tokens_total" in metrics and "qwen3vl_onnx_busy_slots" in metrics
         assert httpx.get(server.url + "/health").status_code == 200  # no key needed
@@ -206,7 +206,8 @@ def test_null_fields_mean_their_defaults(server, pipe):
     messages = [{"role": "user", "content": "Count to five."}]
     nulls = dict.fromkeys(["n", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
                            "logit_bias", "seed", "stop", "top_p", "max_completion_tokens", "ignore_eos", "top_k", "min_p",
-                           "repetition_penalty", "tools", "response_format"])  # fmt: skip
+                           "repetition_penalty", "tools", "response_format", "tool_choice", "functions",
+                           "function_call"])  # fmt: skip
     r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {server.api_key}"}, timeout=60,
                    json={"model": "tiny", "messages": messages, **GREEDY, **nulls})  # fmt: skip
     assert r.status_code == 200, r.text

@@ -46,7 +46,7 @@ log = logging.getLogger("qwen3vl_onnx.server")
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": what}
     for code, what in ((400, "bad request"), (401, "missing or wrong API key"), (403, "media not allowed"),
-                       (404, "unknown model"), (413, "body or media too large"), (422, "invalid body"),
+                       (404, "unknown model"), (405, "method not allowed"), (413, "body or media too large"),
                        (429, "queue full"), (500, "internal error"), (503, "still loading"))
 }  # fmt: skip
 
@@ -167,14 +167,19 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
         return error_response(e.status, e.message, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        """A body the API cannot take is a 400, as OpenAI's API, vLLM and llama.cpp answer it."""
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             return error_response(400, "request body is not valid JSON")
+        kind = request.headers.get("content-type", "")
+        if kind and "json" not in kind.lower() and any(tuple(err.get("loc", ())) == ("body",) for err in errors):
+            return error_response(400, f"the request body must be JSON sent as Content-Type: application/json, "
+                                       f"got Content-Type: {kind[:60]}")  # fmt: skip
         # a union field reports one error per member; the deepest one names what the client got wrong
         first = max(errors, key=lambda err: len(err.get("loc", ())), default={})
         where = _where(first.get("loc", ()))
-        return error_response(422, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
+        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid')}", param=where or None)
 
     @app.exception_handler(ClientGone)
     async def client_gone(_: Request, e: ClientGone) -> Response:

@@ -33,7 +33,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape: a response's body, and the event that ends a stream that failed."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}}
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class ApiError(Exception):
@@ -116,12 +117,15 @@ class Drain:
                 begun = asyncio.ensure_future(self._begun.wait())
                 waits.add(begun)
             left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            if begun is not None:
-                begun.cancel()
+            try:
+                done, _ = await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this task is cancelled (a stream's client left): no pending task left behind
+                if begun is not None:
+                    begun.cancel()
+                if not getter.done():
+                    getter.cancel()
             if getter in done:
                 return getter.result()
-            getter.cancel()
             if gone is not None and gone in done:
                 raise ClientGone
             if begun is None or begun not in done:
@@ -154,6 +158,12 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
                        "model", "model_not_found")  # fmt: skip
     if body.n not in (None, 1):
         raise ApiError(400, "only n = 1 is supported", "n")
+    if body.functions is not None or body.function_call is not None:
+        field = "functions" if body.functions is not None else "function_call"
+        raise ApiError(400, f"'{field}' (OpenAI's deprecated function calling) is not supported; tool calls are not "
+                            "supported by this server yet either", field)  # fmt: skip
+    if body.tool_choice is not None and body.tool_choice != "none" and not body.tools:
+        raise ApiError(400, "tool_choice needs tools: send 'tools' with it, or leave it out", "tool_choice")
     if body.tools:
         raise ApiError(400, "tool calls are not supported by this server yet; send the request without 'tools'", "tools")
     kind = body.response_format.type if body.response_format is not None else "text"

@@ -88,6 +88,9 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     # declared so that a request relying on them is refused by name, not answered as if they were absent
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None  # OpenAI's deprecated form of tools
+    function_call: str | dict | None = None
     response_format: ResponseFormat | None = None
     # extensions llama.cpp and vLLM accept
     ignore_eos: bool | None = False
