@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = add("export", help="export a checkpoint to a bundle", description="Export a checkpoint to a self-contained bundle.")
     e.add_argument("checkpoint", help=f"checkpoint directory (Hugging Face layout), a hub id such as Qwen/Qwen3-VL-2B-Instruct, "
-                                      f"or '{PACKAGED_SHAPES}' for the packaged demo model")  # fmt: skip
+                                      f"or '{PACKAGED_SHAPES}' for the packaged demo model (a folder of that name: "
+                                      f"./{PACKAGED_SHAPES})")  # fmt: skip
     e.add_argument("out", help="bundle directory to write (written whole or not at all)")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"], help="decoder weights")
     e.add_argument(

@@ -2,8 +2,8 @@
 
 Both sides see the same token ids and pixel values (from this package's processor). Reported:
 max |logit difference| over the prefill, over a few greedy decode steps (the bundle is fed the
-tokens transformers chose, so one early disagreement cannot hide later ones), how many greedy
-tokens agree, and the logit cosine per position. This is what a user runs to trust an export.
+tokens transformers chose, so one early disagreement cannot hide later ones), at how many steps
+both would choose the same greedy token, and the logit cosine per position. This is what a user runs to trust an export.
 
 Float bundles must match within an absolute tolerance and agree on every greedy token. Quantized
 bundles cannot (int4 moves logits by ~10% of their spread, and a near-tie may flip a greedy
@@ -104,7 +104,9 @@ def verify(checkpoint: str | Path, bundle: str | Path, images: list[str], prompt
         decode_diff = max(decode_diff, float(np.abs(last - ref_logits[step]).max()))
         if step:  # step 0 compares the last prefill row again
             cosines += _cosines(last, ref_logits[step])
-        agree += int(np.argmax(last)) == tok
+        # the reference's choice from its raw logits: generate's own token is forced past the end of
+        # turn (min_new_tokens masks it) once a trained model would stop, which no bundle should copy
+        agree += int(np.argmax(last)) == int(np.argmax(ref_logits[step]))
         last = m.step([tok], cache)[0]
     precision = m.manifest["precision"]
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(precision, 1e-3)

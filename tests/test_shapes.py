@@ -78,6 +78,20 @@ def test_verify_cli_on_an_int4_bundle(run_cli, shapes, tmp_path):
     assert bad.returncode == 1 and "FAIL (mean cosine >= 0.99)" in bad.stdout, bad.stdout + bad.stderr
 
 
+def test_verify_passes_the_packaged_demo_by_name(run_cli, shapes, tmp_path, monkeypatch):
+    """``verify shapes BUNDLE`` at the default 8 steps: the trained model ends its answer after a
+    token or two, and transformers' generate is forced on past that (min_new_tokens); greedy
+    agreement compares both models' own choices, so the project's check passes its own demo (it said
+    3/8 and FAIL at logits 5e-6 apart). A folder named 'shapes' in the working directory does not
+    shadow the packaged model's name."""
+    it = next(i for i in task.eval_items(20) if len(i.images) == 1)
+    it.images[0].save(tmp_path / "q.png")
+    (tmp_path / "shapes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("verify", "shapes", shapes[1](), "--image", tmp_path / "q.png", "--prompt", it.question)
+    assert r.returncode == 0 and "greedy tokens agree  8/8" in r.stdout and "PASS (tolerance 0.001)" in r.stdout, r.stdout
+
+
 def test_eval_cli(run_cli, shapes):
     r = run_cli("eval", shapes[1](), "-n", "20", "--json")
     assert r.returncode == 0, r.stderr

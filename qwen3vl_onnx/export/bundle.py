@@ -66,7 +66,7 @@ def open_checkpoint(source: str | Path) -> Iterator[Path]:
     (downloaded to the hub cache), or the packaged shapes model (by name or by its installed path),
     which ships without its tokenizer and is unpacked complete into a temporary directory."""
     packaged = packaged_checkpoint()
-    is_packaged = str(source) == PACKAGED_SHAPES and not Path(source).exists()
+    is_packaged = str(source) == PACKAGED_SHAPES  # the name, whatever the working directory holds (a folder: ./shapes)
     if is_packaged or (Path(source).is_dir() and Path(source).resolve() == packaged.resolve()):
         with tempfile.TemporaryDirectory(prefix="qwen3vl-shapes-") as tmp:
             try:
