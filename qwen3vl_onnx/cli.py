@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     int8_projections_arg(e)
     prefill_int8_arg(e)
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
-    e.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--force", action="store_true", help="replace OUT if it is a bundle (or an empty folder); anything else is kept")
 
     g = add("generate", help="answer a prompt (with images and videos) from a bundle",
             description="Answer one prompt from a bundle.")  # fmt: skip
@@ -256,38 +258,61 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if r.ok else 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: whatever runs cleans up (an export removes its partial bundle)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         args = _parser().parse_args(argv)
-        if args.command == "export":
-            from .export.bundle import export
-
-            print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force)}")
-            return 0
         if args.command == "serve":
             from .server.command import run_serve
 
+            if before is not None:  # serve stops on SIGTERM by itself, with a grace for running answers
+                signal.signal(signal.SIGTERM, before)
+                before = None
             return run_serve(args)
-        if args.command == "bench":
-            from .bench.command import run_bench
-
-            return run_bench(args, _export_options(args))
-        if args.command == "demo":
-            from .demo.command import run_demo
-
-            return run_demo(args)
-        if args.command == "chat":
-            from .cli_chat import run_chat
-
-            return run_chat(args)
-        commands = {"generate": _generate, "verify": _verify, "eval": _eval}
-        return commands[args.command](args)
+        return _run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from .export.bundle import export
+
+        print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force)}")
+        return 0
+    if args.command == "bench":
+        from .bench.command import run_bench
+
+        return run_bench(args, _export_options(args))
+    if args.command == "demo":
+        from .demo.command import run_demo
+
+        return run_demo(args)
+    if args.command == "chat":
+        from .cli_chat import run_chat
+
+        return run_chat(args)
+    commands = {"generate": _generate, "verify": _verify, "eval": _eval}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -125,16 +126,20 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     t0 = time.perf_counter()
     opts = (options or ExportOptions()).resolve()
     out = Path(out).expanduser().resolve()
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists (use --force to replace it)")
+    _check_target(out, force)
     with open_checkpoint(checkpoint) as src:
         cfg = Qwen3VLConfig.from_file(src / "config.json")
         if not (src / "tokenizer.json").is_file():
             raise UserError(f"{src}: tokenizer.json is missing")
         weights = Checkpoint(src)
         weights.check(weight_shapes(cfg))
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{out.parent}: cannot create the folder for the bundle ({e.strerror})") from None
+        _remove_stale_partials(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        (tmp / OWNER).write_text(str(os.getpid()))
         try:
             graphs = _write_graphs(tmp, cfg, weights, opts)
             embed_dtype = np.float16 if opts.bits else PRECISIONS[opts.precision]
@@ -145,6 +150,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             for name in COPIED_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
+            (tmp / OWNER).unlink()
             manifest = _manifest(cfg, opts, graphs, embed_info, tmp, str(checkpoint), time.perf_counter() - t0)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _publish(tmp, out)
@@ -152,6 +158,51 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+OWNER = ".owner-pid"  # in a partial export: the process writing it (a partial whose writer is gone is stale)
+BUNDLE_FORMAT = "qwen3vl-onnx-bundle"
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """Where a bundle may be written: a free path, or with --force an earlier bundle (or an empty
+    folder). Anything else there is the user's, and is never deleted."""
+    blocker = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"{out}: {blocker} is a file, not a folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise UserError(f"{out}: already exists (use --force to replace a bundle)")
+    if out.is_dir() and not out.is_symlink() and (is_bundle(out) or not any(out.iterdir())):
+        return
+    what = "is a folder that is not a bundle (no qwen3vl-onnx manifest.json)"
+    if not out.is_dir() or out.is_symlink():
+        what = "is a file"
+    raise UserError(f"{out}: {what}; --force replaces only a bundle, so remove it yourself or choose another OUT")
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` holds a bundle of this project (its manifest names the format)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete what earlier exports to ``out`` left when they were killed (SIGKILL, power loss):
+    partial folders whose writing process is gone. One still being written is left alone."""
+    for partial in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        try:
+            pid = int((partial / OWNER).read_text())
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # another export is writing it right now
+        except (OSError, ValueError):
+            pass  # no owner file, or its process has ended
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _write_graphs(tmp: Path, cfg: Qwen3VLConfig, weights: Checkpoint, opts: ExportOptions) -> dict[str, Graph]:
@@ -181,7 +232,7 @@ def _write_graphs(tmp: Path, cfg: Qwen3VLConfig, weights: Checkpoint, opts: Expo
 def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, tmp: Path, source: str,
               seconds: float) -> dict:  # fmt: skip
     return {
-        "format": "qwen3vl-onnx-bundle",
+        "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
         "precision": opts.precision,
         "vision_precision": opts.vision_precision,
@@ -210,6 +261,7 @@ def _publish(tmp: Path, out: Path) -> None:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
     if out.exists():
         old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # what a replace killed between its two renames left
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
