@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     int8_projections_arg(e)
     prefill_int8_arg(e)
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
-    e.add_argument("--force", action="store_true", help="replace OUT if it is a bundle (or an empty folder); anything else is kept")
+    e.add_argument("--force", action="store_true", help="replace OUT if it is a bundle (or an empty folder), nothing else")
 
     g = add("generate", help="answer a prompt (with images and videos) from a bundle",
             description="Answer one prompt from a bundle.")  # fmt: skip
