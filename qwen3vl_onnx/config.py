@@ -22,6 +22,24 @@ ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 BUNDLE_FORMAT_VERSION = 2
 
 
+# The image processor settings Qwen3-VL was released with (its preprocessor_config.json): what a
+# bundle gets when a checkpoint ships none, and the runtime's ImageProcessorConfig defaults.
+RELEASED_IMAGE_PROCESSOR: dict[str, Any] = {
+    "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_resize": True,
+    "do_convert_rgb": True,
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+    "processor_class": "Qwen3VLProcessor",
+}
+
 @dataclass(frozen=True)
 class VisionConfig:
     depth: int

@@ -148,6 +148,26 @@ def test_bundle_without_tokenizer_is_one_line(run_cli, setup, tmp_path):
     one_line_error(run_cli("generate", b, "--prompt", "x"), "tokenizer.json: not a readable tokenizer")
 
 
+def test_bundle_without_image_settings_is_refused_and_export_writes_them(run_cli, setup, tmp_path):
+    """Without preprocessor_config.json a bundle would size pictures by other settings than its
+    model's and answer differently without a word (the shapes demo said 'two' for 'three'): it is
+    refused. A checkpoint that ships none gets Qwen3-VL's released settings, said at export."""
+    from qwen3vl_onnx.config import RELEASED_IMAGE_PROCESSOR
+    from qwen3vl_onnx.runtime.preprocess import ImageProcessorConfig
+
+    b = shutil.copytree(setup / "bundle", tmp_path / "b")
+    (b / "preprocessor_config.json").unlink()
+    one_line_error(run_cli("generate", b, "--prompt", "x"), "bundle is incomplete, preprocessor_config.json is missing")
+    (b / "preprocessor_config.json").write_text("[1, 2")
+    one_line_error(run_cli("generate", b, "--prompt", "x"), "preprocessor_config.json: not a readable image processor config")
+    ckpt = shutil.copytree(setup / "ckpt", tmp_path / "ckpt")
+    (ckpt / "preprocessor_config.json").unlink()
+    r = run_cli("export", ckpt, tmp_path / "out")
+    assert r.returncode == 0 and "has no preprocessor_config.json" in r.stderr, r.stderr
+    written = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert written == RELEASED_IMAGE_PROCESSOR and ImageProcessorConfig.from_dict(written) == ImageProcessorConfig()
+
+
 def test_packaged_shapes_model_exports_by_name_and_by_path(run_cli, tmp_path):
     from qwen3vl_onnx.shapes.model import packaged_checkpoint
 

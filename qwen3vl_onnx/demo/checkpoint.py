@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Qwen3VLConfig, weight_shapes
+from ..config import RELEASED_IMAGE_PROCESSOR, Qwen3VLConfig, weight_shapes
 from ..export.weights import write_safetensors
 from .tokenizer import write_tokenizer_files
 
@@ -98,21 +98,7 @@ DEMO_CONFIG = make_config(
     vision_config={"depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128,
                    "deepstack_visual_indexes": [1, 2]},
 )  # fmt: skip
-PREPROCESSOR = {
-    "size": {"shortest_edge": 65536, "longest_edge": 16777216},
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "do_resize": True,
-    "do_convert_rgb": True,
-    "image_processor_type": "Qwen2VLImageProcessorFast",
-    "processor_class": "Qwen3VLProcessor",
-}
+PREPROCESSOR = RELEASED_IMAGE_PROCESSOR
 VIDEO_PREPROCESSOR = {
     **PREPROCESSOR,
     "size": {"shortest_edge": 4096, "longest_edge": 25165824},

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig, weight_shapes
+from ..config import BUNDLE_FORMAT_VERSION, RELEASED_IMAGE_PROCESSOR, Qwen3VLConfig, weight_shapes
 from ..errors import UserError
 from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .graph import OPSET, Graph
@@ -150,6 +150,10 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             for name in COPIED_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
+            if not (src / "preprocessor_config.json").is_file():  # the runtime needs one: the released settings
+                print(f"note: {checkpoint} has no preprocessor_config.json; the bundle gets Qwen3-VL's released image "
+                      "settings", file=sys.stderr)  # fmt: skip
+                (tmp / "preprocessor_config.json").write_text(json.dumps(RELEASED_IMAGE_PROCESSOR, indent=1))
             (tmp / OWNER).unlink()
             manifest = _manifest(cfg, opts, graphs, embed_info, tmp, str(checkpoint), time.perf_counter() - t0)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

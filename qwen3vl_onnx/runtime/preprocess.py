@@ -57,7 +57,15 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> ImageProcessorConfig:
-        return cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
+        """The settings in ``path``. A missing file is an incomplete bundle, not a cue for defaults:
+        a model trained at another pixel budget would answer differently without a word."""
+        if not path.is_file():
+            raise UserError(f"{path.parent}: bundle is incomplete, {path.name} is missing; export the checkpoint again")
+        try:
+            d = json.loads(path.read_bytes())
+            return cls.from_dict(d)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"{path}: not a readable image processor config ({str(e).splitlines()[0][:100]})") from None
 
     @property
     def factor(self) -> int:
