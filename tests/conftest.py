@@ -195,16 +195,17 @@ def picture(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.
 
 
 def make_video(path: Path, frames: int, fps: float, width: int, height: int, codec: str = "libx264", seed: int = 0,
-               keyint: int = 12) -> Path:  # fmt: skip
+               keyint: int = 12, faststart: bool = False) -> Path:  # fmt: skip
     """Encode a clip with PyAV: a blocky random picture scrolling one block per frame (so every frame
-    differs and resizing has edges), ``codec`` libx264 (lossy H.264, B-frames) or mpeg4, ffv1..."""
+    differs and resizing has edges), ``codec`` libx264 (lossy H.264, B-frames) or mpeg4, ffv1...;
+    ``faststart``: an MP4 with its index at the front (as made for the web)."""
     from fractions import Fraction
 
     import av
 
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (height // 8 + 1, width // 8 + frames + 1, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if codec == "ffv1" else "yuv420p"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.errors import UserError
 from qwen3vl_onnx.runtime.prompt import Prompt
 from qwen3vl_onnx.runtime.video import VideoProcessorConfig, VideoRequest, preprocess_video
 
@@ -234,9 +235,14 @@ def test_a_conversation_with_images_then_a_video_equals_transformers_and_reuses_
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    """A good clip (2 s), an empty file, garbage bytes, a text file and a picture named .mp4."""
+    """A good clip (2 s), an empty file, garbage bytes, a text file, pictures, and a 5 s MP4 with its
+    index at the front cut in half (the header still says 5 s)."""
     d = tmp_path_factory.mktemp("clips")
     make_video(d / "ok.mp4", 12, 6, 64, 48)
+    whole = make_video(d / "whole.mp4", 50, 10, 96, 64, faststart=True).read_bytes()
+    (d / "half.mp4").write_bytes(whole[: len(whole) // 2])
+    picture(40, 30).save(d / "pic.png")
+    picture(40, 30).save(d / "pic.jpg")
     (d / "empty.mp4").write_bytes(b"")
     (d / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     (d / "notes.txt").write_text("not a video at all\n" * 20)
@@ -250,13 +256,27 @@ def clips(tmp_path_factory):
     (["--video", "{d}/notes.txt"], "notes.txt: cannot read video"),
     (["--video", "{d}/ok.mp4", "--video-start", "5"], "ok.mp4: no frames between 5.0s and 2s (the video lasts 2.00s)"),
     (["--video", "{d}/ok.mp4", "--video-start", "1.5", "--video-end", "1"], "video end (1.0) must come after its start (1.5)"),
-    (["--video", "{d}/ok.mp4", "--video-max-frames", "769"], "video max_frames must be an integer between 1 and 768, got 769"),
+    (["--video", "{d}/ok.mp4", "--video-max-frames", "769"], "argument --video-max-frames: must be <= 768"),
     (["--video", "{d}/ok.mp4", "--video-fps", "0"], "argument --video-fps: must be a positive number, got 0"),
+    (["--video", "{d}/pic.png"], "pic.png: a picture (png), not a video: give it as an image"),
+    (["--video", "{d}/pic.jpg"], "pic.jpg: a picture"),
+    (["--video", "{d}/half.mp4"], "half.mp4: the video's frames stop at "),
 ])  # fmt: skip
 def test_bad_videos_are_one_line_errors(run_cli, setup, clips, args, says):
     from .conftest import one_line_error
 
     one_line_error(run_cli("generate", setup / "bundle", "--prompt", "hi", *(a.format(d=clips) for a in args)), says)
+
+
+def test_a_video_cut_short_reads_up_to_where_it_ends(clips):
+    """The cut MP4's first half second is there: asked for it, it is read, each frame its own (not
+    the last good one repeated, as the whole clip was before it was refused)."""
+    with pytest.raises(UserError, match="of the 10 frames sampled over the length its header gives"):
+        preprocess_video(VideoRequest(clips / "half.mp4"), CFG)
+    video = preprocess_video(VideoRequest(clips / "half.mp4", end=0.5), CFG)
+    whole = preprocess_video(VideoRequest(clips / "whole.mp4", end=0.5), CFG)
+    assert video.indices == whole.indices and video.grid == whole.grid
+    np.testing.assert_array_equal(video.pixel_values, whole.pixel_values)
 
 
 def test_video_limits_and_a_bundle_without_a_video_processor(setup, clips, tmp_path):

@@ -69,6 +69,10 @@ def _open(source: VideoFile) -> Any:
     if not container.streams.video:
         container.close()
         raise UserError(f"{_name(source)}: not a video (no video stream)")
+    kind = container.format.name or ""
+    if kind == "image2" or kind.endswith("_pipe"):  # FFmpeg reads a picture as a one-frame video
+        container.close()
+        raise UserError(f"{_name(source)}: a picture ({kind.removesuffix('_pipe')}), not a video: give it as an image")
     return container
 
 
@@ -100,18 +104,35 @@ def probe(source: VideoFile) -> VideoInfo:
 def read_frames(source: VideoFile, indices: Sequence[int], fps: float | None, keep: Callable[[int, np.ndarray], None]) -> None:
     """Decode the frames numbered ``indices`` (sorted, distinct) and call ``keep(i, rgb)`` for each,
     ``i`` its position in ``indices``; a wanted frame missing from the stream is replaced by the
-    next one decoded (or, at the end, by the last)."""
+    next one decoded. Frames missing at the end are the last one repeated when the stream ends
+    within a second of where its header said (headers are often a frame or two off); a stream that
+    ends well before (a file cut short) is refused, as its prompt would show a frozen picture."""
     av = _av()
+    wanted = list(indices)
     container = _open(source)
     try:
-        _read(container, list(indices), fps, keep)
+        kept, last_number, last = _read(container, wanted, fps, keep)
     except av.FFmpegError as e:
         raise UserError(f"{_name(source)}: video is damaged ({type(e).__name__})") from None
     finally:
         container.close()
+    if kept == len(wanted):
+        return
+    if last is None:
+        raise UserError(f"{_name(source)}: video has no decodable frames")
+    if wanted[-1] - last_number > max(2.0, fps or 0.0):
+        at = f"{last_number / fps:.1f}s" if fps else f"frame {last_number}"
+        raise UserError(f"{_name(source)}: the video's frames stop at {at}, before {len(wanted) - kept} of the "
+                        f"{len(wanted)} frames sampled over the length its header gives: the file is cut short or "
+                        "damaged (a video end before that point reads the part that is there)")  # fmt: skip
+    rgb = last.to_ndarray(format="rgb24")
+    for j in range(kept, len(wanted)):
+        keep(j, rgb)
 
 
-def _read(container: Any, wanted: list[int], fps: float | None, keep: Callable[[int, np.ndarray], None]) -> None:
+def _read(container: Any, wanted: list[int], fps: float | None, keep: Callable[[int, np.ndarray], None]
+          ) -> tuple[int, int, Any]:  # fmt: skip
+    """Keep what the stream has of ``wanted``: how many were kept, the last frame's number, the last frame."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     tb = float(stream.time_base) if stream.time_base else None
@@ -123,7 +144,7 @@ def _read(container: Any, wanted: list[int], fps: float | None, keep: Callable[[
             return int(round((frame.pts - start) * tb * fps))
         return count
 
-    k, count, last, last_key, keyint = 0, -1, None, None, DEFAULT_KEYFRAME_INTERVAL
+    k, count, last, last_key, keyint, i = 0, -1, None, None, DEFAULT_KEYFRAME_INTERVAL, -1
     sought = -1  # the frame the last seek aimed at: no new seek before it is reached (a longer GOP than seen)
     while k < len(wanted):
         restart = False
@@ -145,9 +166,4 @@ def _read(container: Any, wanted: list[int], fps: float | None, keep: Callable[[
                 break
         if not restart:
             break
-    if k < len(wanted):
-        if last is None:
-            raise UserError("video has no decodable frames")
-        rgb = last.to_ndarray(format="rgb24")
-        for j in range(k, len(wanted)):
-            keep(j, rgb)
+    return k, i, last
