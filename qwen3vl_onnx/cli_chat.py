@@ -89,29 +89,29 @@ class ChatSession:
         self.failed = False
 
     def command(self, line: str) -> bool:
-        """Run a /command; False when it asks to leave."""
+        """Run a /command; False when it asks to leave. Each says what it did on standard error."""
         name, _, arg = line.partition(" ")
         arg = arg.strip()
         if name in ("/quit", "/exit"):
             return False
         if name == "/help":
             print(HELP, file=self.err)
-        elif name == "/image":
+        elif name in ("/image", "/video"):
+            kind = name[1:]
             if not Path(arg).is_file():
-                raise UserError(f"{arg or '(no path)'}: image file not found")
-            self.attached.append({"type": "image", "image": arg})
-        elif name == "/video":
-            if not Path(arg).is_file():
-                raise UserError(f"{arg or '(no path)'}: video file not found")
-
-            self.attached.append(video_part(arg, self.args))
+                raise UserError(f"{arg or '(no path)'}: {kind} file not found")
+            self.attached.append({"type": "image", "image": arg} if kind == "image" else video_part(arg, self.args))
+            self._note(f"{kind} attached: {arg} ({self._waiting()} for your next message)")
         elif name == "/system":
             self.system = arg or None
             rest = [m for m in self.conv.messages if m["role"] != "system"]
             self.conv.messages = ([{"role": "system", "content": self.system}] if self.system else []) + rest
+            self._note("system message set" if self.system else "system message cleared")
         elif name == "/reset":
+            dropped = len(self.attached)
             self.conv.reset(self.system)
             self.attached = []
+            self._note("conversation reset" + (f", {dropped} attachment(s) dropped" if dropped else ""))
         elif name == "/save":
             self._save(Path(arg))
         elif name == "/load":
@@ -119,9 +119,17 @@ class ChatSession:
             self.conv.reset()
             self.conv.messages = messages
             self.system = next((m["content"] for m in messages if m["role"] == "system"), None)
+            self._note(f"loaded {len(messages)} messages from {arg}")
         else:
             raise UserError(f"unknown command {name} (/help lists them)")
         return True
+
+    def _note(self, text: str) -> None:
+        print(f"[{text}]", file=self.err)
+
+    def _waiting(self) -> str:
+        kinds = [p["type"] for p in self.attached]
+        return ", ".join(f"{kinds.count(k)} {k}{'s' if kinds.count(k) > 1 else ''}" for k in ("image", "video") if k in kinds)
 
     def _save(self, path: Path) -> None:
         if not path.name:
@@ -136,26 +144,38 @@ class ChatSession:
         print(f"[saved {len(self.conv.messages)} messages to {path}]", file=self.err)
 
     def ask(self, text: str) -> None:
-        content: str | list[dict[str, Any]] = text
-        if self.attached:
-            content = [*self.attached, {"type": "text", "text": text}]
-
-        a = self.args
-        stream = self.conv.send(content, **generation_overrides(a))
-        self.attached = []
+        """One turn. A turn that fails takes its attachments with it, and says so; one stopped with
+        Ctrl-C before its answer began keeps them for the next message, and says so."""
+        attached, self.attached = self.attached, []
+        content: str | list[dict[str, Any]] = [*attached, {"type": "text", "text": text}] if attached else text
+        kept = len(self.conv.messages)
+        stream = None
         try:
-            write_stream(stream, a.hide_reasoning, self.out)
+            stream = self.conv.send(content, **generation_overrides(self.args))
+            write_stream(stream, self.args.hide_reasoning, self.out)
         except KeyboardInterrupt:
-            stream.close()
+            if stream is not None:
+                stream.close()
             self.out.write("\n")
-            print("[stopped]", file=self.err)
+            if len(self.conv.messages) > kept:
+                self._note("stopped; the question and the answer so far are kept")
+            else:
+                self.attached = attached + self.attached
+                waiting = f"; {self._waiting()} wait for your next message" if self.attached else ""
+                self._note(f"stopped before the answer began; the question was not kept{waiting}")
             return
+        except UserError as e:
+            if attached:
+                self.attached = []
+                raise UserError(f"{e} (this message and its {len(attached)} attachment(s) were not sent)") from None
+            raise
         self.out.write("\n")
         print(stats_line(stream.result, reused=True), file=self.err)
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The chat loop; exit status 0, or 2 when any line ended in an error (so scripts can tell)."""
+    """The chat loop; exit status 0, 2 when any line ended in an error (so scripts can tell), 130
+    when left with Ctrl-C (pressed twice at the prompt: once only clears the line)."""
     from .runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
@@ -163,11 +183,20 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = 
     interactive = stdin.isatty()
     if interactive:
         print("qwen3vl-onnx chat: type a message, /help for commands, Ctrl-D to leave", file=err)
+    interrupted = False
     while True:
         try:
             line = input("> ") if interactive else stdin.readline()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             break
+        except KeyboardInterrupt:
+            if interrupted or not interactive:
+                print("", file=err)
+                return 130
+            print("\n[Ctrl-C again, Ctrl-D or /quit leaves]", file=err)
+            interrupted = True
+            continue
+        interrupted = False
         if not interactive and not line:
             break
         line = line.rstrip("\n")
