@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     g = add("generate", help="answer a prompt (with images and videos) from a bundle",
             description="Answer one prompt from a bundle.")  # fmt: skip
     g.add_argument("bundle", help="bundle directory written by export")
-    g.add_argument("--prompt", required=True, help="the user's text; '-' reads it from standard input")
+    g.add_argument("--prompt", required=True,
+                   help="the user's text; '-' reads it from standard input (one trailing newline dropped)")  # fmt: skip
     g.add_argument("--image", action="append", default=[], metavar="PATH", help="image file (repeatable, placed before the text)")
     g.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="video file (repeatable, placed after the images, before the text)")  # fmt: skip
@@ -205,7 +206,10 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime.sampling import GenerationParams
 
     GenerationParams(**generation_overrides(args)).checked(1 << 30)  # before loading anything; token ids are checked later
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = args.prompt
+    if prompt == "-":  # one trailing newline dropped, as a shell's $(...) does: echo's and printf's text ask the same
+        prompt = sys.stdin.read()
+        prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt.removesuffix("\n")
     pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
     content = [{"type": "image", "image": p} for p in args.image] + [video_part(p, args) for p in args.video]
     content.append({"type": "text", "text": prompt})
