@@ -114,11 +114,11 @@ def test_prompt_from_stdin(setup):
 
     def prompt_ids(prompt: str, stdin: str | None = None) -> list[int]:
         cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "generate", str(setup / "bundle"), "--prompt", prompt,
-               "--max-new-tokens", "1", "--temperature", "0", "--json"]  # fmt: skip
+               "--max-new-tokens", "1", "--temperature", "0", "--json", "--logprobs", "5"]  # fmt: skip
         r = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout.strip().splitlines()[-1])
-        return [out["prompt_tokens"], out["token_ids"]]
+        return [out["prompt_tokens"], out["logprobs"]]  # the first token's distribution: a fingerprint of the prompt
 
     text = "Tell me about the three shapes,\nline by line."
     inline = prompt_ids(text)
