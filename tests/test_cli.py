@@ -192,6 +192,13 @@ def test_demo_end_to_end(cli, tmp_path):
     assert int(score.split("/")[0]) >= 4  # the trained model gets fresh pictures right
     assert lines[-1].startswith(f"bundle:     {tmp_path / 'demo' / 'shapes' / 'bundle'}")  # where to find it again
     assert (tmp_path / "demo" / "shapes" / "bundle" / "manifest.json").is_file()
+    pictures = tmp_path / "demo" / "pictures"
+    assert len(list(pictures.glob("*.png"))) >= 5 and f"this run's pictures in {pictures}" in score
+    (tmp_path / "demo" / "picture-0-0.png").write_bytes(b"left by an earlier version")
+    r = cli("demo", "--workdir", tmp_path / "demo", "--seed", "12", "--questions", "1")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in pictures.iterdir()] == ["picture-0-0.png"]  # only the last run's pictures are kept
+    assert not list((tmp_path / "demo").glob("*.png"))
 
 
 def test_demo_random_weights_and_a_stale_cache(run_cli, tmp_path):

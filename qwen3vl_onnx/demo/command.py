@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -89,21 +90,32 @@ def _ask_shapes(pipe, work: Path, args: argparse.Namespace) -> int:
     from ..shapes import task
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
+    pictures = _fresh_pictures_dir(work)
     right = 0
     for q in range(args.questions):
         item = task.make_item(seed + q, task.KINDS[q % len(task.KINDS)])
         paths = []
         for k, im in enumerate(item.images):
-            paths.append(work / f"picture-{q}-{k}.png")
+            paths.append(pictures / f"picture-{q}-{k}.png")
             im.save(paths[-1])
         res = pipe.generate(task.messages(item), max_new_tokens=4, temperature=0.0)
         ok = res.text.strip().lower() == item.answer
         right += ok
         print(f"[{', '.join(p.name for p in paths)}] {item.question}")
         print(f"  model: {res.text.strip()!r:12} expected: {item.answer!r:12} {'ok' if ok else 'WRONG'}")
-    print(f"{right}/{args.questions} correct (seed {seed}; pictures in {work})")
+    print(f"{right}/{args.questions} correct (seed {seed}; this run's pictures in {pictures})")
     _where(work, False)
     return 0
+
+
+def _fresh_pictures_dir(work: Path) -> Path:
+    """An empty folder for this run's pictures: only the last run's are kept (runs used to add up)."""
+    pictures = work / "pictures"
+    shutil.rmtree(pictures, ignore_errors=True)
+    for old in work.glob("picture-*.png"):  # where earlier versions left them
+        old.unlink(missing_ok=True)
+    pictures.mkdir(parents=True)
+    return pictures
 
 
 def _where(work: Path, random_weights: bool) -> None:
