@@ -103,6 +103,19 @@ def _video_part(part: dict[str, Any], source: Any) -> VideoRequest:
     return VideoRequest(source, **{ours: part[key] for key, ours in VIDEO_OPTIONS.items() if part.get(key) is not None})
 
 
+def _call_with_object_arguments(call: Any) -> Any:
+    """An earlier assistant call as templates take it: OpenAI clients send ``arguments`` as a JSON
+    string, the templates write objects with ``tojson`` (a string they would write quoted)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**fn, "arguments": args}}
+
+
 def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Visual]]:
     """Messages for the template (images and videos as placeholders) and what they show, in prompt order."""
     if not isinstance(messages, list) or not messages:
@@ -111,6 +124,8 @@ def split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     for m in messages:
         if not isinstance(m, dict) or "role" not in m:
             raise UserError("each message needs a role")
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [_call_with_object_arguments(c) for c in m["tool_calls"]]}
         content = m.get("content", "")
         if content is None or isinstance(content, str):
             out.append({**m, "content": content or ""})

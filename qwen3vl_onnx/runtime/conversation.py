@@ -19,6 +19,7 @@ from ..errors import UserError
 from .generate import Result, Stream, image_slices, prefill_input, prefix_rope_delta, stream_generate
 from .prompt import Prompt
 from .sampling import GenerationParams
+from .tool_calls import ToolCall
 from .vision_cache import VisionCache
 
 if TYPE_CHECKING:
@@ -89,15 +90,31 @@ class Conversation:
     def send(self, content: str | list[dict[str, Any]], params: GenerationParams | None = None, drop_oldest: bool = False,
              **overrides: Any) -> Stream:  # fmt: skip
         """Ask ``content`` (text, or OpenAI-style parts with images); a :class:`Stream` of the answer.
-        ``overrides`` are :class:`GenerationParams` fields, as for ``Pipeline.stream``."""
+        ``overrides`` are :class:`GenerationParams` fields, as for ``Pipeline.stream`` (``tools=``,
+        ``response_format=`` included: an answer's calls join the history with it)."""
+        return self._answer([{"role": "user", "content": content}], params, drop_oldest, **overrides)
+
+    def reply_to_calls(self, results: list[str | list[dict[str, Any]]], params: GenerationParams | None = None,
+                       drop_oldest: bool = False, **overrides: Any) -> Stream:  # fmt: skip
+        """Give the last answer's tool calls their results (text or parts, pictures included), in the
+        calls' order, and stream the answer that follows. Pass the same ``tools`` again."""
+        last = self.messages[-1] if self.messages else {}
+        calls = last.get("tool_calls") or [] if last.get("role") == "assistant" else []
+        if len(results) != len(calls):
+            raise UserError(f"the last answer made {len(calls)} tool call(s), got {len(results)} result(s)")
+        turns = [{"role": "tool", "content": r, "tool_call_id": c["id"]} for r, c in zip(results, calls, strict=True)]
+        return self._answer(turns, params, drop_oldest, **overrides)
+
+    def _answer(self, new: list[dict[str, Any]], params: GenerationParams | None, drop_oldest: bool, **overrides: Any
+                ) -> Stream:  # fmt: skip
         pipe = self.pipe
         t0 = time.perf_counter()
         params = pipe.params(params, **overrides)
-        messages = [*self.messages, {"role": "user", "content": content}]
-        prompt = pipe.prepare(messages)
+        messages = [*self.messages, *new]
+        prompt = pipe.prepare(messages, tools=params.tools)
         while len(prompt.ids) + 1 > pipe.context_length and drop_oldest and self._droppable(messages):
             messages = self._drop_turn(messages)
-            prompt = pipe.prepare(messages)
+            prompt = pipe.prepare(messages, tools=params.tools)
         if len(prompt.ids) >= pipe.context_length:
             hint = "" if drop_oldest else " (reset it, or send with drop_oldest=True to forget the oldest turns)"
             raise UserError(f"conversation is {len(prompt.ids)} tokens, the context holds {pipe.context_length}{hint}")
@@ -134,7 +151,7 @@ class Conversation:
                 if isinstance(ev, Result):
                     fed = ev.token_ids if ev.finish_reason == "stop" else ev.token_ids[:-1]
                     self.cached_ids, self.cached_images = list(prompt.ids) + list(fed), images
-                    self.messages = [*messages, self._reply(ev.text, ev.reasoning)]
+                    self.messages = [*messages, self._reply(ev.text, ev.reasoning, ev.tool_calls)]
                 else:
                     said[getattr(ev, "part", "text")].append(ev)
                 yield ev
@@ -146,10 +163,12 @@ class Conversation:
             raise
 
     @staticmethod
-    def _reply(text: str, reasoning: str | None) -> dict[str, Any]:
+    def _reply(text: str, reasoning: str | None, calls: list[ToolCall] | None = None) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         if reasoning is not None:
             msg["reasoning_content"] = reasoning
+        if calls:
+            msg["tool_calls"] = [c.to_dict() for c in calls]
         return msg
 
     @staticmethod

@@ -25,6 +25,7 @@ from .positions import rope_index
 from .prompt import Prompt
 from .sampling import LogitsProcessor, Sampler, TokenLogprob, token_logprob
 from .text_stream import AnswerParts
+from .tool_calls import AnswerCalls, ToolCall
 from .vision_cache import VisionCache
 
 
@@ -39,11 +40,13 @@ class Result:
     cached_tokens: int = 0  # prompt tokens reused from the cache, not prefilled
     reasoning: str | None = None  # Thinking checkpoints: what came before </think> (None: not a Thinking template)
     logprobs: list[TokenLogprob] | None = None  # per answer token, when asked for
+    tool_calls: list[ToolCall] | None = None  # when tools were offered: the calls made (text is what is outside them)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,
             "reasoning": self.reasoning,
+            "tool_calls": None if self.tool_calls is None else [c.to_dict() for c in self.tool_calls],
             "logprobs": None
             if self.logprobs is None
             else [{"token": lp.token, "logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in self.logprobs],
@@ -165,6 +168,7 @@ class Decoding:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     think_end: int | None = None  # Thinking checkpoints: the </think> id that ends the reasoning
+    calls: bool = False  # tools were offered: calls are read out of the answer
 
 
 def image_slices(prompt: Prompt) -> list[np.ndarray]:
@@ -226,6 +230,7 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
     steps = generate_step(model, request.ids, cache, d.sampler, d.max_new_tokens, request.image_embeds, request.deepstack,
                           request.image_grids, d.processor, request.prompt or request.ids, request.video_grids)  # fmt: skip
     parts = AnswerParts(tokenizer, d.think_end, d.stop)
+    calls = AnswerCalls() if d.calls else None
     logprobs: list[TokenLogprob] = []
     t_first = t_start
     finish = "length"
@@ -237,11 +242,13 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
             break
         if d.logprobs is not None:
             logprobs.append(token_logprob(logits, token, d.logprobs))
-        yield parts.push(token)
+        delta = parts.push(token)
+        yield from (x for x in calls.push(delta) if isinstance(x, str)) if calls is not None else (delta,)
         if parts.stopped:
             finish = "stop"
             break
-    yield parts.flush()
+    tail = parts.flush()
+    yield from (x for x in [*calls.push(tail), *calls.flush()] if isinstance(x, str)) if calls is not None else (tail,)
     t_end = time.perf_counter()
     k, n = len(parts.ids), len(request.ids)
     decode_s = t_end - t_first
@@ -256,9 +263,12 @@ def stream_generate(model: BundleModel, tokenizer: Tokenizer, request: PrefillIn
         "decode_tok_per_s": (k - 1) / decode_s if k > 1 and decode_s > 0 else None,
     })  # fmt: skip
     rounded = {a: b if b is None else round(b, 4) for a, b in out.items()}
-    reasoning = None if d.think_end is None else parts.reasoning_text()
-    yield Result(parts.answer_text(), parts.ids, request.reused + n, k, finish, rounded, request.reused, reasoning,
-                 logprobs if d.logprobs is not None else None)  # fmt: skip
+    text, reasoning = parts.answer_text(), None if d.think_end is None else parts.reasoning_text()
+    if calls is not None:
+        text, reasoning = calls.text(), None if reasoning is None else calls.text("reasoning")
+        finish = "tool_calls" if calls.calls and finish == "stop" else finish
+    yield Result(text, parts.ids, request.reused + n, k, finish, rounded, request.reused, reasoning,
+                 logprobs if d.logprobs is not None else None, calls.calls if calls is not None else None)  # fmt: skip
 
 
 def stats_line(res: Result, reused: bool = False) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +18,11 @@ import numpy as np
 
 from ..errors import UserError
 from .chat import load_chat_template, render
+from .constrain import GrammarCompiler, TokenMask, compiler_for, plan
 from .generate import Decoding, Result, Stream, prefill_input, stream_generate
 from .model import BundleModel
 from .prompt import Processors, Prompt, build_prompt, load_tokenizer
-from .sampling import GenerationParams, Sampler, make_logits_processor, make_sampler
+from .sampling import GenerationParams, Sampler, chain, make_logits_processor, make_sampler
 
 if TYPE_CHECKING:
     from .conversation import Conversation
@@ -61,9 +62,11 @@ class Pipeline:
                     context_length: int | None = None, prefill_graph: bool = True) -> Pipeline:  # fmt: skip
         return cls(BundleModel(path, providers, threads, prefill_graph), context_length)
 
-    def prepare(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> Prompt:
-        """Token ids (image and video pads expanded) and preprocessed pixels for ``messages``."""
-        return build_prompt(self.tokenizer, self.chat_template, self.processors, messages, add_generation_prompt)
+    def prepare(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                tools: Sequence[Mapping[str, Any]] | None = None) -> Prompt:  # fmt: skip
+        """Token ids (image and video pads expanded) and preprocessed pixels for ``messages``, with
+        ``tools`` (OpenAI's function list) rendered by the checkpoint's template."""
+        return build_prompt(self.tokenizer, self.chat_template, self.processors, messages, add_generation_prompt, tools)
 
     def params(self, params: GenerationParams | None = None, **overrides: Any) -> GenerationParams:
         """``params`` (default: all defaults) with ``overrides`` (GenerationParams fields), checked."""
@@ -84,15 +87,26 @@ class Pipeline:
         eos = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_ids))
         processor = make_logits_processor(params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
                                           params.logit_bias)  # fmt: skip
+        spec = params.output()
+        if spec.active:
+            mask = TokenMask(self.grammars(), plan(spec, self.grammars()), start_after=self.think_end)
+            processor = mask if processor is None else chain(processor, mask)
         return Decoding(self.sampler(params), self.room(prompt_tokens, params.max_new_tokens), eos, processor, params.stop,
-                        params.logprobs, self.think_end)  # fmt: skip
+                        params.logprobs, self.think_end, calls=bool(spec.tools))  # fmt: skip
+
+    def grammars(self) -> GrammarCompiler:
+        """The grammar compiler for this bundle's tokenizer (built on first use, ~1-2 s, then shared)."""
+        text = (self.model.path / "tokenizer.json").read_text()
+        special = {t: i for t in ("<tool_call>", "</tool_call>") if (i := self.tokenizer.token_to_id(t)) is not None}
+        eos = self.tokenizer.token_to_id("<|im_end|>")
+        return compiler_for(text, eos if eos is not None else min(self.eos_ids), self.config.text.vocab_size, special)
 
     def stream(self, messages: list[dict[str, Any]], params: GenerationParams | None = None, **overrides: Any) -> Stream:
         """Answer ``messages`` as a :class:`Stream` of text deltas (its ``result`` set at the end).
         ``overrides`` are :class:`GenerationParams` fields (``max_new_tokens=64, temperature=0``)."""
         t0 = time.perf_counter()
         params = self.params(params, **overrides)
-        prompt = self.prepare(messages)
+        prompt = self.prepare(messages, tools=params.tools)
         decoding = self.decoding(params, len(prompt.ids))
         t1 = time.perf_counter()
         request = prefill_input(self.model, prompt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def _preprocess(visual: Visual, proc: Processors) -> tuple[np.ndarray, tuple[int
 
 
 def build_prompt(tokenizer: Tokenizer, chat_template: str, proc: Processors, messages: list[dict[str, Any]],
-                 add_generation_prompt: bool = True) -> Prompt:  # fmt: skip
+                 add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> Prompt:  # fmt: skip
     """Render, tokenize, preprocess the pictures and expand each pad: an image's to its token count,
     a video's to ``<{t:.1f} seconds><|vision_start|>pads<|vision_end|>`` per temporal patch. Those
     per-frame markers replace the template's own pair around the video pad, as the processor
@@ -80,7 +81,13 @@ def build_prompt(tokenizer: Tokenizer, chat_template: str, proc: Processors, mes
     Shared by inference and by the shapes training script, so both see byte-identical prompts.
     """
     tmpl_messages, visuals = split_messages(messages)
-    text = render(chat_template, tmpl_messages, add_generation_prompt)
+    if tools:
+        text = render(chat_template, tmpl_messages, add_generation_prompt, tools=[dict(t) for t in tools])
+        name = next((t.get("function", {}).get("name") for t in tools if isinstance(t, Mapping)), None)
+        if isinstance(name, str) and name not in text:
+            raise UserError("this checkpoint's chat template does not render tools (it has no tools block)")
+    else:
+        text = render(chat_template, tmpl_messages, add_generation_prompt)
     ids = _unwrap_videos(tokenizer.encode(text, add_special_tokens=False).ids, proc)
     kinds = [isinstance(v, VideoRequest) for v in visuals]
     for token, is_video, what in ((proc.image_token_id, False, "image"), (proc.video_token_id, True, "video")):

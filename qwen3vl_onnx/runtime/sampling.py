@@ -8,10 +8,12 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
+from .constrain import OutputSpec, output_spec
 
 
 def check_sampling(max_new_tokens: int, temperature: float | None = None, top_p: float | None = None,
@@ -53,6 +55,11 @@ class GenerationParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n >= 0: the chosen token's log-probability and n alternatives
+    # what the answer must be (OpenAI's fields; see runtime.constrain.output_spec): held by a grammar
+    response_format: Mapping[str, Any] | None = None
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: str | Mapping[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     def checked(self, vocab_size: int) -> GenerationParams:
         """These parameters, or a one-line ``UserError`` naming the first bad one."""
@@ -76,7 +83,12 @@ class GenerationParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):  # fmt: skip
             raise UserError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        self.output()
         return self
+
+    def output(self) -> OutputSpec:
+        """The answer's required form, checked (``response_format``, ``tools``, ``tool_choice``)."""
+        return output_spec(self.response_format, self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def with_defaults(self, generation_config: Mapping) -> GenerationParams:
         """Temperature, top-p and top-k filled from a ``generation_config.json``."""
@@ -114,6 +126,11 @@ def make_logits_processor(repetition_penalty: float = 1.0, presence_penalty: flo
     return process
 
 
+def chain(first: LogitsProcessor, then: LogitsProcessor) -> LogitsProcessor:
+    """Two processors as one: ``then`` sees what ``first`` made of the logits."""
+    return lambda logits, prompt, generated: then(first(logits, prompt, generated), prompt, generated)
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token: int
@@ -128,7 +145,9 @@ def token_logprob(logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
     m = float(z.max())
     log_norm = m + math.log(float(np.exp(z - m).sum(dtype=np.float64)))
     top = _top(z, min(top_n, len(z))) if top_n > 0 else np.zeros(0, np.int64)
-    return TokenLogprob(int(token), float(z[token]) - log_norm, [(int(t), float(z[t]) - log_norm) for t in top])
+    # tokens a grammar ruled out (-inf) are no alternatives
+    return TokenLogprob(int(token), float(z[token]) - log_norm,
+                        [(int(t), float(z[t]) - log_norm) for t in top if np.isfinite(z[t])])  # fmt: skip
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

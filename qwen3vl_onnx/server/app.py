@@ -258,7 +258,9 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
 
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schemas = doc.get("components", {}).get("schemas", {})
-            schemas.get("ChatCompletionRequest", {}).get("properties", {}).get("model", {})["enum"] = [settings.model_name]
+            props = schemas.get("ChatCompletionRequest", {}).get("properties", {})
+            if "model" in props:  # optional: null means the model served
+                props["model"] = {"anyOf": [{"type": "string", "enum": [settings.model_name]}, {"type": "null"}]}
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -16,6 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..errors import UserError
 from ..runtime.sampling import GenerationParams, TokenLogprob
 from ..runtime.text_stream import TokenBytes
+from .answer import Answer
 from .engine import Accepted, Failed, Finished, Job, QueueFull, Token
 from .media import MediaError, pipeline_messages
 from .schemas import ChatCompletionRequest
@@ -63,6 +64,9 @@ def generation_params(body: ChatCompletionRequest, settings: ServerSettings) -> 
         min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias,
         stop=stop, seed=body.seed, ignore_eos=bool(body.ignore_eos), logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        response_format=body.response_format.as_dict() if body.response_format is not None else None,
+        tools=body.tools or None, tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )  # fmt: skip
     return params, limit is not None
 
@@ -153,29 +157,26 @@ async def _client_gone(request: Request) -> None:
 
 async def chat_completion(body: ChatCompletionRequest, state: State, request: Request) -> Any:
     engine, settings = state.ready(), state.settings
-    if body.model != settings.model_name:
+    if body.model is not None and body.model != settings.model_name:  # no model: the one served (as vLLM, llama.cpp)
         raise ApiError(404, f"model {body.model[:80]!r} is not served here (GET /v1/models lists {settings.model_name!r})",
                        "model", "model_not_found")  # fmt: skip
     if body.n not in (None, 1):
         raise ApiError(400, "only n = 1 is supported", "n")
     if body.functions is not None or body.function_call is not None:
         field = "functions" if body.functions is not None else "function_call"
-        raise ApiError(400, f"'{field}' (OpenAI's deprecated function calling) is not supported; tool calls are not "
-                            "supported by this server yet either", field)  # fmt: skip
+        raise ApiError(400, f"'{field}' (OpenAI's deprecated function calling) is not supported; send the functions "
+                            "as 'tools' (and 'tool_choice')", field)  # fmt: skip
     if body.tool_choice is not None and body.tool_choice != "none" and not body.tools:
         raise ApiError(400, "tool_choice needs tools: send 'tools' with it, or leave it out", "tool_choice")
-    if body.tools:
-        raise ApiError(400, "tool calls are not supported by this server yet; send the request without 'tools'", "tools")
-    kind = body.response_format.type if body.response_format is not None else "text"
-    if kind != "text":
-        raise ApiError(400, f"response_format {kind!r} is not supported yet (only 'text')", "response_format")
     params, explicit = generation_params(body, settings)
     try:
         params = engine.pipe.params(params)
         video = engine.pipe.processors.video
         messages = await run_in_threadpool(pipeline_messages, body.messages, settings, video.max_frames if video else None)
     except UserError as e:
-        raise ApiError(400, str(e)) from None
+        said = str(e)
+        raise ApiError(400, said, next((f for f in ("tool_choice", "tools", "response_format") if said.startswith(f)), None)
+                       ) from None  # fmt: skip
     except MediaError as e:
         raise ApiError(e.status, str(e)) from None
     loop = asyncio.get_running_loop()
@@ -198,7 +199,7 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
         if body.stream:
             usage = body.stream_options is not None and bool(body.stream_options.include_usage)
             # sse-starlette ends streams at once on shutdown unless given a grace; ours ends them itself
-            return EventSourceResponse(_stream(job, events, head, token_bytes, usage, state.drain), ping=15,
+            return EventSourceResponse(_stream(job, events, head, token_bytes, thinking, usage, state.drain), ping=15,
                                        shutdown_grace_period=state.drain.grace + 1)  # fmt: skip
         return await _whole(job, events, gone, head, token_bytes, thinking, state.drain)
     except BaseException:
@@ -210,37 +211,37 @@ async def chat_completion(body: ChatCompletionRequest, state: State, request: Re
 
 async def _whole(job: Job, events: asyncio.Queue, gone: asyncio.Future, head: dict, token_bytes: TokenBytes, thinking: bool,
                  drain: Drain) -> dict[str, Any]:  # fmt: skip
-    said: dict[str, list[str]] = {"text": [], "reasoning": []}
+    answer = Answer(bool(job.params.tools), thinking)
     lps: list[TokenLogprob] = []
     ev: object = None
     try:
         while True:
             ev = await _event(drain, events, gone)
             if isinstance(ev, Token):
-                said[ev.delta.part].append(str(ev.delta))
+                answer.push(ev.delta)
                 if ev.logprob is not None:
                     lps.append(ev.logprob)
             elif isinstance(ev, Failed):
                 raise ApiError(ev.status, ev.message)
             elif isinstance(ev, Finished):
+                answer.flush()
                 break
     finally:
         if not isinstance(ev, Finished):
             job.cancelled.set()
     assert isinstance(ev, Finished)
-    message = {"role": "assistant", "content": "".join(said["text"]),
-               "reasoning_content": "".join(said["reasoning"]) if thinking else None}  # fmt: skip
-    choice = {"index": 0, "message": message, "finish_reason": ev.finish_reason,
+    choice = {"index": 0, "message": answer.message(), "finish_reason": answer.finish_reason(ev.finish_reason),
               "logprobs": _logprobs(token_bytes, lps) if job.params.logprobs is not None else None}  # fmt: skip
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(ev)}
 
 
-async def _stream(job: Job, events: asyncio.Queue, head: dict, token_bytes: TokenBytes, include_usage: bool, drain: Drain
-                  ) -> AsyncIterator[dict]:  # fmt: skip
+async def _stream(job: Job, events: asyncio.Queue, head: dict, token_bytes: TokenBytes, thinking: bool, include_usage: bool,
+                  drain: Drain) -> AsyncIterator[dict]:  # fmt: skip
     def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]}, ensure_ascii=False)}
 
+    answer = Answer(bool(job.params.tools), thinking)
     done = False
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -252,15 +253,17 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, token_bytes: Toke
                 yield {"data": json.dumps(error_body(503, SHUT_MESSAGE, code="server_shutdown"))}
             elif isinstance(ev, Token):
                 lp = _logprobs(token_bytes, [ev.logprob]) if ev.logprob is not None else None
-                if ev.delta or lp:
-                    key = "reasoning_content" if ev.delta.part == "reasoning" else "content"
-                    yield chunk({key: str(ev.delta)}, logprobs=lp)
+                deltas = answer.push(ev.delta) or ([{}] if lp else [])
+                for k, delta in enumerate(deltas):  # a token's log-probability rides on its first delta
+                    yield chunk(delta, logprobs=lp if k == 0 else None)
             elif isinstance(ev, Failed):
                 done = True
                 yield {"data": json.dumps(error_body(ev.status, ev.message))}
             elif isinstance(ev, Finished):
                 done = True
-                yield chunk({}, ev.finish_reason)
+                for delta in answer.flush():
+                    yield chunk(delta)
+                yield chunk({}, answer.finish_reason(ev.finish_reason))
                 if include_usage:
                     yield {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev)})}
         yield {"data": "[DONE]"}

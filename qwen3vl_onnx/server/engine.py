@@ -132,6 +132,7 @@ class Engine:
         self.cache = self.model.new_cache(batch=settings.parallel, capacity=capacity)
         self.cache.ensure(capacity)
         self._warm()
+        pipe.grammars()  # the tokenizer's grammar view (~1-2 s): built at load, not by the first request that needs it
         self.slots = [Slot(i) for i in range(settings.parallel)]
         self.rows = [self.cache.row(i) for i in range(settings.parallel)]
         self._views: dict[tuple[int, int], Any] = {}  # (first, stop) -> a view of those rows, bound once
@@ -196,7 +197,7 @@ class Engine:
 
     def _prepare(self, job: Job) -> None:
         pipe, ctx = self.pipe, self.settings.ctx_size
-        prompt = pipe.prepare(job.messages)
+        prompt = pipe.prepare(job.messages, tools=job.params.tools)
         if len(prompt.ids) >= ctx:
             raise UserError(f"prompt is {len(prompt.ids)} tokens, the context (--ctx-size) holds {ctx}")
         if job.explicit_max and len(prompt.ids) + job.params.max_new_tokens > ctx:
@@ -328,9 +329,13 @@ class Engine:
         """Sample the next token from ``logits`` and hand its text to the request (or finish it)."""
         d, parts = job.decoding, job.parts
         assert d is not None and parts is not None and job.prompt is not None
-        if d.processor is not None:
-            logits = d.processor(logits, job.prompt.ids, job.generated)
-        token = int(d.sampler(logits[None])[0])
+        try:
+            if d.processor is not None:
+                logits = d.processor(logits, job.prompt.ids, job.generated)
+            token = int(d.sampler(logits[None])[0])
+        except UserError as e:  # a grammar that can go no further: this request fails, the others go on
+            job.sink(Failed(500, str(e)))
+            return self._release(self.slots[job.slot], keep=False)
         if token in d.eos_ids:
             return self._finish(job, "stop")
         job.generated.append(token)

@@ -138,5 +138,9 @@ def pipeline_messages(messages: list[Message], settings: ServerSettings, frame_c
             msg["content"] = m.content or ""
         if m.reasoning_content is not None:
             msg["reasoning_content"] = m.reasoning_content
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out

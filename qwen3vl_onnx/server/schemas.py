@@ -53,24 +53,54 @@ class VideoPart(_Lenient):
 Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str | dict  # OpenAI sends a JSON string; an object is taken as well
+
+
+class ToolCallIn(_Lenient):
+    """An earlier answer's call, as a client passes the conversation back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
     reasoning_content: str | None = None  # an earlier Thinking answer's reasoning, passed back
+    tool_calls: list[ToolCallIn] | None = None  # an earlier answer's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class StreamOptions(_Lenient):
     include_usage: bool | None = False
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "regex"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = None  # this server's own: the answer matches it
+
+    def as_dict(self) -> dict:
+        out: dict = {"type": self.type, "regex": self.regex}
+        if self.json_schema is not None:
+            out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_}
+        return out
 
 
 class ChatCompletionRequest(_Lenient):
-    """As in OpenAI's API, every optional field may be null, which means its default."""
+    """As in OpenAI's API, every optional field may be null, which means its default; a request
+    without ``model`` means the model served."""
 
-    model: str
+    model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -86,12 +116,13 @@ class ChatCompletionRequest(_Lenient):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # declared so that a request relying on them is refused by name, not answered as if they were absent
-    tools: list[dict] | None = None
+    tools: list[dict] | None = None  # checked in full where they are compiled (one line naming the fault)
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = True
+    response_format: ResponseFormat | None = None
+    # declared so that a request relying on them is refused by name, not answered as if they were absent
     functions: list[dict] | None = None  # OpenAI's deprecated form of tools
     function_call: str | dict | None = None
-    response_format: ResponseFormat | None = None
     # extensions llama.cpp and vLLM accept
     ignore_eos: bool | None = False
     top_k: Annotated[int, Field(ge=0)] | None = None
@@ -113,17 +144,29 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(BaseModel):
@@ -146,17 +189,30 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
