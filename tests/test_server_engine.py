@@ -193,8 +193,18 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     _error(post({"model": "gpt-9", "messages": ok}), 404, "gpt-9")
     _error(post({"model": "tiny", "messages": ok, "n": 2}), 400, "n = 1")
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    _error(post({"model": "tiny", "messages": ok, "tools": [tool]}), 400, "tool calls are not supported")
-    _error(post({"model": "tiny", "messages": ok, "response_format": {"type": "json_object"}}), 400, "'json_object' is not")
+    _error(post({"model": "tiny", "messages": ok, "tools": "f"}), 400, "tools: Input should be a valid list")
+    _error(post({"model": "tiny", "messages": ok, "tools": [{"type": "function"}]}), 400, "tools[0] must be")
+    _error(post({"model": "tiny", "messages": ok, "tools": [tool, tool]}), 400, "a second function named 'f'")
+    typo = {"type": "object", "properties": {"a": {"type": "strin"}}}
+    g = {"type": "function", "function": {"name": "g", "parameters": typo}}
+    _error(post({"model": "tiny", "messages": ok, "tools": [g]}), 400, "tools[0] (g) parameters: ", "strin")
+    named = {"type": "function", "function": {"name": "h"}}
+    _error(post({"model": "tiny", "messages": ok, "tools": [tool], "tool_choice": named}), 400, "tool_choice names 'h'")
+    _error(post({"model": "tiny", "messages": ok, "tools": [tool], "tool_choice": "always"}), 400, "tool_choice must be")
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": typo}}
+    _error(post({"model": "tiny", "messages": ok, "response_format": schema}), 400, "response_format schema: ", "strin")
+    _error(post({"model": "tiny", "messages": ok, "response_format": {"type": "json_schema"}}), 400, "json_schema.schema")
     _error(post({"model": "tiny", "messages": ok, "response_format": {"type": "xml"}}), 400, "response_format")
     # malformed bodies are 400s, as in OpenAI's API, vLLM and llama.cpp (llama.cpp's own tests expect it)
     _error(post({"model": "tiny", "messages": "hi"}), 400, "messages")

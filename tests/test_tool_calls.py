@@ -26,7 +26,8 @@ RECORDED = [
     ("no call here, only <b>text</b>", "no call here, only <b>text</b>", []),
     ("broken <tool_call>\nthis is not JSON\n</tool_call> done", "broken <tool_call>\nthis is not JSON\n</tool_call> done", []),
     ('cut off <tool_call>\n{"name": "add", "arguments": {"a": 1', "cut off", [("add", '{"a": 1')]),
-    ("cut before the name <tool_call>\n{\"na", "cut before the name <tool_call>\n{\"na", []),
+    ("cut before the name <tool_call>\n{\"na", "cut before the name", []),
+    ('cut after the name <tool_call>\n{"name": "add", "', "cut after the name", [("add", "")]),
     ("  before  \n" + WEATHER + "\n\n  after  ", "before\nafter", [("get_weather", '{"city": "Paris", "unit": "c"}')]),
 ]  # fmt: skip
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from .text_stream import Delta
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-# the head of a call's JSON up to where its arguments begin
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+# the head of a call's JSON: its name, then where its arguments begin
+_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ARGS = re.compile(r'\s*,\s*"arguments"\s*:\s*')
 
 
 @dataclass
@@ -35,15 +36,17 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def _head(body: str) -> tuple[str, int] | None:
-    """The name and where the arguments start, once the call's JSON has got that far."""
-    m = _HEAD.match(body)
+def _head(body: str) -> tuple[str, int | None] | None:
+    """The call's name once written, and where its arguments begin once they do (else None)."""
+    m = _NAME.match(body)
     if m is None:
         return None
     try:
-        return json.loads(f'"{m.group(1)}"'), m.end()
+        name = json.loads(f'"{m.group(1)}"')
     except ValueError:
         return None
+    a = _ARGS.match(body, m.end())
+    return name, a.end() if a else None
 
 
 def _json_end(body: str) -> int | None:
@@ -58,13 +61,15 @@ def _json_end(body: str) -> int | None:
 
 
 def read_call(body: str, closed: bool) -> ToolCall | None:
-    """The call in ``body`` (the text between the tags), or None when it does not begin as one.
-    Its arguments are the text between the head and the object's closing brace; a call cut off keeps
-    the arguments written so far."""
+    """The call in ``body`` (the text between the tags), or None when it does not begin as one (a
+    call needs its name). Its arguments are the text between the head and the object's closing
+    brace; a call cut off keeps the arguments written so far (none, if it was cut before them)."""
     head = _head(body)
     if head is None:
         return None
     name, start = head
+    if start is None:
+        return ToolCall(name, "")
     text = body.rstrip()
     if not closed or not text.endswith("}"):
         return ToolCall(name, body[start:])
@@ -119,15 +124,13 @@ class CallStream:
         return out
 
     def flush(self) -> list:
-        """At the end: a call left open (cut by max_tokens) keeps what was written, or is content."""
+        """At the end: a call left open (cut by max_tokens) keeps what was written; one cut before
+        its name is dropped (it holds nothing a client could use, and its markup is no content)."""
         out: list = []
         if self.body is not None:
             body = self.body + self.buf
             call = read_call(body, closed=False)
-            if call is None:
-                self.ws = self.ws_before
-                self._text(out, OPEN + body)
-            else:
+            if call is not None:
                 if self.started is None:
                     self.started = CallStart(self.index, ToolCall(call.name, ""))
                     self.index += 1
@@ -199,6 +202,8 @@ class CallStream:
             self.started = CallStart(self.index, ToolCall(head[0], ""))
             self.index += 1
             out.append(self.started)
+        if head[1] is None:
+            return
         args = body[head[1] :]
         tag = next((k for k in range(min(len(CLOSE) - 1, len(args)), 0, -1) if CLOSE.startswith(args[-k:])), 0)
         text = args[: len(args) - tag].rstrip()  # the start of a closing tag is not arguments
