@@ -304,8 +304,8 @@ class Server:
         self.log.close()
 
 
-def transformers_prompt_ids(processor, messages, videos):
-    """transformers' prompt ids for ``messages`` (images inline, ``videos`` as (path, fps) in order)."""
+def transformers_prompt_ids(processor, messages, videos, tools=None):
+    """transformers' prompt ids for ``messages`` (images inline, ``videos`` as (path, fps) in order, ``tools``)."""
     from transformers.video_utils import load_video
 
     frames, metas = [], []
@@ -319,7 +319,7 @@ def transformers_prompt_ids(processor, messages, videos):
     images = [p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
     template = [{**m, "content": [{"type": p["type"]} if p["type"] != "text" else p for p in m["content"]]}
                 if isinstance(m["content"], list) else m for m in messages]  # fmt: skip
-    text = processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(template, add_generation_prompt=True, tokenize=False, tools=tools)
     out = processor(text=[text], images=images or None, videos=frames or None, video_metadata=metas or None,
                     do_sample_frames=False, cap_pixels_per_frame=True, return_tensors="np")  # fmt: skip
     return out["input_ids"][0].tolist()

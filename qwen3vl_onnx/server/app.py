@@ -219,12 +219,15 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
         if isinstance(body, TokenizeText):
             ids = pipe.tokenizer.encode(body.prompt, add_special_tokens=False).ids
         else:
+            from ..runtime.constrain import parse_tools
             from .media import MediaError, pipeline_messages
 
             try:
+                if body.tools:
+                    parse_tools(body.tools)
                 video = pipe.processors.video  # the same frame limit as a completion's
                 msgs = await run_in_threadpool(pipeline_messages, body.messages, settings, video.max_frames if video else None)
-                ids = (await run_in_threadpool(pipe.prepare, msgs, body.add_generation_prompt)).ids
+                ids = (await run_in_threadpool(pipe.prepare, msgs, body.add_generation_prompt, body.tools)).ids
             except MediaError as e:
                 raise ApiError(e.status, str(e)) from None
             except UserError as e:

@@ -245,6 +245,7 @@ class TokenizeMessages(_Lenient):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)  # a conversation, rendered with the chat template
     add_generation_prompt: bool = True
+    tools: list[dict] | None = None  # rendered as a completion with these tools would render them
 
 
 class TokenizeResponse(BaseModel):
