@@ -23,6 +23,8 @@ from .cli_args import (
     cosine,
     generation_overrides,
     int8_projections_arg,
+    output_args,
+    output_overrides,
     positive_float,
     prefill_int8_arg,
     sampling_args,
@@ -94,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     video_args(g)
     g.add_argument("--system", default=None, help="optional system message")
     sampling_args(g)
+    output_args(g)
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of the stream")
     g.add_argument("--logprobs", type=at_least(0, 20, "OpenAI's limit"), default=None, metavar="N",
                    help="with --json: each token's log-probability and the N likeliest alternatives")  # fmt: skip
@@ -107,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="optional system message")
     video_args(c)
     sampling_args(c)
+    output_args(c)
     threads_arg(c)
     c.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
                    help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
@@ -205,7 +209,8 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime.pipeline import Pipeline
     from .runtime.sampling import GenerationParams
 
-    GenerationParams(**generation_overrides(args)).checked(1 << 30)  # before loading anything; token ids are checked later
+    overrides = {**generation_overrides(args), **output_overrides(args)}
+    GenerationParams(**overrides).checked(1 << 30)  # before loading anything; token ids are checked later
     prompt = args.prompt
     if prompt == "-":  # one trailing newline dropped, as a shell's $(...) does: echo's and printf's text ask the same
         prompt = sys.stdin.read()
@@ -214,7 +219,7 @@ def _generate(args: argparse.Namespace) -> int:
     content = [{"type": "image", "image": p} for p in args.image] + [video_part(p, args) for p in args.video]
     content.append({"type": "text", "text": prompt})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
-    stream = pipe.stream(messages, **generation_overrides(args))
+    stream = pipe.stream(messages, **overrides)
     if args.json:
         stream.finish()
     else:
@@ -225,6 +230,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps(res.to_dict(), ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+        for call in res.tool_calls or []:  # one JSON object a line, OpenAI's shape
+            print(json.dumps(call.to_dict(), ensure_ascii=False))
         print(stats_line(res), file=sys.stderr)
     return 0
 

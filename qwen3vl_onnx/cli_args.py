@@ -8,8 +8,13 @@ import from here and not from each other.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
 
 # Frames per video at most, whatever a checkpoint's config says (Qwen3-VL's video processor default).
 MAX_VIDEO_FRAMES = 768
@@ -165,3 +170,36 @@ def prefill_int8_arg(p: argparse.ArgumentParser) -> None:
                         "+1 byte per decoder weight in memory)")  # fmt: skip
 
 
+
+
+def output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="answer with JSON valid against the schema in FILE (held by a grammar, not asked for)")  # fmt: skip
+    p.add_argument("--tools", default=None, metavar="FILE",
+                   help="functions the model may call: a JSON list of OpenAI tools; calls are printed as JSON")  # fmt: skip
+    p.add_argument("--tool-choice", default=None, metavar="auto|none|required|NAME",
+                   help="with --tools: whether (and which function) the model must call (default auto)")  # fmt: skip
+
+
+def _json_file(path: str, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    except ValueError as e:
+        raise UserError(f"{path}: the {what} is not JSON ({e})") from None
+
+
+def output_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The GenerationParams fields --json-schema, --tools and --tool-choice set (files read here)."""
+    out: dict[str, Any] = {}
+    if args.json_schema:
+        schema = _json_file(args.json_schema, "JSON schema")
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
+    if args.tools:
+        out["tools"] = _json_file(args.tools, "tools list")
+    if args.tool_choice is not None:
+        choice = args.tool_choice
+        named = {"type": "function", "function": {"name": choice}}
+        out["tool_choice"] = choice if choice in ("auto", "none", "required") else named
+    return out

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .cli_args import generation_overrides, video_part
+from .cli_args import generation_overrides, output_overrides, video_part
 from .errors import UserError
 from .runtime.generate import stats_line
 
@@ -25,6 +25,7 @@ HELP = """commands:
   /reset         forget the conversation
   /save FILE     write the conversation as OpenAI-style JSON messages
   /load FILE     continue a saved conversation
+  /result TEXT   the result of the answer's next tool call (with --tools); the answer goes on once all have one
   /help, /quit"""
 
 
@@ -85,6 +86,7 @@ class ChatSession:
     def __init__(self, conv: Any, args: argparse.Namespace, out: TextIO, err: TextIO):
         self.conv, self.args, self.out, self.err = conv, args, out, err
         self.attached: list[dict[str, Any]] = []  # image and video parts for the next message
+        self.results: list[str] = []  # results given so far for the last answer's tool calls
         self.system: str | None = args.system
         self.failed = False
 
@@ -112,6 +114,8 @@ class ChatSession:
             self.conv.reset(self.system)
             self.attached = []
             self._note("conversation reset" + (f", {dropped} attachment(s) dropped" if dropped else ""))
+        elif name == "/result":
+            self.result(arg)
         elif name == "/save":
             self._save(Path(arg))
         elif name == "/load":
@@ -143,15 +147,21 @@ class ChatSession:
             raise UserError(f"{path}: cannot write ({e.strerror})") from None
         print(f"[saved {len(self.conv.messages)} messages to {path}]", file=self.err)
 
-    def ask(self, text: str) -> None:
-        """One turn. A turn that fails takes its attachments with it, and says so; one stopped with
-        Ctrl-C before its answer began keeps them for the next message, and says so."""
+    def ask(self, text: str | None) -> None:
+        """One turn (``text`` None: the tool results gathered with /result). A turn that fails takes
+        its attachments with it, and says so; one stopped with Ctrl-C before its answer began keeps
+        them for the next message, and says so."""
         attached, self.attached = self.attached, []
-        content: str | list[dict[str, Any]] = [*attached, {"type": "text", "text": text}] if attached else text
+        content: str | list[dict[str, Any]] = [*attached, {"type": "text", "text": text}] if attached else text or ""
         kept = len(self.conv.messages)
         stream = None
+        overrides = {**generation_overrides(self.args), **output_overrides(self.args)}
         try:
-            stream = self.conv.send(content, **generation_overrides(self.args))
+            if text is None:
+                results, self.results = self.results, []
+                stream = self.conv.reply_to_calls(results, **overrides)
+            else:
+                stream = self.conv.send(content, **overrides)
             write_stream(stream, self.args.hide_reasoning, self.out)
         except KeyboardInterrupt:
             if stream is not None:
@@ -170,7 +180,23 @@ class ChatSession:
                 raise UserError(f"{e} (this message and its {len(attached)} attachment(s) were not sent)") from None
             raise
         self.out.write("\n")
+        for call in stream.result.tool_calls or []:
+            print(f"[tool call {call.name}({call.arguments}) id {call.id}]", file=self.out)
+        if stream.result.tool_calls:
+            self._note(f"give each call its result with /result TEXT ({len(stream.result.tool_calls)} to give)")
         print(stats_line(stream.result, reused=True), file=self.err)
+
+    def result(self, text: str) -> None:
+        """One tool call's result; with the last one, the answer goes on."""
+        last = self.conv.messages[-1] if self.conv.messages else {}
+        calls = last.get("tool_calls") or [] if last.get("role") == "assistant" else []
+        if len(self.results) >= len(calls):
+            raise UserError("no tool call is waiting for a result")
+        self.results.append(text)
+        if len(self.results) < len(calls):
+            self._note(f"result {len(self.results)} of {len(calls)} kept")
+            return
+        self.ask(None)
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

@@ -237,3 +237,33 @@ def test_runtime_needs_no_torch(setup):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_generate_and_chat_with_tools_and_a_json_schema(run_cli, tiny_one, tmp_path):
+    """generate --tools prints each call as one JSON line (OpenAI's shape), --json-schema answers
+    valid JSON; chat shows calls and takes their results with /result."""
+    import subprocess
+    import sys
+
+    import jsonschema
+
+    from .test_constrain import ITEM, SCHEMAS, TOOLS
+
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    (tmp_path / "item.json").write_text(json.dumps(ITEM))
+    r = run_cli("generate", tiny_one.bundle, "--prompt", "Weather?", "--tools", tmp_path / "tools.json", "--tool-choice", "add",
+                "--temperature", "1", "--seed", "3", "--max-new-tokens", "80")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    call = json.loads(r.stdout.strip().splitlines()[-1])
+    assert call["type"] == "function" and call["function"]["name"] == "add"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS["add"])
+    r = run_cli("generate", tiny_one.bundle, "--prompt", "Item?", "--json-schema", tmp_path / "item.json", "--temperature", "1",
+                "--seed", "3", "--max-new-tokens", "120", "--json")  # fmt: skip
+    jsonschema.validate(json.loads(json.loads(r.stdout)["text"]), ITEM)
+    missing = run_cli("generate", tiny_one.bundle, "--prompt", "x", "--json-schema", tmp_path / "no.json")
+    one_line_error(missing, "no.json: cannot read the JSON schema")
+    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "chat", str(tiny_one.bundle), "--tools", str(tmp_path / "tools.json"),
+           "--tool-choice", "add", "--temperature", "1", "--seed", "1", "--max-new-tokens", "60"]  # fmt: skip
+    chat = subprocess.run(cmd, input="Add them.\n/result 3\n/result 4\n", capture_output=True, text=True, timeout=300)
+    assert "[tool call add(" in chat.stdout and "error: no tool call is waiting for a result" not in chat.stderr
+    assert chat.stdout.count("[tool call add(") == 3, chat.stdout  # one call an answer; each result brings the next answer
