@@ -184,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead, server figures: decode with 1/4/8 clients, token gaps during an image prefill, "
                         "a follow-up question cached and fresh (with --compare: decode with 1 and 4 streams against "
                         "OpenVINO GenAI's continuous batching, in turns)")  # fmt: skip
+    b.add_argument("--constrained", action="store_true",
+                   help="instead, what constrained decoding costs: grammar compile time, mask per token against "
+                        "decoder steps of 1 and 4 rows")  # fmt: skip
     b.add_argument("--soak", type=bounded_float(0, 86_400, positive=True, why="a day"), default=None, metavar="S",
                    help="instead, 8 clients against the server for S seconds: errors and memory growth")  # fmt: skip
     b.add_argument("--kernels", action="store_true",

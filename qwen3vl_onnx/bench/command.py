@@ -60,6 +60,12 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         result.update(export_measured(ckpt, bundle, opts))
     if args.video:
         return _run_video(args, result, bundle, ckpt, work / name, out, name)
+    if args.constrained:
+        from .constrained import constrained_markdown, measure_constrained
+
+        print("constrained decoding: grammar compile, mask per token against decoder steps", file=sys.stderr)
+        result["constrained"] = measure_constrained(bundle, repeats=max(args.repeats, 5))
+        return _write(out / f"bench-{name}-{args.precision}-constrained", result, constrained_markdown(result))
     if args.serve or args.soak:
         return _run_serve(args, result, bundle, ckpt, out, name)
     print("measuring qwen3vl-onnx", file=sys.stderr)
