@@ -89,7 +89,7 @@ def test_a_cancelled_wait_for_the_next_event_leaves_no_task_behind():
     it is pending!' for 2 of 3 dropped streams)."""
     import asyncio
 
-    from qwen3vl_onnx.server.completions import Drain
+    from qwen3vl_onnx.server.run import Drain
 
     async def scenario() -> set:
         drain = Drain(5.0)

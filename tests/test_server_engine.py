@@ -191,7 +191,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     _error(ftp, 400, "messages.0.content.0.image_url.url: String should match pattern")
     assert ftp.json()["error"]["param"] == "messages.0.content.0.image_url.url"
     _error(post({"model": "gpt-9", "messages": ok}), 404, "gpt-9")
-    _error(post({"model": "tiny", "messages": ok, "n": 2}), 400, "n = 1")
+    _error(post({"model": "tiny", "messages": ok, "n": 4}), 400, "n is 4, at most 3 here")
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     _error(post({"model": "tiny", "messages": ok, "tools": "f"}), 400, "tools: Input should be a valid list")
     _error(post({"model": "tiny", "messages": ok, "tools": [{"type": "function"}]}), 400, "tools[0] must be")

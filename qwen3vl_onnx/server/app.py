@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..errors import UserError
-from .completions import ApiError, ClientGone, Drain, chat_completion, error_body
+from .completions import chat_completion
 from .engine import Engine
 from .metrics import Metrics
+from .run import ApiError, ClientGone, Drain, error_body
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
