@@ -212,3 +212,56 @@ def test_null_fields_mean_their_defaults(server, pipe):
                    json={"model": "tiny", "messages": messages, **GREEDY, **nulls})  # fmt: skip
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == _ours(pipe, messages, **GREEDY).text
+
+
+def test_n_choices_are_each_the_answer_of_their_own_seed(client, pipe):
+    """n = 2 with a seed: choice i is what one request with seed + i answers, whole and streamed;
+    usage counts the prompt once and every choice's tokens."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    kw = dict(model="tiny", messages=messages, temperature=1.0, top_p=0.9, max_tokens=6, seed=40, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 12
+    for i, choice in enumerate(r.choices):
+        alone = _ours(pipe, messages, ignore_eos=True, temperature=1.0, top_p=0.9, max_tokens=6, seed=40 + i)
+        assert choice.message.content == alone.text and r.usage.prompt_tokens == alone.prompt_tokens
+    streamed = ["", ""]
+    for chunk in client.chat.completions.create(n=2, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == [c.message.content for c in r.choices]
+
+
+def test_legacy_completions_take_a_raw_prompt(client, pipe, server):
+    """/v1/completions continues the prompt's own tokens (no chat template): greedy, its text is
+    what the runtime's generate_step gives for those ids; echo, logprobs, token-id prompts, n and
+    streaming as OpenAI's legacy route has them."""
+    import httpx
+
+    from qwen3vl_onnx.runtime.generate import generate_step
+    from qwen3vl_onnx.runtime.sampling import make_sampler
+
+    prompt = "The three shapes in the picture are"
+    ids = pipe.tokenizer.encode(prompt, add_special_tokens=False).ids
+    ref = [t for t, _ in generate_step(pipe.model, ids, pipe.model.new_cache(), make_sampler(0.0), 6)]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True},
+                                  logprobs=2, echo=True)  # fmt: skip
+    c = r.choices[0]
+    assert c.text == prompt + pipe.tokenizer.decode(ref) and c.finish_reason == "length"
+    assert len(c.logprobs.tokens) == 6 and all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    assert c.logprobs.text_offset[0] == len(prompt) and (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 6)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == pipe.tokenizer.decode(ref)
+    streamed = ["", ""]
+    for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=1.0, seed=7, n=2, stream=True,
+                                           extra_body={"ignore_eos": True}):  # fmt: skip
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.text
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=1.0, seed=7, n=2,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+    assert streamed == [ch.text for ch in whole.choices]
+    h = {"Authorization": f"Bearer {server.api_key}"}
+    for body, says in (({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": "x", "best_of": 3}, "best_of"),
+                       ({"prompt": ["a", "b"]}, "one prompt per request"), ({"prompt": [10**9]}, "token ids must be below"),
+                       ({"prompt": ""}, "prompt")):  # fmt: skip
+        e = httpx.post(server.url + "/v1/completions", json=body, headers=h, timeout=60)
+        assert e.status_code == 400 and says in e.json()["error"]["message"], e.text

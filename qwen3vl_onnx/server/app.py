@@ -29,6 +29,8 @@ from .run import ApiError, ClientGone, Drain, error_body
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
@@ -41,6 +43,7 @@ from .schemas import (
     TokenizeText,
 )
 from .settings import ServerSettings
+from .text_completions import text_completion
 
 log = logging.getLogger("qwen3vl_onnx.server")
 
@@ -213,6 +216,11 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
     async def completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await chat_completion(body, state, request)
+
+    @app.post("/v1/completions", response_model=Completion,
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
+    async def completions_legacy(body: CompletionRequest, request: Request) -> Any:
+        return await text_completion(body, state, request)
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeText | TokenizeMessages) -> Any:

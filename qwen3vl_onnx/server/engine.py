@@ -14,6 +14,7 @@ slot at once; the slot keeps its tokens for the next request that extends them.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -74,6 +75,7 @@ class Job:
     params: GenerationParams
     sink: Callable[[Event], None]
     explicit_max: bool = False  # the request set max_tokens: refuse it when prompt + max_tokens exceed the context
+    prompt_ids: list[int] | None = None  # a raw prompt (/v1/completions): these tokens, no chat template
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt: Prompt | None = None
     decoding: Decoding | None = None
@@ -197,13 +199,18 @@ class Engine:
 
     def _prepare(self, job: Job) -> None:
         pipe, ctx = self.pipe, self.settings.ctx_size
-        prompt = pipe.prepare(job.messages, tools=job.params.tools)
+        raw = job.prompt_ids is not None
+        if job.prompt_ids is not None:
+            prompt = Prompt(list(job.prompt_ids), None, [])
+        else:
+            prompt = pipe.prepare(job.messages, tools=job.params.tools)
         if len(prompt.ids) >= ctx:
             raise UserError(f"prompt is {len(prompt.ids)} tokens, the context (--ctx-size) holds {ctx}")
         if job.explicit_max and len(prompt.ids) + job.params.max_new_tokens > ctx:
             raise UserError(f"prompt ({len(prompt.ids)} tokens) + max_tokens ({job.params.max_new_tokens}) exceed the "
                             f"context of {ctx} tokens (--ctx-size)")  # fmt: skip
-        job.prompt, job.decoding = prompt, pipe.decoding(job.params, len(prompt.ids))
+        decoding = pipe.decoding(job.params, len(prompt.ids))
+        job.prompt, job.decoding = prompt, dataclasses.replace(decoding, think_end=None) if raw else decoding  # raw: no reasoning
         pixels = image_slices(prompt)
         job.keys = [VisionCache.key(p, g) for p, g in zip(pixels, prompt.grids, strict=True)]
         if prompt.grids:

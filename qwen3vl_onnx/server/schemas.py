@@ -130,6 +130,33 @@ class ChatCompletionRequest(_Lenient):
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = 1.0
 
 
+class CompletionRequest(_Lenient):
+    """OpenAI's legacy ``/v1/completions``: a raw prompt, no chat template (what llm, litellm and
+    the openai client's ``completions.create`` send)."""
+
+    model: str | None = None
+    prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for this route
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = False
+    stop: str | list[str] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**53)] | None = None
+    suffix: str | None = None  # refused by name when set (no fill-in-the-middle here)
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None  # refused by name above 1
+    ignore_eos: bool | None = False
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = 1.0
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -282,3 +309,19 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: dict | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
