@@ -110,3 +110,48 @@ def test_no_model_means_the_served_one_and_tool_errors_are_400s(server):
     assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
     r = httpx.post(server.url + "/tokenize", headers=h, timeout=60, json={"messages": MSGS, "tools": [{"type": "function"}]})
     assert r.status_code == 400 and "tools[0] must be" in r.json()["error"]["message"], r.text
+
+
+FLAT_TOOLS = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]} for t in TOOLS]
+
+
+def test_responses_api_with_tools_a_follow_up_and_a_stream(client, server):
+    """/v1/responses through the openai client: text, function calls (valid), their output sent back
+    with previous_response_id (the conversation comes from the server's memory and its cache), a
+    typed event stream that adds up to the final response, a JSON-schema format."""
+    r = client.responses.create(model="tiny", input="Say hello.", max_output_tokens=5, temperature=0)
+    assert r.status == "incomplete" and r.output[0].type == "message" and r.output_text and r.usage.output_tokens == 5
+    one = dict(tools=FLAT_TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, max_output_tokens=150)
+    calls = client.responses.create(model="tiny", input="Weather in Paris?", extra_body={"seed": 2}, **one)
+    assert calls.status == "completed" and [o.type for o in calls.output] == ["function_call"]
+    fc = calls.output[0]
+    jsonschema.validate(json.loads(fc.arguments), SCHEMAS[fc.name])
+    result = [{"type": "function_call_output", "call_id": fc.call_id, "output": "21 C"}]
+    follow = client.responses.create(model="tiny", previous_response_id=calls.id, tools=FLAT_TOOLS, max_output_tokens=4, input=result)
+    assert follow.usage.input_tokens_details.cached_tokens >= calls.usage.input_tokens - 1  # the history, from the cache
+    events, args = [], ""
+    with client.responses.stream(model="tiny", input="Weather?", tools=FLAT_TOOLS, tool_choice="required", temperature=1.0,
+                                 extra_body={"seed": 5}, parallel_tool_calls=False, max_output_tokens=150) as stream:  # fmt: skip
+        for ev in stream:
+            events.append(ev.type)
+            if ev.type == "response.function_call_arguments.delta":
+                args += ev.delta
+        final = stream.get_final_response()
+    assert events[:2] == ["response.created", "response.in_progress"] and events[-1] == "response.completed"
+    assert "response.output_item.added" in events and args == final.output[0].arguments
+    fmt = {"format": {"type": "json_schema", "name": "item", "schema": ITEM}}
+    j = client.responses.create(model="tiny", input="Describe.", text=fmt, temperature=1.0, extra_body={"seed": 1},
+                                max_output_tokens=150)  # fmt: skip
+    jsonschema.validate(json.loads(j.output_text), ITEM)
+
+
+def test_responses_api_refusals(server):
+    h = {"Authorization": f"Bearer {server.api_key}"}
+    for body, status, says in (
+        ({"input": [{"type": "computer_call", "id": "x"}]}, 400, "item type 'computer_call' is not supported"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tool type 'web_search' is not supported"),
+        ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "is not among the last"),
+        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "part type 'input_audio'"),
+    ):
+        r = httpx.post(server.url + "/v1/responses", json=body, headers=h, timeout=60)
+        assert r.status_code == status and says in r.json()["error"]["message"], r.text

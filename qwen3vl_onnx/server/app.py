@@ -25,6 +25,7 @@ from ..errors import UserError
 from .completions import chat_completion
 from .engine import Engine
 from .metrics import Metrics
+from .responses import ResponseStore, create_response
 from .run import ApiError, ClientGone, Drain, error_body
 from .schemas import (
     ChatCompletion,
@@ -37,6 +38,7 @@ from .schemas import (
     Health,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     SlotState,
     TokenizeMessages,
     TokenizeResponse,
@@ -221,6 +223,12 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
     async def completions_legacy(body: CompletionRequest, request: Request) -> Any:
         return await text_completion(body, state, request)
+
+    stored = ResponseStore()
+
+    @app.post("/v1/responses", responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def responses(body: ResponsesRequest, request: Request) -> Any:
+        return await create_response(body, state, request, stored)
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeText | TokenizeMessages) -> Any:

@@ -130,6 +130,26 @@ class ChatCompletionRequest(_Lenient):
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = 1.0
 
 
+class ResponsesRequest(_Lenient):
+    """OpenAI's Responses API (``/v1/responses``); items are checked where they are read (responses.py)."""
+
+    model: str | None = None
+    input: str | list[dict] = Field(min_length=1)
+    instructions: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = True
+    text: dict | None = None  # {"format": {"type": "text" | "json_schema" | "json_object", ...}}
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**53)] | None = None
+    stream: bool | None = False
+    previous_response_id: str | None = None
+    store: bool | None = True
+    metadata: dict | None = None
+
+
 class CompletionRequest(_Lenient):
     """OpenAI's legacy ``/v1/completions``: a raw prompt, no chat template (what llm, litellm and
     the openai client's ``completions.create`` send)."""
