@@ -127,7 +127,8 @@ def test_responses_api_with_tools_a_follow_up_and_a_stream(client, server):
     fc = calls.output[0]
     jsonschema.validate(json.loads(fc.arguments), SCHEMAS[fc.name])
     result = [{"type": "function_call_output", "call_id": fc.call_id, "output": "21 C"}]
-    follow = client.responses.create(model="tiny", previous_response_id=calls.id, tools=FLAT_TOOLS, max_output_tokens=4, input=result)
+    follow = client.responses.create(model="tiny", previous_response_id=calls.id, tools=FLAT_TOOLS, max_output_tokens=4,
+                                     input=result)  # fmt: skip
     assert follow.usage.input_tokens_details.cached_tokens >= calls.usage.input_tokens - 1  # the history, from the cache
     events, args = [], ""
     with client.responses.stream(model="tiny", input="Weather?", tools=FLAT_TOOLS, tool_choice="required", temperature=1.0,
