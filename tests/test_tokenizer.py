@@ -38,7 +38,7 @@ def test_token_bytes_are_each_tokens_own_bytes():
     ref = tiktoken.Encoding("qwen", pat_str=PATTERN, mergeable_ranks=load_ranks(), special_tokens={})
     token_bytes = TokenBytes(tk)
     assert tk.decode([125001]) == "\ufffd" and token_bytes(125001) == bytes([234, 153])
-    for i in [*random.Random(1).sample(range(151643), 3000), 0, 220, 198, 125001, 151642]:
+    for i in [*random.Random(1).sample(range(151643), 1000), 0, 220, 198, 125001, 151642]:
         assert token_bytes(i) == ref.decode_single_token_bytes(i), i
     assert token_bytes(151644) == b"<|im_start|>" and token_bytes(151657) == b"<tool_call>"
     text = "𝔘𝔫𝔦 Ꙛꙛ 中文 😀"

@@ -57,6 +57,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# A streamed answer: server-sent events, each a JSON ``data`` line (and for /v1/responses an ``event`` name).
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}, "required": ["data"]}
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
@@ -215,18 +220,18 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
         return ModelCard(id=settings.model_name, created=state.created)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
+              responses=STREAMED)  # fmt: skip
     async def completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await chat_completion(body, state, request)
 
     @app.post("/v1/completions", response_model=Completion,
-              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})  # fmt: skip
+              responses=STREAMED)  # fmt: skip
     async def completions_legacy(body: CompletionRequest, request: Request) -> Any:
         return await text_completion(body, state, request)
 
     stored = ResponseStore()
 
-    @app.post("/v1/responses", responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    @app.post("/v1/responses", responses=STREAMED)
     async def responses(body: ResponsesRequest, request: Request) -> Any:
         return await create_response(body, state, request, stored)
 
