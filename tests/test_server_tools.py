@@ -156,3 +156,19 @@ def test_responses_api_refusals(server):
     ):
         r = httpx.post(server.url + "/v1/responses", json=body, headers=h, timeout=60)
         assert r.status_code == status and says in r.json()["error"]["message"], r.text
+
+
+def test_constrained_and_free_requests_decode_together(client):
+    """Three requests at once (one slot each of the batch): a forced call, a schema answer and free
+    text; each row keeps its own matcher, the free one none."""
+    import concurrent.futures
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM}}
+    asks = [dict(tools=TOOLS, tool_choice="required"), dict(response_format=fmt), dict(extra_body={"ignore_eos": True})]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client.chat.completions.create, model="tiny", messages=MSGS, temperature=1.0, seed=11,
+                               max_tokens=150, **kw) for kw in asks]  # fmt: skip
+        call, schema, free = (f.result() for f in futures)
+    _check_calls(call.choices[0].message)
+    jsonschema.validate(json.loads(schema.choices[0].message.content), ITEM)
+    assert free.choices[0].finish_reason == "length" and free.usage.completion_tokens == 150

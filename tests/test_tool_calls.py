@@ -76,3 +76,24 @@ def test_a_stream_shows_content_before_the_call_ends():
     out = s.push('{"name": "get_weather", "arguments": {"city": "Pa')
     assert isinstance(out[0], CallStart) and out[0].call.name == "get_weather"
     assert [x.text for x in out[1:]] == ['{"city": "Pa']
+
+
+def test_calls_made_while_reasoning_and_after_it_are_both_calls():
+    """A Thinking checkpoint's reasoning may call a tool before </think>, its answer after: both
+    are calls (one count), neither leaves markup in reasoning_content or content."""
+    from qwen3vl_onnx.runtime.text_stream import Delta
+    from qwen3vl_onnx.runtime.tool_calls import AnswerCalls
+
+    reasoning = "I should check.\n" + WEATHER + "\nNow the sum."
+    answer = "Here: " + CALL.format("add", '{"a": 1, "b": 2}')
+    a = AnswerCalls()
+    events = []
+    for text, part in ((reasoning, "reasoning"), (answer, "text")):
+        for k in range(0, len(text), 5):
+            events += a.push(Delta(text[k : k + 5], part))
+    events += a.flush()
+    want = [("get_weather", '{"city": "Paris", "unit": "c"}'), ("add", '{"a": 1, "b": 2}')]
+    assert [(c.name, c.arguments) for c in a.calls] == want
+    assert [s.index for s in events if isinstance(s, CallStart)] == [0, 1]
+    assert a.text("reasoning") == "I should check.\nNow the sum." and a.text() == "Here:"
+    assert all(x.part == "reasoning" for x in events if isinstance(x, str) and "check" in x)
