@@ -21,7 +21,8 @@ from .conftest import Server
 
 @pytest.fixture(scope="module")
 def server(tiny_one):
-    s = Server(tiny_one.bundle, "--ctx-size", "96", "--metrics", "--max-body-mb", "1")
+    # a short context keeps each fuzzed answer short (the coverage phase sends ~1500 requests)
+    s = Server(tiny_one.bundle, "--ctx-size", "48", "--metrics", "--max-body-mb", "1")
     yield s
     s.close()
 
