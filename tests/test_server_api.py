@@ -214,13 +214,21 @@ def test_null_fields_mean_their_defaults(server, pipe):
     assert r.json()["choices"][0]["message"]["content"] == _ours(pipe, messages, **GREEDY).text
 
 
-def test_n_choices_are_each_the_answer_of_their_own_seed(client, pipe):
+def test_n_choices_are_each_the_answer_of_their_own_seed(client, pipe, server):
     """n = 2 with a seed: choice i is what one request with seed + i answers, whole and streamed;
     usage counts the prompt once and every choice's tokens."""
-    messages = [{"role": "user", "content": "Name a colour."}]
+    import httpx
+
+    def copied() -> float:  # prompt tokens the server took from a row instead of prefilling them
+        text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {server.api_key}"}).text
+        return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("qwen3vl_onnx_cached_prompt_tokens_total")))
+
+    messages = [{"role": "user", "content": "Name a colour, any colour you like, with a few words about it."}]
     kw = dict(model="tiny", messages=messages, temperature=1.0, top_p=0.9, max_tokens=6, seed=40, extra_body={"ignore_eos": True})
+    before = copied()
     r = client.chat.completions.create(n=2, **kw)
     assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 12
+    assert copied() - before >= r.usage.prompt_tokens - 1  # choice 1 started from choice 0's prefilled prompt
     for i, choice in enumerate(r.choices):
         alone = _ours(pipe, messages, ignore_eos=True, temperature=1.0, top_p=0.9, max_tokens=6, seed=40 + i)
         assert choice.message.content == alone.text and r.usage.prompt_tokens == alone.prompt_tokens

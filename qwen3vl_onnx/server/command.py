@@ -59,7 +59,7 @@ def check_fits(bundle: Path, settings: ServerSettings) -> None:
     """Refuse at once what the server could never serve, before the minutes a large model takes to
     load: a context beyond the model's, or graphs plus the slots' KV cache beyond the memory left."""
     from ..runtime.cache import KVCache
-    from .engine import available_memory
+    from .memory import available_memory
 
     t = _text_config(bundle)
     cache = KVCache.size_bytes(t.num_hidden_layers, settings.parallel, t.num_key_value_heads, t.head_dim, settings.ctx_size + 1)

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from ..runtime.prompt import Prompt
 from ..runtime.sampling import GenerationParams, TokenLogprob, token_logprob
 from ..runtime.text_stream import AnswerParts, Delta
 from ..runtime.vision_cache import VisionCache
+from .memory import available_memory
 from .settings import ServerSettings
 
 log = logging.getLogger("qwen3vl_onnx.server")
@@ -76,6 +76,7 @@ class Job:
     sink: Callable[[Event], None]
     explicit_max: bool = False  # the request set max_tokens: refuse it when prompt + max_tokens exceed the context
     prompt_ids: list[int] | None = None  # a raw prompt (/v1/completions): these tokens, no chat template
+    leader: Job | None = None  # choice 0 of the same request: this one starts from its prefilled prompt
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt: Prompt | None = None
     decoding: Decoding | None = None
@@ -95,25 +96,6 @@ class Slot:
     ids: list[int] = field(default_factory=list)  # tokens whose keys and values the row holds
     keys: list[str] = field(default_factory=list)
     job: Job | None = None
-
-
-def available_memory() -> int | None:
-    """Bytes this process can still take: the kernel's MemAvailable, or less where a cgroup (a
-    container's memory limit) allows less; None where neither can be read (not Linux)."""
-    free: int | None = None
-    try:
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            room = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
-            free = room if free is None else min(free, room)
-    except (OSError, ValueError):
-        pass
-    return free
 
 
 class QueueFull(Exception):
@@ -250,20 +232,40 @@ class Engine:
             self._gauge("queue_depth", self._waiting())
 
     def _admit(self) -> None:
-        """Prepared requests into free slots, each where the longest prefix of it is cached."""
+        """Prepared requests into free slots, each where the longest prefix of it is cached. A
+        request's other choices wait for choice 0's prompt, then copy it from its row."""
+        waiting: list[Job] = []
         while self.ready:
             free = [s for s in self.slots if s.job is None]
             if not free:
-                return
+                break
             job = self.ready.popleft()
             if job.cancelled.is_set():
+                continue
+            lead = job.leader
+            if lead is not None and not lead.cancelled.is_set() and (lead.slot < 0 or lead.steps is not None):
+                waiting.append(job)  # its leader's prompt is not in a row yet
                 continue
             prompt = job.prompt
             assert prompt is not None and job.decoding is not None
             frames = [g[0] for g in prompt.grids]
             reuse = {s.index: reusable_prefix(s.ids, s.keys, prompt.ids, job.keys, self.pads, frames) for s in free}
             slot = max(free, key=lambda s: (reuse[s.index], -s.index))  # else the lowest: busy rows stay together
-            self._start(slot, job, reuse[slot.index])
+            keep = reuse[slot.index]
+            if lead is not None and lead.slot >= 0 and self.slots[lead.slot].job is lead:
+                copied = reusable_prefix(self.slots[lead.slot].ids, lead.keys, prompt.ids, job.keys, self.pads, frames)
+                if copied > keep:
+                    keep = self._copy_row(self.slots[lead.slot], slot, copied)
+            self._start(slot, job, keep)
+        self.ready.extendleft(reversed(waiting))
+
+    def _copy_row(self, src: Slot, dst: Slot, n: int) -> int:
+        """The first ``n`` cached tokens of ``src``'s row into ``dst``'s (keys, values, pictures): a
+        copy of a few MB instead of a prefill."""
+        for a in (*self.cache.keys, *self.cache.values):
+            a[dst.index, :, :n] = a[src.index, :, :n]
+        dst.ids, dst.keys = list(src.ids[:n]), list(src.keys)
+        return n
 
     def _start(self, slot: Slot, job: Job, keep: int) -> None:
         prompt, cfg, row = job.prompt, self.model.config, self.rows[slot.index]

@@ -121,6 +121,7 @@ class Choices:
         self.early: list[tuple[int, object]] = []  # events that came while others were still being accepted
         for i in range(n):
             job = make(i, lambda ev, i=i: loop.call_soon_threadsafe(self.events.put_nowait, (i, ev)))
+            job.leader = self.jobs[0] if self.jobs else None  # the others start from choice 0's prompt
             try:
                 engine.submit(job)
             except QueueFull as e:
