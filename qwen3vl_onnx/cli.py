@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="optional system message")
     sampling_args(g)
     output_args(g)
+    g.add_argument("--boxes", default=None, metavar="OUT.png",
+                   help="draw the answer's boxes and points (grounding) onto the picture they refer to")  # fmt: skip
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of the stream")
     g.add_argument("--logprobs", type=at_least(0, 20, "OpenAI's limit"), default=None, metavar="N",
                    help="with --json: each token's log-probability and the N likeliest alternatives")  # fmt: skip
@@ -212,6 +214,8 @@ def _generate(args: argparse.Namespace) -> int:
     from .runtime.pipeline import Pipeline
     from .runtime.sampling import GenerationParams
 
+    if args.boxes and not args.image:
+        raise UserError("--boxes needs a picture (--image) to draw on")
     overrides = {**generation_overrides(args), **output_overrides(args)}
     GenerationParams(**overrides).checked(1 << 30)  # before loading anything; token ids are checked later
     prompt = args.prompt
@@ -236,6 +240,13 @@ def _generate(args: argparse.Namespace) -> int:
         for call in res.tool_calls or []:  # one JSON object a line, OpenAI's shape
             print(json.dumps(call.to_dict(), ensure_ascii=False))
         print(stats_line(res), file=sys.stderr)
+    if args.boxes:
+        from PIL import Image
+
+        from .runtime.grounding import save_marked
+
+        paths, marks = save_marked(res.text, [Image.open(p) for p in args.image], Path(args.boxes))
+        print(f"boxes: {len(marks)} marks drawn to {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
 
 
