@@ -144,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="pixels per image file at most")  # fmt: skip
     s.add_argument("--max-body-mb", type=bounded_float(0, 4096, positive=True), default=20.0, help="request body limit in MB")
     s.add_argument("--metrics", action="store_true", help="Prometheus figures at /metrics")
+    s.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
     threads_arg(s)
 
     v = add("verify", help="compare a bundle with transformers (needs torch)",

@@ -46,6 +46,7 @@ from .schemas import (
 )
 from .settings import ServerSettings
 from .text_completions import text_completion
+from .ui import add_page, is_page
 
 log = logging.getLogger("qwen3vl_onnx.server")
 
@@ -154,7 +155,8 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
 
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next: Callable) -> Response:
-        if settings.api_key and request.url.path != "/health" and request.method != "OPTIONS":
+        open_path = request.url.path == "/health" or (settings.ui and is_page(request.url.path))
+        if settings.api_key and not open_path and request.method != "OPTIONS":
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
@@ -229,6 +231,8 @@ def create_app(settings: ServerSettings, load: Callable[[Metrics | None], Engine
     async def completions_legacy(body: CompletionRequest, request: Request) -> Any:
         return await text_completion(body, state, request)
 
+    if settings.ui:
+        add_page(app)
     stored = ResponseStore()
 
     @app.post("/v1/responses", responses=STREAMED)

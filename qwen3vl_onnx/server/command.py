@@ -46,7 +46,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           allow_remote_media=args.allow_remote_media, cors_origin=args.cors_origin, max_images=args.max_images,
                           max_video_frames=args.max_video_frames, max_image_pixels=args.max_image_pixels,
                           max_body_mb=args.max_body_mb, metrics=args.metrics,
-                          prefill_slice_ms=args.prefill_slice_ms, shutdown_grace_s=args.shutdown_grace)  # fmt: skip
+                          prefill_slice_ms=args.prefill_slice_ms, shutdown_grace_s=args.shutdown_grace,
+                          ui=not args.no_ui)  # fmt: skip
 
 
 def _text_config(bundle: Path) -> TextConfig:

@@ -26,3 +26,4 @@ class ServerSettings:
     metrics: bool = False  # GET /metrics
     prefill_slice_ms: int = 250  # longest prompt call while other requests decode (keeps their streams flowing)
     shutdown_grace_s: float = 10.0  # once stopping, how long running answers may still take before they are cut
+    ui: bool = True  # the chat page at / (--no-ui: off)
