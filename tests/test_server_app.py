@@ -107,3 +107,26 @@ def test_a_cancelled_wait_for_the_next_event_leaves_no_task_behind():
         return left
 
     assert asyncio.run(scenario()) == set()
+
+
+def test_the_chat_page_is_served_with_its_policy_and_can_be_turned_off():
+    """GET / and /ui/*: content types, no caching of stale code, a policy that allows this origin
+    only and no inline script; open without the key while the API keeps it; --no-ui: gone."""
+    from qwen3vl_onnx.server.ui import FILES
+
+    app = create_app(ServerSettings("m", api_key="k"), lambda _m: threading.Event().wait(30))
+    with TestClient(app) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe" not in csp
+        assert 'src="/ui/app.js"' in page.text and "http" not in page.text.split("<body>")[0].replace("http-equiv", "")
+        for name, kind in FILES.items():
+            r = c.get(f"/ui/{name}")
+            assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
+            assert r.headers["cache-control"] == "no-cache"
+        assert c.get("/ui/secret.txt").status_code == 404 and c.get("/ui/%2E%2E%2Fapp.py").status_code == 404
+        assert c.get("/v1/models").status_code == 401
+    off = create_app(ServerSettings("m", ui=False), lambda _m: threading.Event().wait(30))
+    with TestClient(off) as c:
+        assert c.get("/").status_code == 404 and c.get("/ui/app.js").status_code == 404

@@ -47,7 +47,9 @@ class Page:
         self.errors: list[str] = []
         self.requests: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("console", lambda m: m.type == "error" and "status of 401" not in m.text and self.errors.append(m.text))
+        # an HTTP error status is logged as "Failed to load resource": a network log, not a script error
+        self.page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
+                     and self.errors.append(m.text))  # fmt: skip
         self.page.on("request", lambda r: self.requests.append(r.url))
         self.url = url
 
@@ -134,6 +136,13 @@ def test_untrusted_text_stays_text_and_boxes_land_on_their_pixels(browser, shape
     assert page.page.locator(".msg.assistant img, .msg.assistant script").count() == 0
     assert "<img src=x" in page.page.inner_text(".msg.assistant") and page.page.title() != "pwned"
     assert page.page.locator(".msg.assistant strong").inner_text() == "bold"  # Markdown, as nodes
+    page.page.unroute("**/v1/chat/completions")
+    error = json.dumps({"error": {"message": "image of 9000x9000 is over the limit", "type": "invalid_request_error"}})
+    page.page.route("**/v1/chat/completions",
+                    lambda route: route.fulfill(status=400, body=error, content_type="application/json"))  # fmt: skip
+    page.ask("A huge picture?")
+    page.page.wait_for_selector(".msg.error")
+    assert "image of 9000x9000 is over the limit" in page.page.inner_text(".msg.error")  # shown, not swallowed
     page.page.unroute("**/v1/chat/completions")
     marks = '[{"bbox_2d": [100, 250, 600, 750], "label": "square"}, {"point_2d": [500, 500], "label": "c"}]'
     _recorded(page.page, f"```json\n{marks}\n```")
