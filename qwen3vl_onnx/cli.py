@@ -23,6 +23,7 @@ from .cli_args import (
     cosine,
     generation_overrides,
     int8_projections_arg,
+    kv_cache_arg,
     output_args,
     output_overrides,
     positive_float,
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="vision tower linear layers (auto: int8 for int4/int8 bundles, else fp32)")  # fmt: skip
     int8_projections_arg(e)
     prefill_int8_arg(e)
+    kv_cache_arg(e, export=True)
     e.add_argument("--portable", action="store_true", help="standard ONNX ops only (no ONNX Runtime contrib ops)")
     e.add_argument("--force", action="store_true", help="replace OUT if it is a bundle (or an empty folder), nothing else")
 
@@ -103,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", type=at_least(0, 20, "OpenAI's limit"), default=None, metavar="N",
                    help="with --json: each token's log-probability and the N likeliest alternatives")  # fmt: skip
     threads_arg(g)
+    kv_cache_arg(g)
     g.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
                    help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
 
@@ -114,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     sampling_args(c)
     output_args(c)
     threads_arg(c)
+    kv_cache_arg(c)
     c.add_argument("--no-prefill-graph", dest="prefill_graph", action="store_false",
                    help="leave a --prefill-int8 bundle's prompt graph unloaded (less memory, slower prompts)")  # fmt: skip
 
@@ -146,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", action="store_true", help="Prometheus figures at /metrics")
     s.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
     threads_arg(s)
+    kv_cache_arg(s)
 
     v = add("verify", help="compare a bundle with transformers (needs torch)",
             description="Compare a bundle's logits with transformers' on the same inputs (needs the torch extra).")  # fmt: skip
@@ -178,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--vision-precision", default="auto", choices=["auto", "fp32", "int8"], help="vision tower linear layers")
     int8_projections_arg(b)
     prefill_int8_arg(b)
+    kv_cache_arg(b, export=True)
     b.add_argument("--repeats", type=at_least(1, 100), default=3, help="timed runs per figure (the median is reported)")
     b.add_argument("--compare", action="store_true", help="also run the peers on the same weights")
     b.add_argument("--video", action="store_true",
@@ -206,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("bundle", help="bundle of the shapes model")
     ev.add_argument("-n", type=at_least(1, 10_000), default=200, help="number of held-out items")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    kv_cache_arg(ev)
     return p
 
 
@@ -223,7 +230,7 @@ def _generate(args: argparse.Namespace) -> int:
     if prompt == "-":  # one trailing newline dropped, as a shell's $(...) does: echo's and printf's text ask the same
         prompt = sys.stdin.read()
         prompt = prompt[:-2] if prompt.endswith("\r\n") else prompt.removesuffix("\n")
-    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
+    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph, kv_cache=args.kv_cache)
     content = [{"type": "image", "image": p} for p in args.image] + [video_part(p, args) for p in args.video]
     content.append({"type": "text", "text": prompt})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": content}]
@@ -256,14 +263,14 @@ def _export_options(args: argparse.Namespace) -> ExportOptions:
 
     return ExportOptions(precision=args.precision, block_size=args.block_size, vision_precision=args.vision_precision,
                          int8_projections=args.int8_projections, prefill_int8=args.prefill_int8,
-                         portable=getattr(args, "portable", False))  # fmt: skip
+                         portable=getattr(args, "portable", False), kv_cache=args.kv_cache or "auto")  # fmt: skip
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .runtime.pipeline import Pipeline
     from .shapes.evaluate import evaluate
 
-    rep = evaluate(Pipeline.from_bundle(args.bundle), args.n)
+    rep = evaluate(Pipeline.from_bundle(args.bundle, kv_cache=args.kv_cache), args.n)
     if args.json:
         print(json.dumps({"accuracy": rep.accuracy(), "n": args.n}))
     else:
@@ -321,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
+        from .calibration import kv_ranges
         from .export.bundle import export
 
-        print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force)}")
+        print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force, kv_ranges)}")
         return 0
     if args.command == "bench":
         from .bench.command import run_bench

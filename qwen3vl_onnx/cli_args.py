@@ -19,6 +19,7 @@ from .errors import UserError
 # Frames per video at most, whatever a checkpoint's config says (Qwen3-VL's video processor default).
 MAX_VIDEO_FRAMES = 768
 
+
 def usable_cores() -> int:
     """CPUs this process may run on (its affinity mask: a container's share, not the host's count)."""
     try:
@@ -164,12 +165,20 @@ def int8_projections_arg(p: argparse.ArgumentParser) -> None:
                         "o_proj, gate_proj, up_proj, down_proj, lm_head, or none (default: v_proj,lm_head)")  # fmt: skip
 
 
+def kv_cache_arg(p: argparse.ArgumentParser, export: bool = False) -> None:
+    if export:
+        p.add_argument("--kv-cache", default="auto", choices=["auto", "fp32", "int8"],
+                       help="KV cache the bundle runs with unless told otherwise (auto: int8 for int4/int8 bundles, "
+                            "else fp32); an int8 bundle keeps the fp32-cache graphs too")  # fmt: skip
+    else:
+        p.add_argument("--kv-cache", default=None, choices=["fp32", "int8"],
+                       help="KV cache precision (default: the bundle's; int8 is a quarter of the memory)")  # fmt: skip
+
+
 def prefill_int8_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-int8", action="store_true",
                    help="int4/int8: add a prompt graph with int8 GEMMs (faster prefill; "
                         "+1 byte per decoder weight in memory)")  # fmt: skip
-
-
 
 
 def output_args(p: argparse.ArgumentParser) -> None:

@@ -204,7 +204,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = 
     when left with Ctrl-C (pressed twice at the prompt: once only clears the line)."""
     from .runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph)
+    pipe = Pipeline.from_bundle(args.bundle, threads=args.threads, prefill_graph=args.prefill_graph, kv_cache=args.kv_cache)
     session = ChatSession(pipe.chat(system=args.system), args, out, err)
     interactive = stdin.isatty()
     if interactive:

@@ -40,6 +40,7 @@ RELEASED_IMAGE_PROCESSOR: dict[str, Any] = {
     "processor_class": "Qwen3VLProcessor",
 }
 
+
 @dataclass(frozen=True)
 class VisionConfig:
     depth: int

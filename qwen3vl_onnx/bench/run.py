@@ -155,7 +155,7 @@ def child_measure(bundle: Path, repeats: int) -> dict:
     if r.returncode:
         said = r.stderr.strip().splitlines()
         if r.returncode == 2 and said and said[-1].startswith("error: "):  # a problem with the bundle, said in one line
-            raise UserError(f"{bundle}: {said[-1][len('error: '):]}")
+            raise UserError(f"{bundle}: {said[-1][len('error: ') :]}")
         raise RuntimeError(f"bench child failed: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -7,6 +7,7 @@ Layout::
       vision.onnx(.data)       patches -> merged image embeddings + DeepStack features
       decoder.onnx(.data)      embeddings + MRoPE positions + KV cache -> logits
       decoder_prefill.onnx     (--prefill-int8 only) the same decoder with int8 GEMMs, used for prompts
+      *.int8kv.onnx            (int8 KV cache) each decoder with an int8 cache, over the same .data
       embed_tokens.npy         token embedding table (memory-mapped at run time)
       tokenizer.json, chat template, preprocessor/video/generation configs, config.json (copied)
 
@@ -26,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from ..config import BUNDLE_FORMAT_VERSION, RELEASED_IMAGE_PROCESSOR, Qwen3VLCon
 from ..errors import UserError
 from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .graph import OPSET, Graph
+from .kv_int8 import QUANT_TYPE, int8_cache_graph, scales_from_ranges
 from .options import ExportOptions
 from .text import DecoderOptions, build_decoder
 from .vision import build_vision
@@ -116,15 +118,24 @@ def _progress(total: int, desc: str):
     return bar.update, bar.close
 
 
-def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, force: bool = False) -> Path:
+KVRanges = Callable[[Path], np.ndarray]
+
+
+def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, force: bool = False,
+           kv_ranges: KVRanges | None = None) -> Path:  # fmt: skip
     """Export ``checkpoint`` (see ``open_checkpoint``) to a bundle at ``out``; returns its path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and store the
     embedding table fp16; see ``ExportOptions.resolve`` for the vision tower, the 8-bit projections
-    of int4 and the prefill graph. Nothing is written at ``out`` unless the whole bundle is.
+    of int4, the KV cache and the prefill graph. An int8 KV cache needs ``kv_ranges``: given the
+    bundle as written so far (float cache), it returns the measured ranges
+    (``qwen3vl_onnx.calibration.kv_ranges``; passed in because measuring runs the runtime, a layer
+    above this one). Nothing is written at ``out`` unless the whole bundle is.
     """
     t0 = time.perf_counter()
     opts = (options or ExportOptions()).resolve()
+    if opts.kv_cache == "int8" and kv_ranges is None:
+        raise ValueError("an int8 KV cache needs kv_ranges (qwen3vl_onnx.calibration.kv_ranges)")
     out = Path(out).expanduser().resolve()
     _check_target(out, force)
     with open_checkpoint(checkpoint) as src:
@@ -154,8 +165,15 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
                 print(f"note: {checkpoint} has no preprocessor_config.json; the bundle gets Qwen3-VL's released image "
                       "settings", file=sys.stderr)  # fmt: skip
                 (tmp / "preprocessor_config.json").write_text(json.dumps(RELEASED_IMAGE_PROCESSOR, indent=1))
-            (tmp / OWNER).unlink()
             manifest = _manifest(cfg, opts, graphs, embed_info, tmp, str(checkpoint), time.perf_counter() - t0)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            if opts.kv_cache == "int8":
+                assert kv_ranges is not None
+                print("measuring the KV cache's ranges", file=sys.stderr)
+                _add_int8_cache(tmp, manifest, kv_ranges(tmp))
+                manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+            (tmp / OWNER).unlink()
+            manifest["files"] = sorted(p.name for p in tmp.iterdir())
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _publish(tmp, out)
         except BaseException:
@@ -233,6 +251,17 @@ def _write_graphs(tmp: Path, cfg: Qwen3VLConfig, weights: Checkpoint, opts: Expo
     return graphs
 
 
+def _add_int8_cache(tmp: Path, manifest: dict, ranges: np.ndarray) -> None:
+    """Each decoder graph's int8-cache twin (``KEY.int8kv.onnx``), recorded in ``manifest``."""
+    scales = scales_from_ranges(ranges)
+    for key in [k for k in manifest["graphs"] if k.startswith("decoder")]:
+        model = int8_cache_graph(tmp / f"{key}.onnx", tmp / f"{key}.int8kv.onnx", scales)
+        g = model.graph
+        manifest["graphs"][f"{key}_int8kv"] = {"file": f"{key}.int8kv.onnx", "inputs": _io(list(g.input)),
+                                               "outputs": _io(list(g.output))}  # fmt: skip
+    manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE}
+
+
 def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, tmp: Path, source: str,
               seconds: float) -> dict:  # fmt: skip
     return {
@@ -243,6 +272,7 @@ def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph],
         "export_options": dataclasses.asdict(opts),
         "decoder_options": dataclasses.asdict(opts.decoder()),
         "prefill_int8": opts.prefill_int8,
+        "kv_cache": {"default": "fp32"},
         "config": cfg.to_dict(),
         "graphs": {key: {"file": g.path.name, "inputs": _io(g.inputs), "outputs": _io(g.outputs)} for key, g in graphs.items()},
         "embed_tokens": embed,

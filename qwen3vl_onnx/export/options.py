@@ -15,6 +15,7 @@ from .text import DEFAULT_INT8_PROJECTIONS, PROJECTIONS, DecoderOptions
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 VISION_PRECISIONS = ("auto", "fp32", "int8")
+KV_CACHES = ("auto", "fp32", "int8")
 BITS = {"int8": 8, "int4": 4}
 
 
@@ -29,6 +30,7 @@ class ExportOptions:
     int8_projections: tuple[str, ...] | None = None
     prefill_int8: bool = False
     portable: bool = False
+    kv_cache: str = "auto"
 
     @property
     def bits(self) -> int:
@@ -44,6 +46,10 @@ class ExportOptions:
           encoded fast too. Float bundles keep the reference-exact fp32 tower.
         - ``int8_projections`` None: ``DEFAULT_INT8_PROJECTIONS`` for int4, nothing otherwise; an
           empty tuple: every projection at 4 bits.
+        - ``kv_cache`` "auto": int8 for int4/int8 bundles, else fp32. An int8-cache bundle holds the
+          float-cache decoder too (a second small graph file over the same weights), so the cache
+          precision can still be chosen at run time; float bundles stay the reference-exact form,
+          and portable graphs have no GroupQueryAttention to quantize for.
         - ``prefill_int8``: only for int4/int8 (never portable). Why the option exists: MatMulNBits'
           int8-compute path runs prompt-sized matmuls at about half the u8 x s8 GEMM's speed. The
           prefill graph stores every layer projection again as int8 per output channel (its lm_head
@@ -62,11 +68,18 @@ class ExportOptions:
         if vision == "auto":
             vision = "int8" if self.bits else "fp32"
         projections = self._projections()
+        if self.kv_cache not in KV_CACHES:
+            raise UserError(f"KV cache {self.kv_cache!r} is not one of {', '.join(KV_CACHES)}")
+        kv = self.kv_cache
+        if kv == "auto":
+            kv = "int8" if self.bits else "fp32"
+        if kv == "int8" and self.portable:
+            raise UserError("--portable graphs keep a float KV cache (int8 needs GroupQueryAttention)")
         if self.prefill_int8 and not self.bits:
             raise UserError(f"--prefill-int8 applies to int4/int8 bundles, not {self.precision}")
         if self.portable and (self.bits or vision != "fp32"):
             raise UserError(f"--portable graphs cannot be {self.precision}: MatMulNBits is an ONNX Runtime contrib op")
-        return dataclasses.replace(self, vision_precision=vision, int8_projections=projections)
+        return dataclasses.replace(self, vision_precision=vision, int8_projections=projections, kv_cache=kv)
 
     def _projections(self) -> tuple[str, ...]:
         if self.int8_projections is None:
@@ -88,4 +101,5 @@ class ExportOptions:
         args = ["--precision", self.precision, "--block-size", str(self.block_size), "--vision-precision", self.vision_precision]
         if self.precision == "int4":
             args += ["--int8-projections", ",".join(self.int8_projections or ()) or "none"]
+        args += ["--kv-cache", self.kv_cache]
         return args + ["--prefill-int8"] * self.prefill_int8 + ["--portable"] * self.portable

@@ -40,16 +40,24 @@ class KVCache:
     _bound: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
 
     @staticmethod
-    def size_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int) -> int:
-        """Bytes of a fused cache of ``capacity`` positions per row (float32 keys and values)."""
-        return 2 * layers * batch * kv_heads * rounded_capacity(capacity) * head_dim * 4
+    def size_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                   dtype: type[np.generic] = np.float32) -> int:  # fmt: skip
+        """Bytes of a fused cache of ``capacity`` positions per row (keys and values of ``dtype``)."""
+        return 2 * layers * batch * kv_heads * rounded_capacity(capacity) * head_dim * np.dtype(dtype).itemsize
 
     @classmethod
-    def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, fused: bool) -> KVCache:
+    def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, fused: bool,
+              dtype: type[np.generic] = np.float32) -> KVCache:  # fmt: skip
+        """An empty cache; ``dtype`` int8 for a bundle's int8-cache graphs (quantized by the graph)."""
         cap = rounded_capacity(capacity) if fused else 0
-        zeros = lambda: np.zeros((batch, kv_heads, cap, head_dim), np.float32)  # noqa: E731
+        zeros = lambda: np.zeros((batch, kv_heads, cap, head_dim), dtype)  # noqa: E731
         return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)],
                    np.zeros(batch, np.int64), np.zeros(batch, np.int64), fused)  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold now."""
+        return sum(a.nbytes for a in (*self.keys, *self.values))
 
     @property
     def batch(self) -> int:

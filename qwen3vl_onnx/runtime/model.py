@@ -32,6 +32,9 @@ PREFILL_MIN_CHUNK = 512
 # Vision calls carry at most this many patches (frames are split across calls; each frame attends
 # only to itself, so the features do not change): a 60 s video's activations never exist at once.
 VISION_MAX_PATCHES = 16384
+# KV cache precisions: the manifest key suffix of their decoder graphs, and their buffers' dtype.
+KV_GRAPH_SUFFIX = {"fp32": "", "int8": "_int8kv"}
+CACHE_DTYPES: dict[str, type[np.generic]] = {"fp32": np.float32, "int8": np.int8}
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
@@ -83,9 +86,10 @@ class BundleModel:
     """The graphs and embedding table of one bundle directory."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 prefill_graph: bool = True):  # fmt: skip
+                 prefill_graph: bool = True, kv_cache: str | None = None):  # fmt: skip
         """``prefill_graph=False`` leaves a --prefill-int8 bundle's prompt graph unloaded (its memory
-        back, prompts at the compact graph's speed)."""
+        back, prompts at the compact graph's speed). ``kv_cache`` "fp32" or "int8" picks the
+        decoder graphs of that cache precision (default: the bundle's)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = Qwen3VLConfig.from_manifest(self.manifest["config"])
@@ -93,14 +97,31 @@ class BundleModel:
         for f in files:
             if not (self.path / f).is_file():
                 raise UserError(f"{self.path}: bundle is incomplete, {f} is missing")
+        self.kv_cache = self._kv_cache(kv_cache)
+        graph = lambda key: self.path / self.manifest["graphs"][key + KV_GRAPH_SUFFIX[self.kv_cache]]["file"]  # noqa: E731
         self.vision = _session(self.path / "vision.onnx", providers, threads)
-        self.decoder = _session(self.path / "decoder.onnx", providers, threads)
+        self.decoder = _session(graph("decoder"), providers, threads)
         # --prefill-int8 bundles: a second decoder for prompts (same inputs, same cache).
         has_prefill = prefill_graph and "decoder_prefill" in self.manifest["graphs"]
-        self.prefill_decoder = _session(self.path / "decoder_prefill.onnx", providers, threads) if has_prefill else None
+        self.prefill_decoder = _session(graph("decoder_prefill"), providers, threads) if has_prefill else None
         self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
         self.fused = bool(self.manifest["decoder_options"]["fused"])
+
+    def _kv_cache(self, asked: str | None) -> str:
+        """The cache precision to run: ``asked``, or the bundle's default; one the bundle lacks is refused."""
+        have = [kv for kv, suffix in KV_GRAPH_SUFFIX.items() if "decoder" + suffix in self.manifest["graphs"]]
+        kv = asked or self.manifest.get("kv_cache", {}).get("default", "fp32")
+        if kv not in KV_GRAPH_SUFFIX:
+            raise UserError(f"--kv-cache {kv!r} is not one of {', '.join(KV_GRAPH_SUFFIX)}")
+        if kv not in have:
+            raise UserError(f"{self.path}: this bundle has no {kv} KV cache graphs (it has {', '.join(have)}); "
+                            f"export it with --kv-cache {kv}")  # fmt: skip
+        return kv
+
+    @property
+    def cache_dtype(self) -> type[np.generic]:
+        return CACHE_DTYPES[self.kv_cache]
 
     def encode_images(self, pixel_values: np.ndarray, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
         """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images.
@@ -126,12 +147,13 @@ class BundleModel:
     def cache_bytes(self, batch: int, capacity: int) -> int:
         """What ``new_cache(batch, capacity)`` holds once every position is used."""
         t = self.config.text
-        return KVCache.size_bytes(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity)
+        return KVCache.size_bytes(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity, self.cache_dtype)
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache; fused bundles preallocate ``capacity`` positions per row (grown on demand)."""
         t = self.config.text
-        return KVCache.empty(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity, self.fused)
+        return KVCache.empty(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity, self.fused,
+                             self.cache_dtype)  # fmt: skip
 
     def forward(
         self,

@@ -59,8 +59,9 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                    context_length: int | None = None, prefill_graph: bool = True) -> Pipeline:  # fmt: skip
-        return cls(BundleModel(path, providers, threads, prefill_graph), context_length)
+                    context_length: int | None = None, prefill_graph: bool = True, kv_cache: str | None = None,
+                    ) -> Pipeline:  # fmt: skip
+        return cls(BundleModel(path, providers, threads, prefill_graph, kv_cache), context_length)
 
     def prepare(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 tools: Sequence[Mapping[str, Any]] | None = None) -> Prompt:  # fmt: skip

@@ -47,7 +47,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           max_video_frames=args.max_video_frames, max_image_pixels=args.max_image_pixels,
                           max_body_mb=args.max_body_mb, metrics=args.metrics,
                           prefill_slice_ms=args.prefill_slice_ms, shutdown_grace_s=args.shutdown_grace,
-                          ui=not args.no_ui)  # fmt: skip
+                          ui=not args.no_ui, kv_cache=getattr(args, "kv_cache", None))  # fmt: skip
 
 
 def _text_config(bundle: Path) -> TextConfig:
@@ -60,11 +60,15 @@ def check_fits(bundle: Path, settings: ServerSettings) -> None:
     """Refuse at once what the server could never serve, before the minutes a large model takes to
     load: a context beyond the model's, or graphs plus the slots' KV cache beyond the memory left."""
     from ..runtime.cache import KVCache
+    from ..runtime.model import CACHE_DTYPES, read_manifest
     from .memory import available_memory
 
-    t = _text_config(bundle)
-    cache = KVCache.size_bytes(t.num_hidden_layers, settings.parallel, t.num_key_value_heads, t.head_dim, settings.ctx_size + 1)
-    graphs = sum(f.stat().st_size for f in bundle.iterdir() if ".onnx" in f.name and f.is_file())
+    manifest = read_manifest(bundle)
+    t = Qwen3VLConfig.from_manifest(manifest["config"]).text
+    kv = settings.kv_cache or manifest.get("kv_cache", {}).get("default", "fp32")
+    cache = KVCache.size_bytes(t.num_hidden_layers, settings.parallel, t.num_key_value_heads, t.head_dim, settings.ctx_size + 1,
+                               CACHE_DTYPES.get(kv, CACHE_DTYPES["fp32"]))  # fmt: skip
+    graphs = sum(f.stat().st_size for f in bundle.iterdir() if ".onnx" in f.name and f.is_file() and "int8kv" not in f.name)
     free = available_memory()
     if free is not None and cache + graphs > free:
         raise UserError(f"the graphs ({graphs / 2**30:.1f} GiB) and the KV cache for --parallel {settings.parallel} x --ctx-size "
@@ -100,7 +104,7 @@ def build_app(bundle: str | Path, settings: ServerSettings, threads: int | None 
     from .engine import Engine
 
     def load(metrics: Any) -> Engine:
-        pipe = Pipeline.from_bundle(bundle, threads=threads, context_length=settings.ctx_size)
+        pipe = Pipeline.from_bundle(bundle, threads=threads, context_length=settings.ctx_size, kv_cache=settings.kv_cache)
         engine = Engine(pipe, settings, metrics)
         logging.getLogger("qwen3vl_onnx.server").info("loaded %s: %d slots of %d tokens", bundle, settings.parallel,
                                                      settings.ctx_size)  # fmt: skip
@@ -116,8 +120,9 @@ def run_serve(args: argparse.Namespace) -> int:
         import sse_starlette  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise UserError(f"serve needs the server extra: pip install -e '.[server]' in the project's clone "
-                        f"({e.name} is missing)") from None
+        raise UserError(
+            f"serve needs the server extra: pip install -e '.[server]' in the project's clone ({e.name} is missing)"
+        ) from None
     settings = settings_from(args)
     check_fits(Path(args.bundle), settings)
     sock = listen(args.host, args.port)

@@ -393,4 +393,6 @@ class Engine:
             self.metrics.gauge(f"{what}_tokens_per_second", tokens / seconds)
 
     def slot_states(self) -> list[dict[str, Any]]:
-        return [{"id": s.index, "busy": s.job is not None, "cached_tokens": len(s.ids)} for s in self.slots]
+        row_bytes = self.cache.nbytes // max(1, self.cache.batch)
+        return [{"id": s.index, "busy": s.job is not None, "cached_tokens": len(s.ids), "kv_cache": self.model.kv_cache,
+                 "kv_cache_bytes": row_bytes} for s in self.slots]  # fmt: skip

@@ -318,6 +318,8 @@ class SlotState(BaseModel):
     id: int
     busy: bool
     cached_tokens: int
+    kv_cache: str  # the cache's precision: fp32 or int8
+    kv_cache_bytes: int  # the slot's share of the preallocated cache
 
 
 class ErrorBody(BaseModel):

@@ -27,3 +27,4 @@ class ServerSettings:
     prefill_slice_ms: int = 250  # longest prompt call while other requests decode (keeps their streams flowing)
     shutdown_grace_s: float = 10.0  # once stopping, how long running answers may still take before they are cut
     ui: bool = True  # the chat page at / (--no-ui: off)
+    kv_cache: str | None = None  # KV cache precision (None: the bundle's default)

@@ -17,7 +17,6 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")  # fmt: skip
 
 
-
 def is_page(path: str) -> bool:
     return path == "/" or path.startswith("/ui/")
 
