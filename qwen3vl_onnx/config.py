@@ -19,7 +19,7 @@ from .errors import UserError
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 # Bundle layout version, written by the exporter and checked by the runtime. 2: the vision graph
 # takes ``block_len`` (one frame size per call) instead of padded gather/mask/scatter blocks.
-BUNDLE_FORMAT_VERSION = 2
+BUNDLE_FORMAT_VERSION = 3
 
 
 # The image processor settings Qwen3-VL was released with (its preprocessor_config.json): what a

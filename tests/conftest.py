@@ -19,6 +19,7 @@ from PIL import Image
 
 from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template, make_config
 from qwen3vl_onnx.demo.tokenizer import write_tokenizer_files
+from qwen3vl_onnx.calibration import kv_ranges
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
 from qwen3vl_onnx.shapes.model import unpack
@@ -102,7 +103,8 @@ class Bundles:
     def __call__(self, **options) -> Path:
         key = tuple(sorted(options.items()))
         if key not in self._made:
-            self._made[key] = export(self.checkpoint, self.root / f"bundle-{len(self._made)}", ExportOptions(**options))
+            out = self.root / f"bundle-{len(self._made)}"
+            self._made[key] = export(self.checkpoint, out, ExportOptions(**options), kv_ranges=kv_ranges)
         return self._made[key]
 
 

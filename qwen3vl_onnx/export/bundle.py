@@ -8,7 +8,8 @@ Layout::
       decoder.onnx(.data)      embeddings + MRoPE positions + KV cache -> logits
       decoder_prefill.onnx     (--prefill-int8 only) the same decoder with int8 GEMMs, used for prompts
       *.int8kv.onnx            (int8 KV cache) each decoder with an int8 cache, over the same .data
-      embed_tokens.npy         token embedding table (memory-mapped at run time)
+      embed_tokens.npy         float bundles: token embedding table (memory-mapped at run time)
+      embed_tokens.data        quantized untied bundles: the table in blocks (tied ones read lm_head's)
       tokenizer.json, chat template, preprocessor/video/generation configs, config.json (copied)
 
 Everything is written to a temporary sibling directory that is renamed to OUT only once complete,
@@ -40,6 +41,7 @@ from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .graph import OPSET, Graph
 from .kv_int8 import QUANT_TYPE, int8_cache_graph, scales_from_ranges
 from .options import ExportOptions
+from .quant import quantize
 from .text import DecoderOptions, build_decoder
 from .vision import build_vision
 from .weights import Checkpoint
@@ -125,8 +127,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
            kv_ranges: KVRanges | None = None) -> Path:  # fmt: skip
     """Export ``checkpoint`` (see ``open_checkpoint``) to a bundle at ``out``; returns its path.
 
-    int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and store the
-    embedding table fp16; see ``ExportOptions.resolve`` for the vision tower, the 8-bit projections
+    int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and keep one
+    quantized token table (``_token_table``); see ``ExportOptions.resolve`` for the vision tower, the 8-bit projections
     of int4, the KV cache and the prefill graph. An int8 KV cache needs ``kv_ranges``: given the
     bundle as written so far (float cache), it returns the measured ranges
     (``qwen3vl_onnx.calibration.kv_ranges``; passed in because measuring runs the runtime, a layer
@@ -153,11 +155,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
         (tmp / OWNER).write_text(str(os.getpid()))
         try:
             graphs = _write_graphs(tmp, cfg, weights, opts)
-            embed_dtype = np.float16 if opts.bits else PRECISIONS[opts.precision]
-            embed = weights["model.language_model.embed_tokens.weight"].astype(embed_dtype)
-            np.save(tmp / "embed_tokens.npy", embed)
-            embed_info = {"file": "embed_tokens.npy", "dtype": embed.dtype.name, "shape": list(embed.shape)}
-            del embed
+            embed_info = _token_table(tmp, cfg, weights, opts, graphs["decoder"])
             for name in COPIED_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
@@ -249,6 +247,37 @@ def _write_graphs(tmp: Path, cfg: Qwen3VLConfig, weights: Checkpoint, opts: Expo
     if opts.prefill_int8:
         graphs["decoder_prefill"] = decoder("decoder_prefill", "prefill", opts.decoder(int8_rows=True))
     return graphs
+
+
+def _token_table(tmp: Path, cfg: Qwen3VLConfig, weights: Checkpoint, opts: ExportOptions, decoder: Graph) -> dict:
+    """The token embedding table and its manifest entry (read by ``runtime.token_table``).
+
+    Float bundles store the table as an array (``embed_tokens.npy``). Quantized ones keep it in
+    MatMulNBits blocks at lm_head's bits: a tied checkpoint's table *is* the decoder's lm_head
+    weight (the entry points into the graph's data file, nothing is stored twice); an untied one
+    gets its own (``embed_tokens.data``). Why: the fp16 table was 0.78 GB of a 4B int4 bundle.
+    """
+    t = cfg.text
+    if not opts.bits:
+        embed = weights["model.language_model.embed_tokens.weight"].astype(PRECISIONS[opts.precision])
+        np.save(tmp / "embed_tokens.npy", embed)
+        return {"kind": "array", "file": "embed_tokens.npy", "dtype": embed.dtype.name, "shape": list(embed.shape)}
+    bits = opts.decoder().bits_for("lm_head")
+    entry = {"kind": "blocks", "bits": bits, "block_size": opts.block_size, "rows": t.vocab_size, "cols": t.hidden_size}
+    if cfg.tie_word_embeddings:
+        parts = {key: decoder.stored(f"lm_head.{key}") for key in ("qweight", "scales", "zero_points")}
+        if parts["qweight"] is None or parts["scales"] is None:
+            raise RuntimeError("the tied lm_head is not a MatMulNBits weight in the decoder's data file")
+        return {**entry, "file": decoder.data_name, **parts}
+    q = quantize(weights["model.language_model.embed_tokens.weight"], bits, opts.block_size)
+    entry["file"] = "embed_tokens.data"
+    with open(tmp / "embed_tokens.data", "wb") as f:
+        for key, arr in (("qweight", q.packed), ("scales", q.scales), ("zero_points", q.zero_points)):
+            entry[key] = None if arr is None else {"offset": f.tell(), "shape": list(arr.shape)}
+            if arr is not None:
+                f.write(np.ascontiguousarray(arr).tobytes())
+                f.write(b"\0" * (-f.tell() % 64))  # each part starts aligned for its dtype
+    return entry
 
 
 def _add_int8_cache(tmp: Path, manifest: dict, ranges: np.ndarray) -> None:

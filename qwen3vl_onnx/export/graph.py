@@ -111,6 +111,14 @@ class Graph:
             return self.op("Cast", stored, to=FLOAT, name=name)
         return name
 
+    def stored(self, name: str) -> dict | None:
+        """Where weight ``name`` lies in the data file ({"offset", "shape"}), None if there is none."""
+        for t in self.initializers:
+            if t.name == name and t.data_location == onnx.TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in t.external_data}
+                return {"offset": int(where["offset"]), "shape": list(t.dims)}
+        return None
+
     def save(self) -> None:
         """Write the .onnx file (the data file has been written as weights arrived)."""
         self._data.close()

@@ -19,6 +19,7 @@ from ..config import BUNDLE_FORMAT_VERSION, Qwen3VLConfig
 from ..errors import UserError
 from .cache import KVCache
 from .positions import rope_index
+from .token_table import TokenTable
 from .vision_geometry import Grid, vision_calls, vision_inputs
 
 # Calls of at least this many tokens go to a bundle's prefill graph (--prefill-int8). Below it the
@@ -104,7 +105,7 @@ class BundleModel:
         # --prefill-int8 bundles: a second decoder for prompts (same inputs, same cache).
         has_prefill = prefill_graph and "decoder_prefill" in self.manifest["graphs"]
         self.prefill_decoder = _session(graph("decoder_prefill"), providers, threads) if has_prefill else None
-        self.embed_table = np.load(self.path / "embed_tokens.npy", mmap_mode="r")
+        self.tokens = TokenTable(self.path, self.manifest["embed_tokens"])
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
         self.fused = bool(self.manifest["decoder_options"]["fused"])
 
@@ -142,7 +143,7 @@ class BundleModel:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], axis=1)
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:
-        return np.asarray(self.embed_table[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+        return self.tokens.rows(ids)
 
     def cache_bytes(self, batch: int, capacity: int) -> int:
         """What ``new_cache(batch, capacity)`` holds once every position is used."""
