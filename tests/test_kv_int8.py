@@ -1,0 +1,148 @@
+"""The int8 KV cache: scales from measured ranges, the int8-cache graphs an export adds, and that
+decoding over them tracks the float cache (pictures, a 2000-token prompt, a video, a conversation,
+the server's slots and prompt cache) at a quarter of the bytes.
+
+Bounds: mean logit cosine against the float cache >= 0.999 and every position >= 0.99, over the
+prompt's positions and 8 teacher-forced decode steps. Measured on these random checkpoints (int4
+weights, head_dim 16): means 0.9993-0.9996, minima 0.9985-0.9992 (pictures, 2017 positions of
+text, a video); on the trained shapes model
+(docs/BENCHMARKS.md) mean 1.00000, min 0.99997.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.errors import UserError
+from qwen3vl_onnx.export.kv_int8 import FLOOR, HEADROOM, scales_from_ranges
+from qwen3vl_onnx.runtime.sampling import GenerationParams
+
+from .conftest import make_video, picture
+
+
+def test_scales_keep_headroom_and_a_floor_per_head():
+    ranges = np.zeros((2, 2, 3, 8), np.float32)
+    ranges[0, 0, 0] = np.arange(8)  # one head's channels 0..7: channel 0 never moved in calibration
+    ranges[1, 1, 2] = 5.0
+    s = scales_from_ranges(ranges)
+    assert s.shape == ranges.shape and s.dtype == np.float32
+    np.testing.assert_allclose(s[0, 0, 0, 7], 7 * HEADROOM / 127, rtol=1e-6)
+    np.testing.assert_allclose(s[0, 0, 0, 0], 7 * FLOOR / 127, rtol=1e-6)  # the floor, not zero
+    np.testing.assert_allclose(s[1, 1, 2], 5 * HEADROOM / 127, rtol=1e-6)
+    assert (s[0, 1] == 1 / 127).all()  # a head that never moved gets a usable scale, not zero or inf
+    with pytest.raises(ValueError, match="finite"):
+        scales_from_ranges(np.full((1, 2, 1, 4), np.nan))
+
+
+@pytest.fixture(scope="module")
+def int4(tiny_models):
+    tiny = tiny_models("tied_gqa2")
+    return tiny.bundle_with(precision="int4")
+
+
+def _logits(pipe: Pipeline, messages: list, forced: list[int] | None = None, steps: int = 8) -> tuple[np.ndarray, list[int]]:
+    """Every prompt position's logits and ``steps`` decode steps' (fed ``forced`` tokens, else greedy)."""
+    m, p = pipe.model, pipe.prepare(messages)
+    emb, ds = m.encode_images(p.pixel_values, p.grids) if p.pixel_values is not None else (None, None)
+    cache = m.new_cache(capacity=len(p.ids) + steps)
+    out = [m.prefill(p.ids, emb, ds, p.image_grids, cache, len(p.ids), p.video_grids)[0]]
+    tokens = forced or []
+    for i in range(steps):
+        tok = forced[i] if forced else int(np.argmax(out[-1][-1]))
+        if not forced:
+            tokens.append(tok)
+        out.append(m.step([tok], cache))
+    return np.concatenate(out), tokens
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.mark.parametrize("case", ["pictures", "long_text", "video"])
+def test_int8_cache_tracks_the_float_cache(int4, tmp_path, case):
+    if case == "pictures":
+        content = [{"type": "image", "image": picture(96, 64, seed=4)}, {"type": "image", "image": picture(40, 120, seed=5)},
+                   {"type": "text", "text": "Compare the two pictures."}]  # fmt: skip
+    elif case == "long_text":
+        content = [{"type": "text", "text": "A long report about rivers, bridges and floods. " * 200}]
+    else:
+        clip = make_video(tmp_path / "clip.mp4", frames=12, fps=6, width=64, height=48)
+        content = [{"type": "video", "video": str(clip)}, {"type": "text", "text": "What moves?"}]
+    messages = [{"role": "user", "content": content}]
+    fp32, int8 = Pipeline.from_bundle(int4, kv_cache="fp32"), Pipeline.from_bundle(int4)
+    assert int8.model.kv_cache == "int8"  # the int4 bundle's default
+    ref, tokens = _logits(fp32, messages)
+    got, _ = _logits(int8, messages, tokens)
+    if case == "long_text":
+        assert len(ref) >= 2000
+    cos = _cos(ref, got)
+    print(f"{case}: {len(cos)} positions, cosine mean {cos.mean():.6f} min {cos.min():.5f}")
+    assert cos.mean() >= 0.999 and cos.min() >= 0.99
+    a, b = fp32.model.new_cache(capacity=512), int8.model.new_cache(capacity=512)
+    a.ensure(512), b.ensure(512)
+    assert a.nbytes == 4 * b.nbytes and fp32.model.cache_bytes(2, 512) == 4 * int8.model.cache_bytes(2, 512)
+
+
+def test_the_bundle_holds_both_caches_and_says_which_is_default(int4, tiny_one):
+    manifest = json.loads((int4 / "manifest.json").read_text())
+    assert manifest["kv_cache"]["default"] == "int8" and manifest["export_options"]["kv_cache"] == "int8"
+    for key in ("decoder", "decoder_int8kv"):
+        assert (int4 / manifest["graphs"][key]["file"]).is_file()
+    assert manifest["graphs"]["decoder_int8kv"]["inputs"]["past_key.0"]["dtype"] == "int8"
+    assert manifest["graphs"]["decoder"]["inputs"]["past_key.0"]["dtype"] == "float32"
+    assert not list(int4.glob("*.int8kv.onnx.data"))  # the twin references the same weights
+    fp32 = tiny_one.bundle  # float weights: a float cache only
+    assert Pipeline.from_bundle(fp32).model.kv_cache == "fp32"
+    with pytest.raises(UserError, match=r"no int8 KV cache graphs .* export it with --kv-cache int8"):
+        Pipeline.from_bundle(fp32, kv_cache="int8")
+
+
+def test_cli_chooses_the_cache_at_run_time(int4, run_cli):
+    answers = {}
+    for kv in ("fp32", "int8"):
+        r = run_cli("generate", str(int4), "--prompt", "Hello", "--max-new-tokens", "6", "--temperature", "0", "--json",
+                    "--kv-cache", kv)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        answers[kv] = json.loads(r.stdout)["token_ids"]
+    assert len(answers["int8"]) == len(answers["fp32"]) == 6
+
+
+def test_conversation_and_server_slots_on_an_int8_cache(int4):
+    """A second turn continues the int8 cache as a fresh prefill of the whole conversation would;
+    the engine's slots, prompt cache and memory check count int8 bytes."""
+    from qwen3vl_onnx.server.engine import Engine, Finished, Job, Token
+    from qwen3vl_onnx.server.settings import ServerSettings
+
+    pipe = Pipeline.from_bundle(int4)
+    params = GenerationParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    conv = pipe.chat()
+    first = conv.send([{"type": "image", "image": picture(64, 48)}, {"type": "text", "text": "What is it?"}], params).finish()
+    second = conv.send("And its colour?", params).finish()
+    whole = [{"role": "user", "content": [{"type": "image", "image": picture(64, 48)}, {"type": "text", "text": "What is it?"}]},
+             {"role": "assistant", "content": first.text}, {"role": "user", "content": "And its colour?"}]  # fmt: skip
+    again = pipe.generate(whole, max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert second.token_ids == again.token_ids
+
+    engine = Engine(pipe, ServerSettings(model_name="tiny", parallel=2, ctx_size=256))
+    states = engine.slot_states()
+    assert [s["kv_cache"] for s in states] == ["int8", "int8"]
+    assert states[0]["kv_cache_bytes"] == pipe.model.cache_bytes(2, 257) // 2 == engine.cache.nbytes // 2
+    texts, done = [], threading.Event()
+
+    def sink(ev):
+        if isinstance(ev, Token):
+            texts.append(str(ev.delta))
+        elif isinstance(ev, Finished):
+            done.set()
+
+    for _ in range(2):  # the second request reuses the first's cached prompt
+        texts.clear(), done.clear()
+        engine.submit(Job(whole[:1], pipe.params(params), sink))
+        assert done.wait(60)
+        assert "".join(texts) == first.text
