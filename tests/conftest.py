@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwen3vl_onnx.calibration import kv_ranges
 from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template, make_config
 from qwen3vl_onnx.demo.tokenizer import write_tokenizer_files
-from qwen3vl_onnx.calibration import kv_ranges
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
 from qwen3vl_onnx.shapes.model import unpack
@@ -312,6 +312,7 @@ def transformers_prompt_ids(processor, messages, videos, tools=None):
 
     frames, metas = [], []
     for path, fps in videos:
+
         def sample(metadata, fps=fps, **_):
             return processor.video_processor.sample_frames(metadata, fps=fps)
 
