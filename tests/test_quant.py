@@ -9,10 +9,14 @@ Int4/int8 bundles also get the int8 (dynamic) vision tower by default, so the im
   0.9994-0.9997 on VNNI and 0.99878-0.99948 on AVX2, where they saturated).
 - int4 as exported by default (v_proj and lm_head at 8 bits), block 128: >= 0.96 (measured
   0.973-0.983); block 32: >= 0.96 (0.976-0.986).
-- int4 everywhere (``int8_projections=()``), block 128: >= 0.935 (measured 0.955-0.961). Round-to-
-  nearest int4 leaves ~9.5% relative error per random Gaussian matmul whatever the width; over a
-  few random layers that costs ~4% cosine. The tiny rows are 64 wide, so a 128 block is one scale
-  per padded row, the worst case.
+- int4 everywhere (``int8_projections=()``), block 128: >= 0.91 (measured 0.925-0.961 with the
+  token table at 4 bits too, as a tied checkpoint's one table is lm_head's blocks; 0.955-0.961
+  with a float table, AVX2-only EPYC, 2026-12-03). Round-to-nearest int4 leaves ~9.5% relative
+  error per random Gaussian matmul whatever the width; over a few random layers that costs ~4%
+  cosine, and a 4-bit table feeds that error into every layer. The tiny rows are 64 wide, so a
+  128 block is one scale per padded row, the worst case. On the trained shapes model the 4-bit
+  table changes nothing measurable (all-4-bit logit cosine mean 0.9984, min 0.981 against fp32,
+  as before it; held-out accuracy 95.25% against fp32's 95.75% over 400 items).
 0.99 is not reachable on these random weights by anything that is still int4: fake-quantizing in
 torch, even every attention projection and lm_head at 8 bits leaves 0.986-0.994.
 Trained weights are the meaningful check: the shapes model's int4 logits keep cosine >= 0.99 on every
@@ -37,7 +41,7 @@ from .conftest import GEOMETRIES, picture
 from .test_parity import _onnx_logits
 
 # (precision, block, int8_projections: None = the default) -> lowest logit cosine accepted
-BOUNDS = {("int8", 128, None): 0.999, ("int4", 32, None): 0.96, ("int4", 128, None): 0.96, ("int4", 128, ()): 0.935}
+BOUNDS = {("int8", 128, None): 0.999, ("int4", 32, None): 0.96, ("int4", 128, None): 0.96, ("int4", 128, ()): 0.91}
 
 
 @pytest.mark.parametrize("bits,k", [(4, 96), (4, 80), (8, 96), (8, 40)])
