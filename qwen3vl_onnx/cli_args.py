@@ -162,7 +162,8 @@ def projection_list(text: str) -> tuple[str, ...]:
 def int8_projections_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-projections", default=None, metavar="LIST", type=projection_list,
                    help="int4: decoder projections kept at 8 bits, comma-separated from q_proj, k_proj, v_proj, "
-                        "o_proj, gate_proj, up_proj, down_proj, lm_head, or none (default: v_proj,lm_head)")  # fmt: skip
+                        "o_proj, gate_proj, up_proj, down_proj, lm_head, or none (default by CPU kind: v_proj,lm_head "
+                        "with VNNI, none on AVX2 only)")  # fmt: skip
 
 
 def kv_cache_arg(p: argparse.ArgumentParser, export: bool = False) -> None:

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from qwen3vl_onnx.export.defaults import int8_projections
+
 from .test_bench import _check_ours
 
 
@@ -47,7 +49,9 @@ def test_bench_compare_runs_peers_on_the_same_weights_and_in_turns(cli, tmp_path
     stem = tmp_path / "o" / "bench-tiny-int4-vint8"
     res = json.loads(stem.with_suffix(".json").read_text())
     _check_ours(res, stem, False)
-    assert not (bench_workdir / "tiny" / "bundle-int4-b128-p8v_proj+lm_head-vint8" / "decoder_prefill.onnx").exists()
+    assert not (
+        bench_workdir / "tiny" / f"bundle-int4-b128-p8{'+'.join(int8_projections()) or 'none'}-vint8" / "decoder_prefill.onnx"
+    ).exists()
     assert list(res["peers"]) == ["PyTorch bf16", "onnxruntime-genai int4 (text)"]
     peer = res["peers"]["onnxruntime-genai int4 (text)"]
     assert "skipped" not in peer and "skipped" not in res["peers"]["PyTorch bf16"], res["peers"]

@@ -7,7 +7,7 @@ AVX2-only EPYC (qemu-x86_64 -cpu max), since the u8 x s8 weights cannot saturate
 Int4/int8 bundles also get the int8 (dynamic) vision tower by default, so the image path counts.
 - int8 (block 128): >= 0.999 (measured 0.99935-0.99958; with full-range int8 vision weights it was
   0.9994-0.9997 on VNNI and 0.99878-0.99948 on AVX2, where they saturated).
-- int4 as exported by default (v_proj and lm_head at 8 bits), block 128: >= 0.96 (measured
+- int4 with v_proj and lm_head at 8 bits (the default with VNNI), block 128: >= 0.96 (measured
   0.973-0.983); block 32: >= 0.96 (0.976-0.986).
 - int4 everywhere (``int8_projections=()``), block 128: >= 0.91 (measured 0.925-0.961 with the
   token table at 4 bits too, as a tied checkpoint's one table is lm_head's blocks; 0.955-0.961
@@ -34,6 +34,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.export.defaults import int8_projections
 from qwen3vl_onnx.export.quant import dequantize, quantize
 from qwen3vl_onnx.export.text import PROJECTIONS
 
@@ -100,9 +101,10 @@ def _matmulnbits_bits(bundle) -> dict[str, int]:
 
 @pytest.mark.parametrize("projections", [None, (), ("o_proj", "gate_proj", "lm_head")])
 def test_int4_keeps_chosen_projections_at_8_bits(tiny_one, projections):
-    """Default int4 keeps v_proj and lm_head at 8 bits; q/k (and gate/up) stay packed per width."""
+    """Default int4 keeps this CPU kind's choice at 8 bits (v_proj and lm_head with VNNI, none on
+    AVX2 only); q/k (and gate/up) stay packed per width."""
     bits = _matmulnbits_bits(tiny_one.bundle_with(precision="int4", int8_projections=projections))
-    eight = {"v_proj", "lm_head"} if projections is None else set(projections)
+    eight = set(int8_projections() if projections is None else projections)
     layers = GEOMETRIES[tiny_one.name]["layers"]
     assert len(bits) == layers * (4 + ("v_proj" in eight) + ("gate_proj" in eight)) + 1
     for name, b in bits.items():
@@ -139,7 +141,10 @@ def test_quantized_bundle_accuracy(tiny, precision, block, projections):
     cos = _cos(ours, ref)
     label = f"{precision} block {block}" + ("" if projections is None else f" 8-bit {projections}")
     print(f"\n{tiny.name} {label}: logit cosine {cos:.5f}, max |d| {np.abs(ours - ref).max():.4f}")
-    assert cos >= BOUNDS[precision, block, projections]
+    bound = BOUNDS[precision, block, projections]
+    if precision == "int4" and projections is None and not int8_projections():
+        bound = BOUNDS["int4", 128, ()]  # this CPU kind's default is all 4-bit: that case's bound
+    assert cos >= bound
 
 
 def _ops(path) -> list[str]:
@@ -157,7 +162,8 @@ def test_prefill_int8_graph(tiny):
     min 0.951-0.972), and no worse than after an int4 prompt (0.919-0.953) but for 0.005 of slack:
     the int8-filled cache is the better one.
     """
-    bundle = tiny.bundle_with(precision="int4", prefill_int8=True)
+    # lm_head at 8 bits (the VNNI default) whatever this CPU's default: the bounds measure the prompt graph
+    bundle = tiny.bundle_with(precision="int4", prefill_int8=True, int8_projections=("v_proj", "lm_head"))
     ops = _ops(bundle / "decoder_prefill.onnx")
     layers = GEOMETRIES[tiny.name]["layers"]
     assert ops.count("MatMulIntegerToFloat") == 4 * layers  # qkv, o, gate/up, down

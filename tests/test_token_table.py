@@ -39,13 +39,15 @@ def _checkpoint_table(ckpt) -> np.ndarray:
     return load_file(str(ckpt / "model.safetensors"))["model.language_model.embed_tokens.weight"].astype(np.float32)
 
 
-@pytest.mark.parametrize("geometry", ["tied_gqa2", "untied_gqa4"])
-def test_quantized_bundles_keep_one_table(tiny_models, geometry):
+@pytest.mark.parametrize("geometry, eight", [("tied_gqa2", ("v_proj", "lm_head")), ("untied_gqa4", ("v_proj", "lm_head")),
+                                             ("tied_gqa2", ()), ("untied_gqa4", ())])  # fmt: skip
+def test_quantized_bundles_keep_one_table(tiny_models, geometry, eight):
     tiny = tiny_models(geometry)
-    bundle = tiny.bundle_with(precision="int4")
+    bundle = tiny.bundle_with(precision="int4", int8_projections=eight)
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = manifest["embed_tokens"]
-    assert entry["kind"] == "blocks" and entry["bits"] == 8  # lm_head's bits (8 by default in int4)
+    bits = 8 if "lm_head" in eight else 4
+    assert entry["kind"] == "blocks" and entry["bits"] == bits  # lm_head's bits
     assert not (bundle / "embed_tokens.npy").exists()
     if geometry.startswith("tied"):
         assert entry["file"] == "decoder.onnx.data" and not (bundle / "embed_tokens.data").exists()
@@ -56,7 +58,9 @@ def test_quantized_bundles_keep_one_table(tiny_models, geometry):
     ids = np.arange(0, table.shape[0], 97)
     got = m.embed(ids)
     cos = (got * table[ids]).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(table[ids], axis=-1)
-    assert cos.min() > 0.9999, cos.min()  # 8-bit blocks of 128: measured min 0.99999
+    print(f"{geometry} {bits}-bit table: embedding cosine min {cos.min():.6f}")
+    # blocks of 128 over 64-wide rows (one block a row, the worst case): measured min 0.99995 (8 bits), 0.991-0.992 (4)
+    assert cos.min() > (0.9999 if bits == 8 else 0.985), cos.min()
 
 
 def test_tied_table_is_the_lm_head_weight(tiny_one):

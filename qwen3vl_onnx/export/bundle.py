@@ -38,6 +38,7 @@ from .. import __version__
 from ..config import BUNDLE_FORMAT_VERSION, RELEASED_IMAGE_PROCESSOR, Qwen3VLConfig, weight_shapes
 from ..errors import UserError
 from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
+from .defaults import cpu_kind
 from .graph import OPSET, Graph
 from .kv_int8 import QUANT_TYPE, int8_cache_graph, scales_from_ranges
 from .options import ExportOptions
@@ -302,6 +303,7 @@ def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph],
         "decoder_options": dataclasses.asdict(opts.decoder()),
         "prefill_int8": opts.prefill_int8,
         "kv_cache": {"default": "fp32"},
+        "defaults_for_cpu": cpu_kind(),  # the kind whose measured defaults filled what was not asked
         "config": cfg.to_dict(),
         "graphs": {key: {"file": g.path.name, "inputs": _io(g.inputs), "outputs": _io(g.outputs)} for key, g in graphs.items()},
         "embed_tokens": embed,

@@ -10,8 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import UserError
+from . import defaults
 from .quant import DEFAULT_BLOCK_SIZE
-from .text import DEFAULT_INT8_PROJECTIONS, PROJECTIONS, DecoderOptions
+from .text import PROJECTIONS, DecoderOptions
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 VISION_PRECISIONS = ("auto", "fp32", "int8")
@@ -44,7 +45,8 @@ class ExportOptions:
           u8 x s8 GEMM runs the tower's matmuls several times faster than fp32 MatMul or MatMulNBits
           at cosine 0.9999 per matmul, and a user who asked for a quantized bundle wants the picture
           encoded fast too. Float bundles keep the reference-exact fp32 tower.
-        - ``int8_projections`` None: ``DEFAULT_INT8_PROJECTIONS`` for int4, nothing otherwise; an
+        - ``int8_projections`` None: for int4, what ``defaults`` measured best on this machine's CPU
+          kind (v_proj and lm_head with VNNI, none on AVX2 only), nothing otherwise; an
           empty tuple: every projection at 4 bits.
         - ``kv_cache`` "auto": int8 for int4/int8 bundles, else fp32. An int8-cache bundle holds the
           float-cache decoder too (a second small graph file over the same weights), so the cache
@@ -83,7 +85,7 @@ class ExportOptions:
 
     def _projections(self) -> tuple[str, ...]:
         if self.int8_projections is None:
-            return DEFAULT_INT8_PROJECTIONS if self.precision == "int4" else ()
+            return defaults.int8_projections() if self.precision == "int4" else ()
         chosen = set(self.int8_projections)
         if unknown := sorted(chosen - set(PROJECTIONS)):
             raise UserError(f"unknown projection(s) {', '.join(unknown)}: choose from {', '.join(PROJECTIONS)} or none")

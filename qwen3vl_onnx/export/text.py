@@ -32,10 +32,6 @@ P = "model.language_model."
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-# What int4 bundles keep at 8 bits unless told otherwise: on the trained shapes model the 4-bit
-# lm_head is most of the logit error, and on random checkpoints v_proj is the most sensitive
-# projection; together ~12% of the weights (docs/BENCHMARKS.md, "Precision and speed").
-DEFAULT_INT8_PROJECTIONS = ("v_proj", "lm_head")
 
 
 class Kernel(enum.Enum):
