@@ -10,7 +10,8 @@ from qwen3vl_onnx.export.options import ExportOptions
 
 @pytest.mark.parametrize(
     "flags, kind",
-    [("fpu sse2 avx2 fma avx512f avx512bw avx512_vnni", "vnni"), ("avx2 fma avx_vnni", "vnni"), ("sse2 avx avx2 fma f16c", "avx2"),
+    [("fpu sse2 avx2 fma avx512f avx512bw avx512_vnni", "vnni"), ("avx2 fma avx_vnni", "vnni"),
+     ("sse2 avx avx2 fma f16c", "avx2"),
      ("sse2 avx", "other"), (None, "other")],
 )  # fmt: skip
 def test_cpu_kind_from_flags(tmp_path, flags, kind):
