@@ -7,7 +7,7 @@ transformers and every bundle precision (int4 96.5%), on AVX-512 VNNI and under 
 room for a near-tie flipping on another CPU, while a real export or runtime bug drops answers to
 chance (about 30%). The int4/int8 logit cosine against the fp32 bundle is checked on trained weights
 here, which is what quantization is for: measured over 40 held-out prompts, int8 mean 0.99999 (min
-0.9999), int4 block 128 (v_proj and lm_head at 8 bits, the default) mean 0.99973 (min 0.9950; int4
+0.9999), int4 block 128 (v_proj and lm_head at 8 bits, the default with VNNI) mean 0.99973 (min 0.9950; int4
 everywhere: mean 0.9985, min 0.982); int4 with --prefill-int8, whose prompts run on the int8 prefill
 graph with per-row activation quantization, mean 0.99999 (min 0.9999) and 96.0% answered.
 Bounds: mean >= 0.999 and every prompt >= 0.99."""

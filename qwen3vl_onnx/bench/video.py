@@ -92,14 +92,21 @@ def measure_video(bundle: Path, clip: Path, repeats: int) -> dict:
 
 def measure_memory(bundle: Path, clip: Path) -> dict:
     """One first token for ``clip`` in a fresh process: peak RSS against the bundle's size, with the
-    KV cache the prompt needs (float32 keys and values) and the clip's float pixels."""
+    KV cache the prompt needs (keys and values at the bundle's cache precision) and the clip's float pixels."""
     from ..runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle)
     t = pipe.config.text
     t0 = time.perf_counter()
     res = pipe.generate(video_question(str(clip)), max_new_tokens=1, temperature=0)
-    kv = res.prompt_tokens * t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * 4
+    kv = (
+        res.prompt_tokens
+        * t.num_hidden_layers
+        * 2
+        * t.num_key_value_heads
+        * t.head_dim
+        * np.dtype(pipe.model.cache_dtype).itemsize
+    )
     return {"clip": clip.name, "ttft_s": time.perf_counter() - t0, "prompt_tokens": res.prompt_tokens,
             "bundle_gb": dir_size(bundle) / 2**30, "kv_cache_gb": kv / 2**30, "peak_rss_gb": peak_rss_gb()}  # fmt: skip
 
