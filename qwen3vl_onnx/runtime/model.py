@@ -100,8 +100,11 @@ class BundleModel:
                 raise UserError(f"{self.path}: bundle is incomplete, {f} is missing")
         self.kv_cache = self._kv_cache(kv_cache)
         graph = lambda key: self.path / self.manifest["graphs"][key + KV_GRAPH_SUFFIX[self.kv_cache]]["file"]  # noqa: E731
-        self.vision = _session(self.path / "vision.onnx", providers, threads)
+        # The decoder first: each session briefly holds a weight twice while MatMulNBits repacks it,
+        # and that peak is lower before the vision tower is resident (4B int4 generate with a picture:
+        # peak RSS 1.25x -> 1.20x the bundle; docs/BENCHMARKS.md, "int8 KV cache and one token table").
         self.decoder = _session(graph("decoder"), providers, threads)
+        self.vision = _session(self.path / "vision.onnx", providers, threads)
         # --prefill-int8 bundles: a second decoder for prompts (same inputs, same cache).
         has_prefill = prefill_graph and "decoder_prefill" in self.manifest["graphs"]
         self.prefill_decoder = _session(graph("decoder_prefill"), providers, threads) if has_prefill else None
