@@ -263,7 +263,7 @@ def _export_options(args: argparse.Namespace) -> ExportOptions:
 
     return ExportOptions(precision=args.precision, block_size=args.block_size, vision_precision=args.vision_precision,
                          int8_projections=args.int8_projections, prefill_int8=args.prefill_int8,
-                         portable=getattr(args, "portable", False), kv_cache=args.kv_cache or "auto")  # fmt: skip
+                         portable=getattr(args, "portable", False), kv_cache=args.kv_cache)  # fmt: skip
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -164,7 +164,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
                 print(f"note: {checkpoint} has no preprocessor_config.json; the bundle gets Qwen3-VL's released image "
                       "settings", file=sys.stderr)  # fmt: skip
                 (tmp / "preprocessor_config.json").write_text(json.dumps(RELEASED_IMAGE_PROCESSOR, indent=1))
-            manifest = _manifest(cfg, opts, graphs, embed_info, tmp, str(checkpoint), time.perf_counter() - t0)
+            manifest = _manifest(cfg, opts, graphs, embed_info, str(checkpoint), time.perf_counter() - t0)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             if opts.kv_cache == "int8":
                 assert kv_ranges is not None
@@ -172,7 +172,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
                 _add_int8_cache(tmp, manifest, kv_ranges(tmp))
                 manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
             (tmp / OWNER).unlink()
-            manifest["files"] = sorted(p.name for p in tmp.iterdir())
+            manifest["files"] = sorted(p.name for p in tmp.iterdir())  # manifest.json included: written above
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             _publish(tmp, out)
         except BaseException:
@@ -292,7 +292,7 @@ def _add_int8_cache(tmp: Path, manifest: dict, ranges: np.ndarray) -> None:
     manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE}
 
 
-def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, tmp: Path, source: str,
+def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, source: str,
               seconds: float) -> dict:  # fmt: skip
     return {
         "format": BUNDLE_FORMAT,
@@ -307,7 +307,6 @@ def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph],
         "config": cfg.to_dict(),
         "graphs": {key: {"file": g.path.name, "inputs": _io(g.inputs), "outputs": _io(g.outputs)} for key, g in graphs.items()},
         "embed_tokens": embed,
-        "files": sorted([p.name for p in tmp.iterdir()] + ["manifest.json"]),
         "versions": {
             "qwen3vl_onnx": __version__,
             "onnx": onnx.__version__,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..nbits import dequantize_blocks
+
 # Default int4/int8 block: faster than 32, and 256's extra speed costs weight error on heavy-tailed
 # weights (docs/BENCHMARKS.md, "Precision and speed").
 DEFAULT_BLOCK_SIZE = 128
@@ -125,16 +127,8 @@ def _asym4(b: np.ndarray, lo: np.ndarray, hi: np.ndarray, codes: np.ndarray) -> 
 
 def dequantize(q: Quantized) -> np.ndarray:
     """Back to (N, K) float32: what MatMulNBits multiplies by (used by tests and accuracy reports)."""
-    if q.bits == 4:
-        vals = np.empty((*q.packed.shape[:2], q.block_size), np.float32)
-        vals[..., 0::2] = q.packed & 0x0F
-        vals[..., 1::2] = q.packed >> 4
-        zp = np.stack([q.zero_points & 0x0F, q.zero_points >> 4], axis=1).reshape(q.n, -1)[:, : q.packed.shape[1]]
-        vals -= zp[..., None]
-    else:
-        vals = q.packed.astype(np.float32) - 128.0
-    w = vals * q.scales.reshape(q.n, -1)[..., None]
-    return w.reshape(q.n, -1)[:, : q.k]
+    zps = None if q.zero_points is None else q.zero_points.reshape(q.n, -1)
+    return dequantize_blocks(q.packed, q.scales.reshape(q.n, -1), zps, q.bits, q.block_size)[:, : q.k]
 
 
 # Largest |weight code| of the u8 x s8 GEMMs (DynamicQuantizeMatMul, MatMulIntegerToFloat). On x86

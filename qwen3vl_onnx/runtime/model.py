@@ -83,6 +83,19 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def kv_cache_choice(path: Path, manifest: dict[str, Any], asked: str | None) -> str:
+    """The cache precision a bundle runs with: ``asked``, or its default; one it lacks is refused
+    (the server asks before loading, to size its cache)."""
+    have = [kv for kv, suffix in KV_GRAPH_SUFFIX.items() if "decoder" + suffix in manifest["graphs"]]
+    kv = asked or manifest.get("kv_cache", {}).get("default", "fp32")
+    if kv not in KV_GRAPH_SUFFIX:
+        raise UserError(f"--kv-cache {kv!r} is not one of {', '.join(KV_GRAPH_SUFFIX)}")
+    if kv not in have:
+        raise UserError(f"{path}: this bundle has no {kv} KV cache graphs (it has {', '.join(have)}); "
+                        f"export it with --kv-cache {kv}")  # fmt: skip
+    return kv
+
+
 class BundleModel:
     """The graphs and embedding table of one bundle directory."""
 
@@ -98,7 +111,7 @@ class BundleModel:
         for f in files:
             if not (self.path / f).is_file():
                 raise UserError(f"{self.path}: bundle is incomplete, {f} is missing")
-        self.kv_cache = self._kv_cache(kv_cache)
+        self.kv_cache = kv_cache_choice(self.path, self.manifest, kv_cache)
         graph = lambda key: self.path / self.manifest["graphs"][key + KV_GRAPH_SUFFIX[self.kv_cache]]["file"]  # noqa: E731
         # The decoder first: each session briefly holds a weight twice while MatMulNBits repacks it,
         # and that peak is lower before the vision tower is resident (4B int4 generate with a picture:
@@ -111,17 +124,6 @@ class BundleModel:
         self.tokens = TokenTable(self.path, self.manifest["embed_tokens"])
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
         self.fused = bool(self.manifest["decoder_options"]["fused"])
-
-    def _kv_cache(self, asked: str | None) -> str:
-        """The cache precision to run: ``asked``, or the bundle's default; one the bundle lacks is refused."""
-        have = [kv for kv, suffix in KV_GRAPH_SUFFIX.items() if "decoder" + suffix in self.manifest["graphs"]]
-        kv = asked or self.manifest.get("kv_cache", {}).get("default", "fp32")
-        if kv not in KV_GRAPH_SUFFIX:
-            raise UserError(f"--kv-cache {kv!r} is not one of {', '.join(KV_GRAPH_SUFFIX)}")
-        if kv not in have:
-            raise UserError(f"{self.path}: this bundle has no {kv} KV cache graphs (it has {', '.join(have)}); "
-                            f"export it with --kv-cache {kv}")  # fmt: skip
-        return kv
 
     @property
     def cache_dtype(self) -> type[np.generic]:

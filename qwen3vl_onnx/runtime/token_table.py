@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..nbits import dequantize_blocks
+
 
 class TokenTable:
     """``rows(ids)`` -> (n, hidden) float32 embeddings."""
@@ -46,16 +48,6 @@ class TokenTable:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self.kind == "array":
             return np.asarray(self._array[ids], dtype=np.float32)
-        q = np.asarray(self.packed[ids])  # (n, blocks, bytes)
-        n, blocks = q.shape[:2]
-        if self.bits == 8:
-            vals = q.astype(np.float32) - 128.0  # MatMulNBits' 8-bit default zero point
-        else:
-            vals = np.empty((n, blocks, self.block_size), np.float32)
-            vals[..., 0::2] = q & 0x0F
-            vals[..., 1::2] = q >> 4
-            zp = np.asarray(self.zero_points[ids])  # type: ignore[index]
-            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks]
-            vals -= zp[..., None]
-        vals *= np.asarray(self.scales[ids])[..., None]
-        return vals.reshape(n, -1)[:, : self.shape[1]]
+        zps = None if self.zero_points is None else np.asarray(self.zero_points[ids])
+        rows = dequantize_blocks(np.asarray(self.packed[ids]), np.asarray(self.scales[ids]), zps, self.bits, self.block_size)
+        return rows[:, : self.shape[1]]

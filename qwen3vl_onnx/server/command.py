@@ -47,7 +47,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
                           max_video_frames=args.max_video_frames, max_image_pixels=args.max_image_pixels,
                           max_body_mb=args.max_body_mb, metrics=args.metrics,
                           prefill_slice_ms=args.prefill_slice_ms, shutdown_grace_s=args.shutdown_grace,
-                          ui=not args.no_ui, kv_cache=getattr(args, "kv_cache", None))  # fmt: skip
+                          ui=not args.no_ui, kv_cache=args.kv_cache)  # fmt: skip
 
 
 def _text_config(bundle: Path) -> TextConfig:
@@ -60,15 +60,15 @@ def check_fits(bundle: Path, settings: ServerSettings) -> None:
     """Refuse at once what the server could never serve, before the minutes a large model takes to
     load: a context beyond the model's, or graphs plus the slots' KV cache beyond the memory left."""
     from ..runtime.cache import KVCache
-    from ..runtime.model import CACHE_DTYPES, read_manifest
+    from ..runtime.model import CACHE_DTYPES, kv_cache_choice, read_manifest
     from .memory import available_memory
 
     manifest = read_manifest(bundle)
     t = Qwen3VLConfig.from_manifest(manifest["config"]).text
-    kv = settings.kv_cache or manifest.get("kv_cache", {}).get("default", "fp32")
+    dtype = CACHE_DTYPES[kv_cache_choice(bundle, manifest, settings.kv_cache)]
     cache = KVCache.size_bytes(t.num_hidden_layers, settings.parallel, t.num_key_value_heads, t.head_dim, settings.ctx_size + 1,
-                               CACHE_DTYPES.get(kv, CACHE_DTYPES["fp32"]))  # fmt: skip
-    graphs = sum(f.stat().st_size for f in bundle.iterdir() if ".onnx" in f.name and f.is_file() and "int8kv" not in f.name)
+                               dtype)  # fmt: skip
+    graphs = sum(f.stat().st_size for f in bundle.iterdir() if ".onnx" in f.name and f.is_file())
     free = available_memory()
     if free is not None and cache + graphs > free:
         raise UserError(f"the graphs ({graphs / 2**30:.1f} GiB) and the KV cache for --parallel {settings.parallel} x --ctx-size "
