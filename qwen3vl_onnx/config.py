@@ -17,6 +17,8 @@ from typing import Any
 from .errors import UserError
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+MOE_ARCHITECTURE = "Qwen3VLMoeForConditionalGeneration"
+MODEL_TYPES = {"qwen3_vl": ARCHITECTURE, "qwen3_vl_moe": MOE_ARCHITECTURE}
 # Bundle layout version, written by the exporter and checked by the runtime. 2: the vision graph
 # takes ``block_len`` (one frame size per call) instead of padded gather/mask/scatter blocks.
 BUNDLE_FORMAT_VERSION = 3
@@ -91,10 +93,24 @@ class TextConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
     mrope_interleaved: bool = True
+    # Mixture of experts (Qwen3-VL-MoE); num_experts 0: every layer is a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     @property
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer ``i`` routes to experts, by transformers' rule for Qwen3-VL-MoE."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if self.is_moe_layer(i))
 
 
 @dataclass(frozen=True)
@@ -112,9 +128,9 @@ class Qwen3VLConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> Qwen3VLConfig:
         """Parse and validate a Hugging Face Qwen3-VL config dict (4.57 or 5.x layout)."""
         archs = d.get("architectures") or []
-        if d.get("model_type") != "qwen3_vl" and ARCHITECTURE not in archs:
+        if d.get("model_type") not in MODEL_TYPES and not set(archs) & set(MODEL_TYPES.values()):
             found = ", ".join(archs) or d.get("model_type") or "unknown"
-            raise UserError(f"{source}: model is {found}, not {ARCHITECTURE} (only Qwen3-VL is supported)")
+            raise UserError(f"{source}: model is {found}, not {ARCHITECTURE} or {MOE_ARCHITECTURE} (only Qwen3-VL is supported)")
         t, v = d.get("text_config"), d.get("vision_config")
         if not isinstance(t, dict) or not isinstance(v, dict):
             raise UserError(f"{source}: text_config and vision_config are required for {ARCHITECTURE}")
@@ -167,8 +183,14 @@ class Qwen3VLConfig:
             problems.append("vision out_hidden_size must equal text hidden_size")
         if not t.mrope_interleaved:
             problems.append("only interleaved MRoPE (Qwen3-VL) is supported")
+        if t.num_experts:
+            problems += _moe_problems(t)
         if problems:
             raise UserError(f"{source}: " + "; ".join(problems))
+
+    @property
+    def architecture(self) -> str:
+        return MOE_ARCHITECTURE if self.text.num_experts else ARCHITECTURE
 
     def to_dict(self) -> dict[str, Any]:
         """A compact, JSON-able form stored in the bundle manifest."""
@@ -180,10 +202,25 @@ class Qwen3VLConfig:
     def from_manifest(cls, d: dict[str, Any]) -> Qwen3VLConfig:
         text = dict(d["text"])
         text["mrope_section"] = tuple(text["mrope_section"])
+        text["mlp_only_layers"] = tuple(text.get("mlp_only_layers", ()))
         vision = dict(d["vision"])
         vision["deepstack_visual_indexes"] = tuple(vision["deepstack_visual_indexes"])
         rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
         return cls(text=TextConfig(**text), vision=VisionConfig(**vision), **rest)
+
+
+def _moe_problems(t: TextConfig) -> list[str]:
+    """What makes a mixture-of-experts text config unusable (each a clause of the one-line error)."""
+    problems = []
+    if t.num_experts < 0 or not 0 < t.num_experts_per_tok <= t.num_experts:
+        problems.append(f"num_experts_per_tok {t.num_experts_per_tok} must be between 1 and num_experts {t.num_experts}")
+    if t.moe_intermediate_size <= 0:
+        problems.append("moe_intermediate_size must be positive")
+    if t.decoder_sparse_step < 1:
+        problems.append("decoder_sparse_step must be at least 1")
+    if any(not 0 <= i < t.num_hidden_layers for i in t.mlp_only_layers):
+        problems.append("mlp_only_layers must index decoder layers")
+    return problems
 
 
 def _rope(t: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -216,7 +253,26 @@ def _parse_text(t: dict[str, Any]) -> TextConfig:
         hidden_act=t.get("hidden_act", "silu"),
         attention_bias=bool(t.get("attention_bias", False)),
         mrope_interleaved=bool(rope.get("mrope_interleaved", True)),
+        **_parse_moe(t),
     )
+
+
+def _parse_moe(t: dict[str, Any]) -> dict[str, Any]:
+    """The MoE keys of a text config; transformers 5.x writes ``num_local_experts`` for ``num_experts``."""
+    experts = int(t.get("num_experts", t.get("num_local_experts")) or 0)
+    if not experts:
+        return {}
+    if t.get("norm_topk_prob") is False:
+        raise UserError("config.json: norm_topk_prob false is not supported (Qwen3-VL-MoE renormalises the top-k weights)")
+    if t.get("shared_expert_intermediate_size"):
+        raise UserError("config.json: shared experts are not supported (Qwen3-VL-MoE has none)")
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": int(t["num_experts_per_tok"]),
+        "moe_intermediate_size": int(t["moe_intermediate_size"]),
+        "decoder_sparse_step": int(t.get("decoder_sparse_step", 1)),
+        "mlp_only_layers": tuple(int(i) for i in t.get("mlp_only_layers") or ()),
+    }
 
 
 def _parse_vision(v: dict[str, Any]) -> VisionConfig:
@@ -238,11 +294,14 @@ def _parse_vision(v: dict[str, Any]) -> VisionConfig:
     )
 
 
-def weight_shapes(cfg: Qwen3VLConfig) -> dict[str, tuple[int, ...]]:
+def weight_shapes(cfg: Qwen3VLConfig, experts_transposed: bool = False) -> dict[str, tuple[int, ...]]:
     """Every tensor a Qwen3-VL checkpoint holds, with its shape (HF names).
 
     The loader asserts a checkpoint against this table and the demo builds random weights from it,
-    so a naming mistake shows up as a one-line error instead of a silently zero weight.
+    so a naming mistake shows up as a one-line error instead of a silently zero weight. MoE experts
+    are fused per layer, in the released layout (gate_up (E, hidden, 2 * moe_inter), gate first;
+    down (E, moe_inter, hidden)); ``experts_transposed``: the layout transformers 5 saves, each
+    expert a torch linear weight (E, 2 * moe_inter, hidden) and (E, hidden, moe_inter).
     """
     t, v = cfg.text, cfg.vision
     s: dict[str, tuple[int, ...]] = {}
@@ -285,8 +344,14 @@ def weight_shapes(cfg: Qwen3VLConfig) -> dict[str, tuple[int, ...]]:
             s[b + "self_attn.k_proj.bias"] = s[b + "self_attn.v_proj.bias"] = (kv,)
             s[b + "self_attn.o_proj.bias"] = (t.hidden_size,)
         s[b + "self_attn.q_norm.weight"] = s[b + "self_attn.k_norm.weight"] = (t.head_dim,)
-        s[b + "mlp.gate_proj.weight"] = s[b + "mlp.up_proj.weight"] = (t.intermediate_size, t.hidden_size)
-        s[b + "mlp.down_proj.weight"] = (t.hidden_size, t.intermediate_size)
+        if t.is_moe_layer(i):
+            e, h, m = t.num_experts, t.hidden_size, t.moe_intermediate_size
+            s[b + "mlp.gate.weight"] = (e, h)
+            s[b + "mlp.experts.gate_up_proj"] = (e, 2 * m, h) if experts_transposed else (e, h, 2 * m)
+            s[b + "mlp.experts.down_proj"] = (e, h, m) if experts_transposed else (e, m, h)
+        else:
+            s[b + "mlp.gate_proj.weight"] = s[b + "mlp.up_proj.weight"] = (t.intermediate_size, t.hidden_size)
+            s[b + "mlp.down_proj.weight"] = (t.hidden_size, t.intermediate_size)
     s[lp + "norm.weight"] = (t.hidden_size,)
     if not cfg.tie_word_embeddings:
         s["lm_head.weight"] = (t.vocab_size, t.hidden_size)

@@ -50,9 +50,30 @@ GEOMETRIES = {
     "tied_mha_unsorted": dict(tie=True, heads=2, kv=2, layers=2, depth=3, deepstack=[2, 0]),
 }
 
+# Mixture-of-experts geometries (Qwen3VLMoeForConditionalGeneration): top-2 of 4 with a dense layer
+# among MoE ones and DeepStack on both kinds, tied; top-4 of 8 on every second layer, untied.
+# moe_intermediate_size differs from hidden and from hidden / 2, so each expert layout has shapes of its own.
+MOE_GEOMETRIES = {
+    "moe_tied_top2of4": dict(tie=True, heads=4, kv=2, layers=3, depth=3, deepstack=[0, 1],
+                             moe=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[1])),
+    "moe_untied_top4of8_step2": dict(tie=False, heads=4, kv=1, layers=4, depth=4, deepstack=[1, 2, 3],
+                                     moe=dict(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=96,
+                                              decoder_sparse_step=2)),
+}  # fmt: skip
+
 
 def hf_config(g: dict, max_positions: int = 4096, init: float = 0.1) -> dict:
-    """A tiny config of geometry ``g`` (``GEOMETRIES``), in the released config.json layout."""
+    """A tiny config of geometry ``g`` (``GEOMETRIES``, ``MOE_GEOMETRIES``), in the released config.json layout."""
+    if "moe" in g:
+        dense = hf_config({k: v for k, v in g.items() if k != "moe"}, max_positions, init)
+        return make_config(
+            **{
+                **dense,
+                "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+                "model_type": "qwen3_vl_moe",
+                "text_config": {**dense["text_config"], "model_type": "qwen3_vl_moe_text", **g["moe"]},
+            }
+        )
     return make_config(
         tie_word_embeddings=g["tie"],
         torch_dtype=None,  # transformers builds the test models in float32
@@ -73,23 +94,48 @@ def tokenizer_files(tmp_path_factory) -> Path:
 
 
 def build_checkpoint(
-    directory: Path, geometry: dict, tokenizer_dir: Path, seed: int = 0, bf16: bool = False, init: float = 0.1
-) -> Path:
-    """save_pretrained a random transformers model plus tokenizer/processor files."""
+    directory: Path, geometry: dict, tokenizer_dir: Path, seed: int = 0, bf16: bool = False, init: float = 0.1,
+    released_experts: bool = True,
+) -> Path:  # fmt: skip
+    """save_pretrained a random transformers model plus tokenizer/processor files. MoE checkpoints
+    are then rewritten in the released layout (``released_experts``), which transformers 5 does not
+    save: fused experts (E, hidden, 2I) / (E, I, hidden) and ``num_experts`` in the config."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
 
+    moe = "moe" in geometry
+    prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
+    config_class = getattr(transformers, prefix + "Config")
+    model_class = getattr(transformers, prefix + "ForConditionalGeneration")
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**hf_config(geometry, init=init)))
+    model = model_class(config_class(**hf_config(geometry, init=init)))
     if bf16:
         model = model.to(torch.bfloat16)
     model.save_pretrained(directory)
+    if moe and released_experts:
+        to_released_layout(directory)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, directory / f.name)
     (directory / "preprocessor_config.json").write_text(json.dumps(TEST_PREPROCESSOR))
     (directory / "video_preprocessor_config.json").write_text(json.dumps(TEST_VIDEO_PREPROCESSOR))
     (directory / "generation_config.json").write_text(json.dumps(GENERATION))
     return directory
+
+
+def to_released_layout(directory: Path) -> None:
+    """Rewrite a transformers-5-saved MoE checkpoint as Qwen released theirs (see ``build_checkpoint``)."""
+    from safetensors.numpy import load_file
+
+    from qwen3vl_onnx.export.weights import save_safetensors
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[name] = np.ascontiguousarray(tensors[name].transpose(0, 2, 1))
+    save_safetensors(path, tensors, bf16=False)
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["text_config"]["num_experts"] = cfg["text_config"].pop("num_local_experts")
+    (directory / "config.json").write_text(json.dumps(cfg, indent=1))
 
 
 class Bundles:
@@ -114,16 +160,22 @@ class Tiny:
 
     def __init__(self, root: Path, name: str, tokenizer_dir: Path, init: float = 0.1):
         import torch
-        from transformers import Qwen3VLForConditionalGeneration
+        import transformers
 
         self.name = name
-        self.checkpoint = build_checkpoint(root / "ckpt", GEOMETRIES[name], tokenizer_dir, init=init)
+        geometry = {**GEOMETRIES, **MOE_GEOMETRIES}[name]
+        self.checkpoint = build_checkpoint(root / "ckpt", geometry, tokenizer_dir, init=init)
         self.bundle_with = Bundles(self.checkpoint, root)
         self.bundle = self.bundle_with()
         torch.set_grad_enabled(False)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
-            str(self.checkpoint), dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        # The reference model is loaded from what transformers saved, never through its own
+        # conversion of the released MoE layout: the bundle and the reference read different files.
+        self.reference = self.checkpoint
+        if "moe" in geometry:
+            self.reference = build_checkpoint(root / "hf", geometry, tokenizer_dir, init=init, released_experts=False)
+        prefix = "Qwen3VLMoe" if "moe" in geometry else "Qwen3VL"
+        model_class = getattr(transformers, prefix + "ForConditionalGeneration")
+        self.model = model_class.from_pretrained(str(self.reference), dtype=torch.float32, attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +193,11 @@ def tiny_models(tmp_path_factory, tokenizer_files):
 
 @pytest.fixture(scope="session", params=list(GEOMETRIES))
 def tiny(request, tiny_models) -> Tiny:
+    return tiny_models(request.param)
+
+
+@pytest.fixture(scope="session", params=list(MOE_GEOMETRIES))
+def tiny_moe(request, tiny_models) -> Tiny:
     return tiny_models(request.param)
 
 

@@ -41,6 +41,7 @@ from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .defaults import cpu_kind
 from .graph import OPSET, Graph
 from .kv_int8 import QUANT_TYPE, int8_cache_graph, scales_from_ranges
+from .moe import experts_transposed
 from .options import ExportOptions
 from .quant import quantize
 from .text import DecoderOptions, build_decoder
@@ -146,7 +147,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
         if not (src / "tokenizer.json").is_file():
             raise UserError(f"{src}: tokenizer.json is missing")
         weights = Checkpoint(src)
-        weights.check(weight_shapes(cfg))
+        moe = cfg.text.moe_layers[:1]
+        weights.check(weight_shapes(cfg, bool(moe) and experts_transposed(weights, cfg.text, _mlp_prefix(moe[0]))))
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -179,6 +181,10 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _mlp_prefix(layer: int) -> str:
+    return f"model.language_model.layers.{layer}.mlp."
 
 
 OWNER = ".owner-pid"  # in a partial export: the process writing it (a partial whose writer is gone is stale)

@@ -7,6 +7,7 @@ them), which is what lets an 8B checkpoint export without holding the model in m
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,24 +89,33 @@ class Graph:
         Stored in ``dtype`` (default: the graph's weight dtype); a float16 weight is cast back to
         float32 in the graph so CPU kernels compute in fp32 while the file stays half size.
         """
+        return self.weight_parts(name, arr.shape, [arr], dtype)
+
+    def weight_parts(self, name: str, shape: Sequence[int], parts: Iterable[np.ndarray], dtype: type | None = None) -> str:
+        """``weight`` for a tensor that arrives in pieces along its first axis (one expert at a
+        time), each written as it comes, so the whole tensor is never in memory."""
         dt = np.dtype(dtype) if dtype is not None else self.weight_dtype
-        data = np.ascontiguousarray(arr, dtype=dt)
         stored = name if dt == np.float32 or dt.kind != "f" else name + "_fp16"
         pad = -self._offset % _ALIGN
         if pad:
             self._data.write(b"\0" * pad)
             self._offset += pad
-        blob = data.tobytes()
-        self._data.write(blob)
+        length = 0
+        for part in parts:
+            blob = np.ascontiguousarray(part, dtype=dt).tobytes()
+            self._data.write(blob)
+            length += len(blob)
+        if length != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+            raise ValueError(f"{name}: parts hold {length} bytes, shape {list(shape)} needs more or fewer")
         t = onnx.TensorProto()
         t.name = stored
-        t.data_type = helper.np_dtype_to_tensor_dtype(data.dtype)
-        t.dims.extend(data.shape)
+        t.data_type = helper.np_dtype_to_tensor_dtype(dt)
+        t.dims.extend(shape)
         t.data_location = onnx.TensorProto.EXTERNAL
-        for k, v in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(len(blob)))):
+        for k, v in (("location", self.data_name), ("offset", str(self._offset)), ("length", str(length))):
             e = t.external_data.add()
             e.key, e.value = k, v
-        self._offset += len(blob)
+        self._offset += length
         self.initializers.append(t)
         if stored != name:
             return self.op("Cast", stored, to=FLOAT, name=name)

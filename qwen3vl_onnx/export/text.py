@@ -26,6 +26,7 @@ import numpy as np
 from .. import graph_io as io
 from ..config import TextConfig
 from .graph import FLOAT, MS_DOMAIN, Graph
+from .moe import Experts, experts_transposed, fused_moe, portable_moe
 from .quant import DEFAULT_BLOCK_SIZE
 
 P = "model.language_model."
@@ -81,6 +82,8 @@ class _Decoder:
         self.io_in, self.io_out = io.decoder_io(cfg, num_deepstack, opts.fused)
         self.ins = {name: g.input(name, t, shape) for name, (t, shape) in self.io_in.items()}
         self.num_deepstack = num_deepstack
+        first = cfg.moe_layers[:1]
+        self.experts_transposed = bool(first) and experts_transposed(w, cfg, f"{P}layers.{first[0]}.mlp.")
 
     def proj(self, x: str, w: np.ndarray, name: str, kind: str) -> str:
         o, kernel = self.opts, self.opts.kernel_for(kind)
@@ -126,6 +129,8 @@ class _Decoder:
 
     def mlp(self, h: str, i: int) -> str:
         g, b = self.g, f"{P}layers.{i}.mlp."
+        if self.cfg.is_moe_layer(i):
+            return self.moe(h, Experts(self.w, b, self.cfg, self.experts_transposed))
         gate, up = self.gate_up(h, b)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         return self.proj(act, self.w[b + "down_proj.weight"], b + "down_proj", "down_proj")
@@ -164,6 +169,10 @@ class _Decoder:
         raise NotImplementedError
 
     def gate_up(self, h: str, prefix: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def moe(self, h: str, experts: Experts) -> str:
+        """A mixture-of-experts layer's MLP (``export.moe``)."""
         raise NotImplementedError
 
     def skip_norm(self, x: str, residual: str, name: str) -> tuple[str, str]:
@@ -213,6 +222,11 @@ class _FusedDecoder(_Decoder):
     def gate_up(self, h: str, prefix: str) -> tuple[str, str]:
         gate, up = self.packed(h, prefix, ("gate_proj", "up_proj"))
         return gate, up
+
+    def moe(self, h: str, experts: Experts) -> str:
+        o = self.opts  # experts take the bits of the dense MLP's projections: gate/up fused, down apart
+        bits = (max(o.bits_for("gate_proj"), o.bits_for("up_proj")), o.bits_for("down_proj"))
+        return fused_moe(self.g, h, experts, bits, o.block_size, o.accuracy_level)
 
     def skip_norm(self, x: str, residual: str, name: str) -> tuple[str, str]:
         gamma = self.g.weight(name + ".weight", self.w[name + ".weight"], np.float32)
@@ -264,6 +278,9 @@ class _PortableDecoder(_Decoder):
     def gate_up(self, h: str, prefix: str) -> tuple[str, str]:
         gate, up = self.projections(h, prefix, ("gate_proj", "up_proj"))
         return gate, up
+
+    def moe(self, h: str, experts: Experts) -> str:
+        return portable_moe(self.g, h, experts)
 
     def skip_norm(self, x: str, residual: str, name: str) -> tuple[str, str]:
         total = self.g.op("Add", residual, x)
