@@ -176,7 +176,11 @@ def _parser() -> argparse.ArgumentParser:
 
     b = add("bench", help="speed figures on random weights of a released shape (or a bundle)",
             description="Speed figures on random weights of a released shape, or of a given bundle.")  # fmt: skip
-    b.add_argument("--shape", default="4b", choices=["tiny", "2b", "4b", "8b", "32b"], help="released model shape")
+    from .bench.presets import SHAPES  # the preset names only: no measuring code is imported here
+
+    b.add_argument("--shape", default="4b", choices=SHAPES, help="released model shape")
+    b.add_argument("--layers", type=at_least(1, 200), default=None, metavar="N",
+                   help="only N decoder layers at the shape's real widths; figures also scaled to its depth")  # fmt: skip
     b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
     b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"], help="decoder weights")
     b.add_argument("--block-size", type=block_size, default=DEFAULT_BLOCK_SIZE, help="int4/int8 quantization block")

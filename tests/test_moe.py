@@ -245,3 +245,57 @@ def test_numpy_built_checkpoint_runs_end_to_end(cli, tmp_path):
     r = cli("generate", tmp_path / "b", "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     shutil.rmtree(tmp_path / "b")
+
+
+# ---- serving and the bench ------------------------------------------------------------------------
+
+
+def test_serve_two_concurrent_requests_equal_each_alone(tiny_models):
+    """Two requests decoded together (batched rows through QMoE) answer as each does alone."""
+    import threading
+
+    import httpx
+
+    from .conftest import Server
+    from .test_server_engine import H, _same_or_near_tie
+
+    bundle = tiny_models("moe_untied_top4of8_step2").bundle_with(precision="int4")
+    prompts = [[{"role": "user", "content": "Tell me about the sea."}], [{"role": "user", "content": "Count " * 9}]]
+    lengths, results = [14, 9], {}
+
+    def ask(i: int) -> None:
+        body = {"model": "tiny", "messages": prompts[i], "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True,
+                "logprobs": True, "top_logprobs": 2}  # fmt: skip
+        results[i] = httpx.post(server.url + "/v1/chat/completions", json=body, headers=H, timeout=120).json()
+
+    server = Server(bundle, "--parallel", "2", "--ctx-size", "256")
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.close()
+    pipe = Pipeline.from_bundle(bundle)
+    for i, messages in enumerate(prompts):
+        ref = pipe.generate(messages, max_new_tokens=lengths[i], temperature=0, ignore_eos=True, logprobs=2)
+        _same_or_near_tie(results[i], ref, pipe.tokenizer)
+        assert results[i]["usage"]["completion_tokens"] == lengths[i]
+
+
+def test_bench_tiny_moe_depth_reduced(cli, tmp_path):
+    """bench --shape tiny-moe --layers 3: every figure measured, and the scaled figures follow the
+    stated rule (decode x layers / full; bundle + one layer's bytes per missing layer)."""
+    w, o = tmp_path / "w", tmp_path / "o"
+    r = cli("bench", "--shape", "tiny-moe", "--layers", "3", "--repeats", "1", "--workdir", w, "--out", o)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((o / "bench-tiny-moe-L3-int4-vint8.json").read_text())
+    ours, s = res["ours"], res["scaled"]
+    assert ours["decode_tok_s"]["median"] > 0 and ours["ttft_448_s"]["median"] > 0
+    assert (s["layers"], s["full_layers"]) == (3, 2) and s["layer_gb"] > 0
+    assert s["decode_tok_s"] == pytest.approx(ours["decode_tok_s"]["median"] * 3 / 2)
+    assert s["bundle_gb"] == pytest.approx(ours["bundle_gb"] - s["layer_gb"], abs=1e-4)
+    assert "Scaled from 3 to 2 decoder layers" in r.stdout
+    manifest = json.loads(next((w / "tiny-moe-L3").glob("bundle-*/manifest.json")).read_text())
+    assert manifest["config"]["text"]["num_experts"] == 4 and manifest["config"]["text"]["num_hidden_layers"] == 3

@@ -30,6 +30,7 @@ def _given_bundle(bundle: Path) -> dict:
 def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     """Export (or take ``--bundle``), measure ours in a child process, run the peers, write JSON/markdown/chart."""
     from ..config import Qwen3VLConfig, weight_shapes
+    from .presets import full_layers
     from .report import chart, markdown
     from .run import child_measure, export_measured, machine, prepare_checkpoint
 
@@ -38,7 +39,10 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     opts = opts.resolve()
     args.vision_precision, args.int8_projections = opts.vision_precision, opts.int8_projections
     work, out = Path(args.workdir).expanduser(), Path(args.out)
-    name = args.shape if not args.bundle else Path(args.bundle).name
+    if args.layers and args.bundle:
+        raise UserError("--layers applies to --shape presets (a given bundle has its own depth)")
+    shape_key = args.shape + (f"-L{args.layers}" if args.layers else "")
+    name = shape_key if not args.bundle else Path(args.bundle).name
     if args.bundle:
         given = _given_bundle(Path(args.bundle))
         args.precision, args.vision_precision = given["precision"], given["vision_precision"]
@@ -53,9 +57,9 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     if args.bundle:
         bundle = Path(args.bundle)
     else:
-        ckpt = prepare_checkpoint(args.shape, work)
+        ckpt = prepare_checkpoint(args.shape, work / shape_key, args.layers)
         tag = p8 if args.precision == "int4" else ""
-        bundle = work / args.shape / f"bundle-{args.precision}-b{args.block_size}{tag}{pi8}-v{args.vision_precision}"
+        bundle = work / shape_key / f"bundle-{args.precision}-b{args.block_size}{tag}{pi8}-v{args.vision_precision}"
         print(f"exporting {bundle}", file=sys.stderr)
         result.update(export_measured(ckpt, bundle, opts))
     if args.video:
@@ -70,15 +74,19 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         return _run_serve(args, result, bundle, ckpt, out, name)
     print("measuring qwen3vl-onnx", file=sys.stderr)
     result["ours"] = child_measure(bundle, args.repeats)
+    if args.layers:
+        from .depth import scaled
+
+        result["scaled"] = scaled(result["ours"], bundle, args.layers, full_layers(args.shape))
     if args.compare:
         if ckpt is None:
             raise UserError("--compare needs --shape (peers run on the same random checkpoint)")
         from .peers import TURN_MIN_PAIRS, run_peers, run_turns
 
         params = sum(int(np.prod(s)) for s in weight_shapes(Qwen3VLConfig.from_file(ckpt / "config.json")).values())
-        result["peers"] = run_peers(ckpt, params, args.repeats, work / args.shape / "peers", args.peers)
+        result["peers"] = run_peers(ckpt, params, args.repeats, work / shape_key / "peers", args.peers)
         pairs = max(args.repeats, TURN_MIN_PAIRS)
-        result["turns"] = run_turns(ckpt, bundle, result["peers"], work / args.shape / "peers", pairs, args.turn_pause)
+        result["turns"] = run_turns(ckpt, bundle, result["peers"], work / shape_key / "peers", pairs, args.turn_pause)
     block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
     if not args.bundle and args.int8_projections != ExportOptions(args.precision).resolve().int8_projections:
         block += p8
@@ -119,7 +127,8 @@ def _run_serve(args: argparse.Namespace, result: dict, bundle: Path, ckpt: Path 
         from .peers import TURN_MIN_PAIRS, run_serve_turns
 
         pairs = max(args.repeats, TURN_MIN_PAIRS)
-        result["serve"]["peers"] = run_serve_turns(ckpt, bundle, Path(args.workdir).expanduser() / args.shape / "peers", pairs,
+        peers_dir = Path(args.workdir).expanduser() / name / "peers"
+        result["serve"]["peers"] = run_serve_turns(ckpt, bundle, peers_dir, pairs,
                                                    args.turn_pause, args.peers)  # fmt: skip
     return _write(out / f"bench-{name}-{args.precision}-{'soak' if args.soak else 'serve'}", result, serve_markdown(result))
 

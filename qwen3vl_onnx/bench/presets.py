@@ -1,4 +1,4 @@
-"""Released Qwen3-VL shapes (public config.json facts) as bench presets, plus a tiny one for smoke tests.
+"""Released Qwen3-VL shapes (public config.json facts) as bench presets, plus tiny ones for smoke tests.
 
 Speed does not depend on weight values, so the bench builds random bf16 checkpoints of these
 shapes with ``demo.checkpoint.write_checkpoint``, streamed to disk one tensor at a time (an 8B
@@ -23,6 +23,7 @@ class Shape(NamedTuple):
     vision_hidden: int
     vision_intermediate: int
     deepstack: list[int]
+    moe: tuple[int, int, int] | None = None  # (num_experts, num_experts_per_tok, moe_intermediate_size)
 
 
 _SHAPES = {
@@ -30,22 +31,38 @@ _SHAPES = {
     "4b": Shape(2560, 36, 9728, 32, 8, True, 24, 1024, 4096, [5, 11, 17]),
     "8b": Shape(4096, 36, 12288, 32, 8, False, 27, 1152, 4304, [8, 16, 24]),
     "32b": Shape(5120, 64, 25600, 64, 8, False, 27, 1152, 4304, [8, 16, 24]),
+    "30b-a3b": Shape(2048, 48, 6144, 32, 4, False, 27, 1152, 4304, [8, 16, 24], moe=(128, 8, 768)),
     "tiny": Shape(64, 2, 128, 4, 2, True, 2, 32, 64, [0, 1]),
+    "tiny-moe": Shape(64, 2, 128, 4, 2, True, 2, 32, 64, [0, 1], moe=(4, 2, 32)),
 }
+SHAPES = tuple(_SHAPES)
 
 
-def preset_config(shape: str) -> dict:
-    """A config.json (transformers 4.57 layout, as released) for a named shape."""
+def preset_config(shape: str, layers: int | None = None) -> dict:
+    """A config.json (transformers 4.57 layout, as released) for a named shape; ``layers``: keep the
+    real widths but only that many decoder layers (a full random 30B-A3B is ~62 GB of bf16)."""
     if shape not in _SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(_SHAPES)}")
-    hidden, layers, inter, heads, kv, tied, vdepth, vhidden, vinter, ds = _SHAPES[shape]
-    tiny = shape == "tiny"
+    hidden, full, inter, heads, kv, tied, vdepth, vhidden, vinter, ds, moe = _SHAPES[shape]
+    tiny = shape.startswith("tiny")
     section = [6, 5, 5] if tiny else [24, 20, 20]
+    text = {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers or full, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": 32 if tiny else 128,
+            "rope_scaling": {"rope_type": "default", "mrope_section": section, "mrope_interleaved": True}}  # fmt: skip
+    top: dict = {}
+    if moe:
+        text.update(model_type="qwen3_vl_moe_text", num_experts=moe[0], num_experts_per_tok=moe[1], moe_intermediate_size=moe[2],
+                    decoder_sparse_step=1, mlp_only_layers=[])  # fmt: skip
+        top = {"architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe"}
     return make_config(
+        **top,
         tie_word_embeddings=tied,
-        text_config={"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-                     "num_key_value_heads": kv, "head_dim": 32 if tiny else 128,
-                     "rope_scaling": {"rope_type": "default", "mrope_section": section, "mrope_interleaved": True}},
+        text_config=text,
         vision_config={"depth": vdepth, "hidden_size": vhidden, "intermediate_size": vinter, "num_heads": 2 if tiny else 16,
                        "out_hidden_size": hidden, "deepstack_visual_indexes": ds},
     )  # fmt: skip
+
+
+def full_layers(shape: str) -> int:
+    """The released depth of a preset's decoder."""
+    return _SHAPES[shape].layers

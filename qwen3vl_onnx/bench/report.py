@@ -76,6 +76,10 @@ def markdown(result: dict) -> str:
     for name, p in peers.items():
         if "skipped" in p:
             extra.append(f"- {name}: skipped ({p['skipped']})")
+    if "scaled" in result:
+        from .depth import scaled_markdown
+
+        extra.append(scaled_markdown(result["scaled"]))
     return "\n".join(lines + extra) + "\n"
 
 

@@ -40,11 +40,12 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def prepare_checkpoint(shape: str, workdir: Path) -> Path:
-    ckpt = workdir / shape / "checkpoint"
+def prepare_checkpoint(shape: str, directory: Path, layers: int | None = None) -> Path:
+    """The random checkpoint of a preset (``layers``: depth-reduced), written once into ``directory``."""
+    ckpt = directory / "checkpoint"
     if not (ckpt / "model.safetensors").is_file():
         print(f"writing random {shape} checkpoint to {ckpt}", file=sys.stderr)
-        write_checkpoint(ckpt, preset_config(shape))
+        write_checkpoint(ckpt, preset_config(shape, layers))
     return ckpt
 
 
