@@ -61,12 +61,16 @@ def _require_torch() -> None:
 
 
 def load_reference(checkpoint: Path):
+    """transformers' model of the checkpoint's architecture (dense or MoE), in fp32."""
     _require_torch()
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    import transformers
 
+    from .config import Qwen3VLConfig
+
+    model_class = getattr(transformers, Qwen3VLConfig.from_file(checkpoint / "config.json").architecture)
     torch.set_grad_enabled(False)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="eager")
+    model = model_class.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 

@@ -161,6 +161,15 @@ def test_both_expert_layouts_give_the_same_bundle(tiny_moe, tmp_path):
     np.testing.assert_array_equal(_onnx_logits(other, prompt), _onnx_logits(Pipeline.from_bundle(tiny_moe.bundle), prompt))
 
 
+def test_verify_runs_the_moe_reference(cli, tiny_models, tmp_path):
+    """``verify`` loads transformers' MoE class for a MoE checkpoint (here in the released layout,
+    which transformers converts on load) and passes on its bundle."""
+    tiny = tiny_models("moe_tied_top2of4")
+    picture(50, 70).save(tmp_path / "v.png")
+    r = cli("verify", tiny.checkpoint, tiny.bundle, "--image", tmp_path / "v.png", "--steps", "4")
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+
+
 def test_portable_bundle_matches_fused(tiny_moe):
     pipe, portable = Pipeline.from_bundle(tiny_moe.bundle), Pipeline.from_bundle(tiny_moe.bundle_with(portable=True))
     prompt = pipe.prepare(_messages([picture(64, 48)]))

@@ -155,8 +155,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             raise UserError(f"{out.parent}: cannot create the folder for the bundle ({e.strerror})") from None
         _remove_stale_partials(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        (tmp / OWNER).write_text(str(os.getpid()))
-        try:
+        try:  # from the first moment the folder exists: a stop (SIGTERM) here removes it too
+            (tmp / OWNER).write_text(str(os.getpid()))
             graphs = _write_graphs(tmp, cfg, weights, opts)
             embed_info = _token_table(tmp, cfg, weights, opts, graphs["decoder"])
             for name in COPIED_FILES:
