@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
 from .cli_args import (
-    MAX_VIDEO_FRAMES,
     at_least,
     block_size,
     bounded_float,
     cosine,
+    engine_args,
     generation_overrides,
     int8_projections_arg,
     kv_cache_arg,
+    non_negative_float,
     output_args,
     output_overrides,
     positive_float,
@@ -61,7 +62,6 @@ def _parser() -> argparse.ArgumentParser:
     # Ctrl-C then must end in main's one line, not in a traceback from an import.
     from .bench.turns import PAUSE_S
     from .export.quant import DEFAULT_BLOCK_SIZE
-    from .runtime.preprocess import MAX_IMAGE_PIXELS
     from .shapes.model import PACKAGED_SHAPES
 
     p = _Parser(prog="qwen3vl-onnx", description="Export Qwen3-VL checkpoints to ONNX bundles and run them on ONNX Runtime.",
@@ -127,30 +127,31 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("bundle", help="bundle directory written by export")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=at_least(1, 65535, "the largest TCP port"), default=8000, help="port to listen on")
-    s.add_argument("--model-name", default=None, help="the model id clients name (default: the bundle's folder name)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     s.add_argument("--api-key-file", default=None, metavar="FILE", help="the API key, read from a file")
-    s.add_argument("--parallel", type=at_least(1, 256), default=4, help="requests decoded together (slots)")
-    s.add_argument("--ctx-size", type=at_least(16, 1 << 24), default=None,
-                   help="tokens per slot, prompt and answer (default 4096, or the model's context where shorter)")  # fmt: skip
-    s.add_argument("--queue-size", type=at_least(1, 100_000), default=64, help="requests waiting for a slot before 429")
-    s.add_argument("--prefill-slice-ms", type=at_least(1, 60_000), default=250,
-                   help="longest prompt call while other requests stream (their next token waits for it)")  # fmt: skip
     s.add_argument("--shutdown-grace", type=bounded_float(0, 3600), default=10.0, metavar="S",
                    help="on SIGTERM or Ctrl-C, seconds running answers get to finish before they end with an error")  # fmt: skip
-    s.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="serve file:// image/video URLs from inside DIR")
-    s.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs")
     s.add_argument("--cors-origin", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")
-    s.add_argument("--max-images", type=at_least(0, 256), default=8, help="images and videos per request")
-    s.add_argument("--max-video-frames", type=at_least(1, MAX_VIDEO_FRAMES, "Qwen3-VL's own limit"), default=64,
-                   help="frames sampled per video at most")  # fmt: skip
-    s.add_argument("--max-image-pixels", type=at_least(1, MAX_IMAGE_PIXELS, "what the image reader takes"), default=40_000_000,
-                   help="pixels per image file at most")  # fmt: skip
-    s.add_argument("--max-body-mb", type=bounded_float(0, 4096, positive=True), default=20.0, help="request body limit in MB")
     s.add_argument("--metrics", action="store_true", help="Prometheus figures at /metrics")
     s.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
-    threads_arg(s)
-    kv_cache_arg(s)
+    engine_args(s)
+
+    bt = add("batch", help="answer an OpenAI batch file (JSONL) through the server's engine; resumable",
+             description="Answer every line of an OpenAI batch file (or every picture/video of a folder) through the "
+                         "server's engine, appending OpenAI batch output lines to OUTPUT; run again to finish an "
+                         "interrupted job (needs the server extra).")  # fmt: skip
+    bt.add_argument("bundle", help="bundle directory written by export")
+    bt.add_argument("files", nargs="+", metavar="INPUT OUTPUT",
+                    help="the OpenAI batch input (JSONL) and the output (JSONL, appended to: what it holds is not asked "
+                         "again); OUTPUT alone with --images/--videos")  # fmt: skip
+    folder = bt.add_mutually_exclusive_group()
+    folder.add_argument("--images", default=None, metavar="DIR", help="instead of INPUT: one request per image in DIR")
+    folder.add_argument("--videos", default=None, metavar="DIR", help="instead of INPUT: one request per video in DIR")
+    bt.add_argument("--prompt", default="Describe this image.", help="with --images/--videos: the question asked of each")
+    bt.add_argument("--max-tokens", type=at_least(1), default=None, help="with --images/--videos: answer length limit")
+    bt.add_argument("--temperature", type=non_negative_float, default=None, help="with --images/--videos: 0 = greedy")
+    bt.set_defaults(api_key=None, api_key_file=None, shutdown_grace=10.0, cors_origin=None, metrics=False, no_ui=True)
+    engine_args(bt)
 
     v = add("verify", help="compare a bundle with transformers (needs torch)",
             description="Compare a bundle's logits with transformers' on the same inputs (needs the torch extra).")  # fmt: skip
@@ -299,6 +300,18 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, taken as Ctrl-C is: whatever runs cleans up (an export removes its partial bundle)."""
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; ``batch``'s file names may also come after its options (argparse takes
+    positionals split by options only as far as the first group, so the rest are gathered here)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "batch" and not any(e.startswith("-") for e in extra):
+        args.files += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
@@ -307,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
+        if args.command == "batch":
+            from .server.command import run_batch_command
+
+            return run_batch_command(args)
         if args.command == "serve":
             from .server.command import run_serve
 

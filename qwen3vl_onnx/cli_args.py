@@ -105,6 +105,29 @@ def threads_arg(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime intra-op threads (default: one per core)")  # fmt: skip
 
 
+def engine_args(p: argparse.ArgumentParser) -> None:
+    """The server engine's options and request rules, shared by ``serve`` and ``batch``."""
+    from .runtime.preprocess import MAX_IMAGE_PIXELS
+
+    p.add_argument("--model-name", default=None, help="the model id requests name (default: the bundle's folder name)")
+    p.add_argument("--parallel", type=at_least(1, 256), default=4, help="requests decoded together (slots)")
+    p.add_argument("--ctx-size", type=at_least(16, 1 << 24), default=None,
+                   help="tokens per slot, prompt and answer (default 4096, or the model's context where shorter)")  # fmt: skip
+    p.add_argument("--queue-size", type=at_least(1, 100_000), default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--prefill-slice-ms", type=at_least(1, 60_000), default=250,
+                   help="longest prompt call while other requests stream (their next token waits for it)")  # fmt: skip
+    p.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="read file:// image/video URLs from inside DIR")
+    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs")
+    p.add_argument("--max-images", type=at_least(0, 256), default=8, help="images and videos per request")
+    p.add_argument("--max-video-frames", type=at_least(1, MAX_VIDEO_FRAMES, "Qwen3-VL's own limit"), default=64,
+                   help="frames sampled per video at most")  # fmt: skip
+    p.add_argument("--max-image-pixels", type=at_least(1, MAX_IMAGE_PIXELS, "what the image reader takes"), default=40_000_000,
+                   help="pixels per image file at most")  # fmt: skip
+    p.add_argument("--max-body-mb", type=bounded_float(0, 4096, positive=True), default=20.0, help="request body limit in MB")
+    threads_arg(p)
+    kv_cache_arg(p)
+
+
 def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's generation config)")

@@ -113,16 +113,53 @@ def build_app(bundle: str | Path, settings: ServerSettings, threads: int | None 
     return create_app(settings, load)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def _require_server_extra(command: str) -> None:
     try:
         import fastapi  # noqa: F401
+        import httpx  # noqa: F401
         import prometheus_client  # noqa: F401
         import sse_starlette  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise UserError(
-            f"serve needs the server extra: pip install -e '.[server]' in the project's clone ({e.name} is missing)"
+            f"{command} needs the server extra: pip install -e '.[server]' in the project's clone ({e.name} is missing)"
         ) from None
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """``qwen3vl-onnx batch``: INPUT (or a folder of pictures/videos) answered into OUTPUT."""
+    from .batch import folder_requests, run_batch
+
+    _require_server_extra("batch")
+    folder = args.images or args.videos
+    if len(args.files) > 2:
+        raise UserError(f"batch takes INPUT OUTPUT, got {len(args.files)} files")
+    args.input, args.output = args.files if len(args.files) == 2 else (None, args.files[0])
+    if (folder is None) == (args.input is None):
+        raise UserError("give INPUT (an OpenAI batch file) or --images/--videos DIR, not both, not neither")
+    requests = None
+    if folder is not None:
+        root = Path(folder).expanduser().resolve()
+        if not root.is_dir():
+            raise UserError(f"{folder}: not a directory")
+        if args.allowed_media_dir is None:
+            args.allowed_media_dir = str(root)
+        extra = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature)) if v is not None}
+        requests = folder_requests(root, args.prompt, bool(args.videos), extra)
+    elif not Path(args.input).is_file():
+        raise UserError(f"{args.input}: batch input not found")
+    output = Path(args.output)
+    if output.is_dir():
+        raise UserError(f"{output}: is a directory; OUTPUT is a JSONL file")
+    settings = settings_from(args)
+    check_fits(Path(args.bundle), settings)
+    return run_batch(Path(args.bundle), settings, Path(args.input or ""), output, args.threads, requests)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    _require_server_extra("serve")
     settings = settings_from(args)
     check_fits(Path(args.bundle), settings)
     sock = listen(args.host, args.port)
