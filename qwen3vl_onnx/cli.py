@@ -203,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
                         "decoder steps of 1 and 4 rows")  # fmt: skip
     b.add_argument("--soak", type=bounded_float(0, 86_400, positive=True, why="a day"), default=None, metavar="S",
                    help="instead, 8 clients against the server for S seconds: errors and memory growth")  # fmt: skip
+    b.add_argument("--batch", type=at_least(1, 10_000), default=None, metavar="N",
+                   help="instead, N picture requests through the batch command against a loop of generate calls")  # fmt: skip
+    b.add_argument("--parallel", type=at_least(1, 256), default=4, help="with --batch: the engine's slots")
     b.add_argument("--kernels", action="store_true",
                    help="instead, measure this CPU's matmul kernels in GOPS (fp32/int8 peaks, the bundles' kernels)")  # fmt: skip
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")

@@ -70,6 +70,12 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         print("constrained decoding: grammar compile, mask per token against decoder steps", file=sys.stderr)
         result["constrained"] = measure_constrained(bundle, repeats=max(args.repeats, 5))
         return _write(out / f"bench-{name}-{args.precision}-constrained", result, constrained_markdown(result))
+    if args.batch:
+        from .batch import batch_markdown, measure_batch
+
+        print(f"batch: {args.batch} picture requests, a loop of Pipeline.generate then the batch command", file=sys.stderr)
+        result["batch"] = measure_batch(bundle, args.batch, args.parallel)
+        return _write(out / f"bench-{name}-{args.precision}-batch", result, batch_markdown(result))
     if args.serve or args.soak:
         return _run_serve(args, result, bundle, ckpt, out, name)
     print("measuring qwen3vl-onnx", file=sys.stderr)

@@ -1,0 +1,100 @@
+"""``bench --batch N``: N picture requests answered by ``batch`` against a loop of ``Pipeline.generate``.
+
+Both run in one process on the same bundle, one after the other, with the model loaded before the
+clock starts: the loop calls ``generate`` request by request (what a user writes without this
+project's batch command), the batch run posts the same bodies through the server's app and engine
+(``server.batch.run_requests``, as ``qwen3vl-onnx batch`` does) with ``--parallel`` slots. Answers
+are greedy and compared as text (a batched step may break a near-tie the other way: counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def pictures(n: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """Noisy pictures with a few flat shapes: each a different prompt of the same length."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        x, y = rng.integers(0, size // 2, 2)
+        arr[y : y + size // 3, x : x + size // 3] = rng.integers(0, 256, 3)
+        out.append(Image.fromarray(arr))
+    return out
+
+
+def _data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def measure_batch(bundle: Path, n: int, parallel: int, size: int = 256, tokens: int = 64) -> dict:
+    from ..runtime.pipeline import Pipeline
+    from ..server.batch import Request, Summary, Writer, run_requests
+    from ..server.command import build_app
+    from ..server.settings import ServerSettings
+
+    imgs = pictures(n, size)
+    question = "Describe this picture in detail."
+    pipe = Pipeline.from_bundle(bundle)
+    t = time.perf_counter()
+    loop = [pipe.generate([{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": question}]}],
+                          max_new_tokens=tokens, temperature=0, ignore_eos=True).text for im in imgs]  # fmt: skip
+    loop_s = time.perf_counter() - t
+    del pipe
+
+    settings = ServerSettings(model_name="bench", parallel=parallel, ctx_size=4096, queue_size=max(n, 1), ui=False)
+    app = build_app(bundle, settings)
+    reqs = [Request(i + 1, f"r{i}", "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(im)}},
+                                                               {"type": "text", "text": question}]}],
+                     "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+            for i, im in enumerate(imgs)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.jsonl"
+        writer, summary = Writer(out), Summary()
+
+        async def run() -> float:
+            async with app.router.lifespan_context(app):
+                await asyncio.to_thread(app.state.qwen.loader.join)
+                start = time.perf_counter()
+                await run_requests(app, reqs, writer, summary, parallel + n, lambda *_: None)
+                return time.perf_counter() - start
+
+        batch_s = asyncio.run(run())
+        writer.close()
+        answers = _answers(out)
+    same = sum(answers.get(f"r{i}") == text for i, text in enumerate(loop))
+    return {"requests": n, "picture": size, "tokens": tokens, "parallel": parallel, "loop_s": loop_s, "batch_s": batch_s,
+            "loop_req_s": n / loop_s, "batch_req_s": n / batch_s, "ratio": loop_s / batch_s, "same_answers": same,
+            "failed": summary.failed}  # fmt: skip
+
+
+def _answers(path: Path) -> dict[str, str]:
+    import json
+
+    return {(d := json.loads(raw))["custom_id"]: d["response"]["body"]["choices"][0]["message"]["content"]
+            for raw in path.read_text().splitlines()}  # fmt: skip
+
+
+def batch_markdown(result: dict) -> str:
+    b, m = result["batch"], result["machine"]
+    return (
+        "| | loop of Pipeline.generate | qwen3vl-onnx batch |\n|---|---|---|\n"
+        f"| requests/s | {b['loop_req_s']:.3f} | {b['batch_req_s']:.3f} |\n"
+        f"| total (s) | {b['loop_s']:.1f} | {b['batch_s']:.1f} |\n\n"
+        f"{b['requests']} requests, a {b['picture']}x{b['picture']} picture and {b['tokens']} greedy tokens each, "
+        f"--parallel {b['parallel']}: batch {b['ratio']:.2f}x the loop's requests/s; {b['same_answers']}/{b['requests']} "
+        f"answers the same text as the loop's. Machine: {m['cpu']}, {m['cores']} cores, CPU flags: "
+        f"{' '.join(m.get('cpu_flags', []))}, onnxruntime {m['onnxruntime']}.\n"
+    )
