@@ -119,3 +119,13 @@ def test_bench_bundle_reports_the_bundles_own_precision(cli, tiny_one, setup, tm
     r = cli("bench", "--bundle", setup / "bundle", "--repeats", "1", "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr and "context" in r.stderr.splitlines()[-1], r.stderr
+
+
+def test_bench_batch_against_a_loop(cli, tmp_path, bench_workdir):
+    """bench --batch N: the same N picture requests through the batch path and a generate loop, both
+    timed, every request answered, most answers the same text (near-ties of batched int4 steps aside)."""
+    r = cli("bench", "--shape", "tiny", "--batch", "4", "--parallel", "2", "--workdir", bench_workdir, "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "bench-tiny-int4-batch.json").read_text())["batch"]
+    assert res["requests"] == 4 and res["failed"] == 0 and res["loop_s"] > 0 and res["batch_s"] > 0
+    assert res["same_answers"] >= 2 and "batch" in r.stdout
