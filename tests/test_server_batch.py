@@ -118,6 +118,13 @@ def test_killed_runs_resume_until_every_request_is_answered_once(tiny_one, tmp_p
         _same_or_near_tie(got[f"r{i}"]["response"]["body"], ref, pipe.tokenizer)
 
 
+def test_a_full_queue_is_waited_for_not_answered(tiny_one, tmp_path):
+    """More requests than slots and queue together: each waits its turn, none gets a 429 line."""
+    _write(tmp_path / "in.jsonl", [_line(f"q{i}", f"Item {i}", n=8) for i in range(12)])
+    r = _batch(tiny_one.bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--parallel", "2", "--queue-size", "1")
+    assert r.returncode == 0 and "12 done, 0 failed" in r.stderr, r.stderr
+
+
 def test_images_folder_shortcut(tiny_one, tmp_path):
     pics = tmp_path / "pics"
     (pics / "sub").mkdir(parents=True)

@@ -162,8 +162,9 @@ def response_line(req: Request, status: int, body: Any) -> dict[str, Any]:
 
 async def run_requests(app: Any, requests: list[Request], writer: Writer, summary: Summary, in_flight: int,
                        progress: Any) -> None:  # fmt: skip
-    """Post every request to ``app`` with at most ``in_flight`` waiting on it at once, each answer
-    written as it arrives."""
+    """Post every request to ``app`` with at most ``in_flight`` waiting on it at once (twice the
+    slots keeps them fed while the next prompts are read), each answer written as it arrives. A 429
+    (the engine's queue full) is asked again after a pause, never written as an answer."""
     import httpx
 
     gate = asyncio.Semaphore(in_flight)
@@ -173,6 +174,11 @@ async def run_requests(app: Any, requests: list[Request], writer: Writer, summar
         async def one(req: Request) -> None:
             async with gate:
                 r = await client.post(req.url, json=req.body)
+                pause = 0.05
+                while r.status_code == 429:  # the engine's queue is full for now: wait, as a client of serve would
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 1.0)
+                    r = await client.post(req.url, json=req.body)
             try:
                 body = r.json()
             except ValueError:
@@ -274,4 +280,4 @@ async def _serve_batch(app: Any, todo: list[Request], writer: Writer, summary: S
         if state.load_error is not None:
             raise UserError(state.load_error)
         with Progress(len(todo)) as progress:
-            await run_requests(app, todo, writer, summary, settings.parallel + settings.queue_size, progress)
+            await run_requests(app, todo, writer, summary, 2 * settings.parallel, progress)
