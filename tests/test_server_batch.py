@@ -90,7 +90,7 @@ def test_answers_bad_lines_and_usage(tiny_one, tmp_path):
 def test_killed_runs_resume_until_every_request_is_answered_once(tiny_one, tmp_path):
     """SIGKILL at three points, a torn last line written after each (what a kill in mid-write
     leaves), restart: every request ends answered exactly once, each answer as Pipeline.generate's."""
-    lines = [_line(f"r{i}", f"Tell me about item {i}", n=64) for i in range(16)]
+    lines = [_line(f"r{i}", f"Tell me about item {i}", n=48) for i in range(16)]
     _write(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
     counts = []
@@ -114,7 +114,7 @@ def test_killed_runs_resume_until_every_request_is_answered_once(tiny_one, tmp_p
     assert skipped == counts[-1], (skipped, counts)  # what the killed runs had answered is kept, not asked again
     pipe = Pipeline.from_bundle(tiny_one.bundle)
     for i, line in enumerate(lines):
-        ref = pipe.generate(line["body"]["messages"], max_new_tokens=64, temperature=0, ignore_eos=True, logprobs=2)
+        ref = pipe.generate(line["body"]["messages"], max_new_tokens=48, temperature=0, ignore_eos=True, logprobs=2)
         _same_or_near_tie(got[f"r{i}"]["response"]["body"], ref, pipe.tokenizer)
 
 
