@@ -56,9 +56,11 @@ def test_answers_bad_lines_and_usage(tiny_one, tmp_path):
            json.dumps(_line("badimg", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])),
            json.dumps({**_line("url", "x"), "url": "/v1/embeddings"})]  # fmt: skip
     _write(tmp_path / "in.jsonl", good[:2] + bad + good[2:])
+    with open(tmp_path / "in.jsonl", "ab") as f:
+        f.write(b'{"custom_id": "\xff\xfe"}\n')  # not UTF-8
     r = _batch(tiny_one.bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--parallel", "3")
     assert r.returncode == 1, r.stderr  # some lines failed
-    assert "5 done, 6 failed, 0 skipped" in r.stderr.splitlines()[-1]
+    assert "5 done, 7 failed, 0 skipped" in r.stderr.splitlines()[-1]
     out = _read(tmp_path / "out.jsonl")
     pipe = Pipeline.from_bundle(tiny_one.bundle)
     for line in good:
@@ -79,12 +81,13 @@ def test_answers_bad_lines_and_usage(tiny_one, tmp_path):
         "line6": ("duplicate_custom_id", 6),
         "badimg": (codes["badimg"][0], 7),
         "url": ("invalid_url", 8),
+        "line12": ("invalid_json", 12),
     }
     assert out["badimg"]["response"]["status_code"] == 400 and "cannot read image" in out["badimg"]["error"]["message"]
     # a second run asks nothing again
     r = _batch(tiny_one.bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
-    assert r.returncode == 0 and "0 done, 0 failed, 11 skipped" in r.stderr, r.stderr
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 11
+    assert r.returncode == 0 and "0 done, 0 failed, 12 skipped" in r.stderr, r.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 12
 
 
 def test_killed_runs_resume_until_every_request_is_answered_once(tiny_one, tmp_path):

@@ -62,12 +62,17 @@ class Summary:
 def parse_input(path: Path) -> Iterator[Request | Rejected]:
     """INPUT's lines as requests, or as rejections naming what is wrong (blank lines are skipped)."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise UserError(f"{path}: cannot read the batch input ({e.strerror})") from None
     seen: set[str] = set()
     with f:
-        for n, text in enumerate(f, 1):
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Rejected(n, None, "invalid_json", f"line {n} is not UTF-8 text")
+                continue
             if text.strip():
                 item = _parse_line(n, text)
                 if isinstance(item, Request):
