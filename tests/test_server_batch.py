@@ -91,13 +91,14 @@ def test_answers_bad_lines_and_usage(tiny_one, tmp_path):
 
 
 def test_killed_runs_resume_until_every_request_is_answered_once(tiny_one, tmp_path):
-    """SIGKILL at three points, a torn last line written after each (what a kill in mid-write
-    leaves), restart: every request ends answered exactly once, each answer as Pipeline.generate's."""
-    lines = [_line(f"r{i}", f"Tell me about item {i}", n=48) for i in range(16)]
+    """SIGKILL at two points, a torn last line written after each (what a kill in mid-write leaves),
+    restart: every request ends answered exactly once, each answer as Pipeline.generate's.
+    (scripts/batch_resume.py does this five times at random moments on a longer job.)"""
+    lines = [_line(f"r{i}", f"Tell me about item {i}", n=48) for i in range(12)]
     _write(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
     counts = []
-    for at_least in (3, 7, 11):  # killed once this many lines are out, whatever it is doing then
+    for at_least in (3, 7):  # killed once this many lines are out, whatever it is doing then
         p = subprocess.Popen([sys.executable, "-m", "qwen3vl_onnx.cli", "batch", str(tiny_one.bundle), str(tmp_path / "in.jsonl"),
                               str(out), "--parallel", "2"], stderr=subprocess.DEVNULL)  # fmt: skip
         deadline = time.monotonic() + 120
@@ -112,7 +113,7 @@ def test_killed_runs_resume_until_every_request_is_answered_once(tiny_one, tmp_p
     r = _batch(tiny_one.bundle, tmp_path / "in.jsonl", out, "--parallel", "2")
     assert r.returncode == 0, r.stderr
     got = _read(out)
-    assert sorted(got) == sorted(f"r{i}" for i in range(16))
+    assert sorted(got) == sorted(f"r{i}" for i in range(12))
     skipped = int(r.stderr.splitlines()[-1].split(" failed, ")[1].split(" skipped")[0])
     assert skipped == counts[-1], (skipped, counts)  # what the killed runs had answered is kept, not asked again
     pipe = Pipeline.from_bundle(tiny_one.bundle)
