@@ -84,3 +84,14 @@ def test_a_model_that_fails_to_load_stops_the_server(setup, tmp_path):
     r = serve(b, "--port", port)
     last_line_error(r, "the model failed to load", "decoder.onnx")
     assert f"listening on http://127.0.0.1:{port}" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["serve", "bundle"], ["batch", "bundle", "out.jsonl"]], ids=["serve", "batch"])
+def test_without_the_server_extra_the_command_says_so_in_one_line(monkeypatch, capsys, command):
+    """A missing server dependency (uvicorn here) is named in one line, never an ImportError traceback."""
+    from qwen3vl_onnx.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{command[0]} needs the server extra" in err[0] and "uvicorn" in err[0], err

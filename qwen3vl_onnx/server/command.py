@@ -157,9 +157,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    _require_server_extra("serve")
     import uvicorn
 
-    _require_server_extra("serve")
     settings = settings_from(args)
     check_fits(Path(args.bundle), settings)
     sock = listen(args.host, args.port)
