@@ -147,8 +147,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
         if not (src / "tokenizer.json").is_file():
             raise UserError(f"{src}: tokenizer.json is missing")
         weights = Checkpoint(src)
-        moe = cfg.text.moe_layers[:1]
-        weights.check(weight_shapes(cfg, bool(moe) and experts_transposed(weights, cfg.text, _mlp_prefix(moe[0]))))
+        weights.check(weight_shapes(cfg, experts_transposed(weights, cfg.text)))
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -181,10 +180,6 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
-
-
-def _mlp_prefix(layer: int) -> str:
-    return f"model.language_model.layers.{layer}.mlp."
 
 
 OWNER = ".owner-pid"  # in a partial export: the process writing it (a partial whose writer is gone is stale)

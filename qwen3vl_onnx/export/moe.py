@@ -28,6 +28,7 @@ from .graph import MS_DOMAIN, Graph
 from .quant import quantize
 
 GATE_UP, DOWN, ROUTER = "experts.gate_up_proj", "experts.down_proj", "gate.weight"
+LAYERS = "model.language_model.layers."
 
 
 def _shape(w: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
@@ -35,13 +36,16 @@ def _shape(w: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
     return tuple(shape(name)) if callable(shape) else tuple(w[name].shape)
 
 
-def experts_transposed(w: Mapping[str, np.ndarray], cfg: TextConfig, prefix: str) -> bool:
+def experts_transposed(w: Mapping[str, np.ndarray], cfg: TextConfig) -> bool:
     """Whether the checkpoint's experts are in the layout transformers 5 saves ((E, 2I, H) and
     (E, H, I), each expert a torch linear weight) rather than the released one ((E, H, 2I) and
-    (E, I, H)). ``prefix``: any MoE layer's ``...mlp.``. Decided by the down projection, or by
-    gate_up when hidden == moe_intermediate_size makes down's two layouts the same shape; False when
-    they are missing (the weight check then names them)."""
-    if not cfg.num_experts or prefix + DOWN not in w or prefix + GATE_UP not in w:
+    (E, I, H)). Decided on the first MoE layer by the down projection, or by gate_up when hidden ==
+    moe_intermediate_size makes down's two layouts the same shape; False for a dense model or when
+    the tensors are missing (the weight check then names them)."""
+    if not cfg.moe_layers:
+        return False
+    prefix = f"{LAYERS}{cfg.moe_layers[0]}.mlp."
+    if prefix + DOWN not in w or prefix + GATE_UP not in w:
         return False
     h, m = cfg.hidden_size, cfg.moe_intermediate_size
     if h != m:

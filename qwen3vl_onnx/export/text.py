@@ -82,8 +82,7 @@ class _Decoder:
         self.io_in, self.io_out = io.decoder_io(cfg, num_deepstack, opts.fused)
         self.ins = {name: g.input(name, t, shape) for name, (t, shape) in self.io_in.items()}
         self.num_deepstack = num_deepstack
-        first = cfg.moe_layers[:1]
-        self.experts_transposed = bool(first) and experts_transposed(w, cfg, f"{P}layers.{first[0]}.mlp.")
+        self.experts_transposed = experts_transposed(w, cfg)
 
     def proj(self, x: str, w: np.ndarray, name: str, kind: str) -> str:
         o, kernel = self.opts, self.opts.kernel_for(kind)
