@@ -10,14 +10,14 @@ are greedy and compared as text (a batched step may break a near-tie the other w
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .serve import png_data_url
 
 
 def pictures(n: int, size: int, seed: int = 0) -> list[Image.Image]:
@@ -32,15 +32,9 @@ def pictures(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def _data_url(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def measure_batch(bundle: Path, n: int, parallel: int, size: int = 256, tokens: int = 64) -> dict:
     from ..runtime.pipeline import Pipeline
-    from ..server.batch import Request, Summary, Writer, run_requests
+    from ..server.batch import Request, Summary, Writer, run_requests, started
     from ..server.command import build_app
     from ..server.settings import ServerSettings
 
@@ -53,10 +47,10 @@ def measure_batch(bundle: Path, n: int, parallel: int, size: int = 256, tokens: 
     loop_s = time.perf_counter() - t
     del pipe
 
-    settings = ServerSettings(model_name="bench", parallel=parallel, ctx_size=4096, queue_size=max(n, 1), ui=False)
+    settings = ServerSettings(model_name="bench", parallel=parallel, ctx_size=4096, ui=False)
     app = build_app(bundle, settings)
     reqs = [Request(i + 1, f"r{i}", "/v1/chat/completions",
-                    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(im)}},
+                    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(im)}},
                                                                {"type": "text", "text": question}]}],
                      "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
             for i, im in enumerate(imgs)]  # fmt: skip
@@ -65,10 +59,9 @@ def measure_batch(bundle: Path, n: int, parallel: int, size: int = 256, tokens: 
         writer, summary = Writer(out), Summary()
 
         async def run() -> float:
-            async with app.router.lifespan_context(app):
-                await asyncio.to_thread(app.state.qwen.loader.join)
+            async with started(app):
                 start = time.perf_counter()
-                await run_requests(app, reqs, writer, summary, parallel + n, lambda *_: None)
+                await run_requests(app, reqs, writer, summary, parallel, lambda *_: None)
                 return time.perf_counter() - start
 
         batch_s = asyncio.run(run())

@@ -24,10 +24,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .procstats import stats
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 STORY = "Tell me a long story about a lighthouse keeper."
 
@@ -64,12 +68,17 @@ class ServerProcess:
         self.log.close()
 
 
+def png_data_url(img: Image.Image) -> str:
+    """A PIL image as a PNG data URL, as a client sends a picture."""
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def picture_url(seed: int, side: int = 448) -> str:
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return png_data_url(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)))
 
 
 def stream(url: str, messages: list, max_tokens: int, times: list[float] | None = None, temperature: float = 0) -> dict:

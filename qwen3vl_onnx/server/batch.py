@@ -11,12 +11,13 @@ it keeps every whole line, drops a torn last one, and asks only what is still un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -105,14 +106,18 @@ def _parse_line(n: int, text: str) -> Request | Rejected:
     return Request(n, cid, d["url"], body)
 
 
-def answered(path: Path) -> tuple[set[str], set[int]]:
-    """What OUTPUT already holds: custom_ids answered, and lines answered without an id of their own
-    (errors for lines with no usable custom_id, duplicates). A last line cut short by a kill is
+def answer_key(custom_id: str | None, code: str | None, line: int) -> str | int:
+    """What an input line is known by in OUTPUT: its custom_id, or its line number when it has no id
+    of its own (none usable, or a duplicate of an earlier line's), the same on both sides of a resume."""
+    return line if custom_id is None or code == "duplicate_custom_id" else custom_id
+
+
+def answered(path: Path) -> set[str | int]:
+    """The ``answer_key`` of every line OUTPUT already holds. A last line cut short by a kill is
     removed from the file, so its request is asked again."""
-    ids: set[str] = set()
-    lines: set[int] = set()
+    keys: set[str | int] = set()
     if not path.exists():
-        return ids, lines
+        return keys
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn line
     for raw in data[:keep].splitlines():
@@ -121,14 +126,11 @@ def answered(path: Path) -> tuple[set[str], set[int]]:
         except json.JSONDecodeError:
             raise UserError(f"{path}: holds a line that is not JSON; not a batch output of this job") from None
         err = out.get("error") or {}
-        if out.get("custom_id") is None or err.get("code") == "duplicate_custom_id":
-            lines.add(int(err.get("line", -1)))
-        else:
-            ids.add(out["custom_id"])
+        keys.add(answer_key(out.get("custom_id"), err.get("code"), int(err.get("line", -1))))
     if keep < len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)
-    return ids, lines
+    return keys
 
 
 class Writer:
@@ -165,14 +167,25 @@ def response_line(req: Request, status: int, body: Any) -> dict[str, Any]:
     return {"id": _line_id(), "custom_id": req.custom_id, "response": response, "error": error}
 
 
-async def run_requests(app: Any, requests: list[Request], writer: Writer, summary: Summary, in_flight: int,
+@contextlib.asynccontextmanager
+async def started(app: Any) -> AsyncIterator[None]:
+    """``app`` running (its lifespan entered) with its bundle loaded; a failed load is one line."""
+    state = app.state.qwen
+    async with app.router.lifespan_context(app):
+        await asyncio.to_thread(state.loader.join)
+        if state.load_error is not None:
+            raise UserError(state.load_error)
+        yield
+
+
+async def run_requests(app: Any, requests: list[Request], writer: Writer, summary: Summary, parallel: int,
                        progress: Any) -> None:  # fmt: skip
-    """Post every request to ``app`` with at most ``in_flight`` waiting on it at once (twice the
-    slots keeps them fed while the next prompts are read), each answer written as it arrives. A 429
-    (the engine's queue full) is asked again after a pause, never written as an answer."""
+    """Post every request to a started ``app`` with at most twice its ``parallel`` slots waiting on
+    it at once (enough to keep the slots fed while the next prompts are read), each answer written
+    as it arrives. A 429 (the engine's queue full) is asked again after a pause, never written."""
     import httpx
 
-    gate = asyncio.Semaphore(in_flight)
+    gate = asyncio.Semaphore(2 * parallel)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=None) as client:
 
@@ -208,13 +221,13 @@ def run_batch(bundle: Path, settings: ServerSettings, input_path: Path, output_p
     from .command import build_app
 
     items = list(requests if requests is not None else parse_input(input_path))
-    done_ids, done_lines = answered(output_path)
+    done = answered(output_path)
     summary = Summary()
     todo: list[Request] = []
     writer = Writer(output_path)
     try:
         for item in items:
-            if _already(item, done_ids, done_lines):
+            if answer_key(item.custom_id, getattr(item, "code", None), item.line) in done:
                 summary.skipped += 1
             elif isinstance(item, Rejected):
                 writer.put(error_line(item))
@@ -228,13 +241,6 @@ def run_batch(bundle: Path, settings: ServerSettings, input_path: Path, output_p
         writer.close()
     print(summary.line(), file=sys.stderr)
     return 1 if summary.failed else 0
-
-
-def _already(item: Request | Rejected, ids: set[str], lines: set[int]) -> bool:
-    """Whether OUTPUT answers ``item``: by custom_id, or by line number for lines without an id of their own."""
-    if item.custom_id is None or (isinstance(item, Rejected) and item.code == "duplicate_custom_id"):
-        return item.line in lines
-    return item.custom_id in ids
 
 
 class Progress:
@@ -278,11 +284,6 @@ def folder_requests(directory: Path, prompt: str, videos: bool, extra: dict[str,
 
 
 async def _serve_batch(app: Any, todo: list[Request], writer: Writer, summary: Summary, settings: ServerSettings) -> None:
-    """Start the app (its background load), wait until it is ready, then run the requests."""
-    state = app.state.qwen
-    async with app.router.lifespan_context(app):
-        await asyncio.to_thread(state.loader.join)
-        if state.load_error is not None:
-            raise UserError(state.load_error)
+    async with started(app):
         with Progress(len(todo)) as progress:
-            await run_requests(app, todo, writer, summary, 2 * settings.parallel, progress)
+            await run_requests(app, todo, writer, summary, settings.parallel, progress)
