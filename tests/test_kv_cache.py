@@ -11,14 +11,15 @@ from qwen3vl_onnx.runtime.positions import rope_index
 from .conftest import picture
 
 
-def test_token_by_token_equals_full_forward(tiny_one):
-    pipe = Pipeline.from_bundle(tiny_one.bundle)
+def assert_token_by_token_equals_full_forward(bundle, extra: list[int]) -> None:
+    """A prompt with a picture prefilled, then ``extra`` fed one token at a time, gives the logits of
+    one forward over everything (dense and MoE tests share it)."""
+    pipe = Pipeline.from_bundle(bundle)
     m, cfg = pipe.model, pipe.config
     msgs = [{"role": "user", "content": [{"type": "image", "image": picture(64, 96)}, {"type": "text", "text": "Hi there"}]}]
     prompt = pipe.prepare(msgs)
     emb, ds = m.encode_images(prompt.pixel_values, prompt.grids)
     pos, _ = rope_index(prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids)
-    extra = [11, 22, 33, 44, 55]
     ids = prompt.ids + extra
     n = len(prompt.ids)
     full_pos = np.concatenate([pos, pos[:, -1:] + 1 + np.arange(len(extra))], axis=1)
@@ -26,7 +27,7 @@ def test_token_by_token_equals_full_forward(tiny_one):
     embeds, vis, dsf = m.prefill_inputs(ids, emb, ds)
     full = m.forward(embeds, full_pos[:, None, :], m.new_cache(), vis, dsf, logits_to_keep=len(ids))[0]
 
-    # Prefill the prompt in two chunks (the image straddles nothing: chunk at the text boundary), then one token at a time.
+    # Prefill the prompt (the image straddles nothing: chunk at the text boundary), then one token at a time.
     cache = m.new_cache()
     p_embeds, p_vis, p_ds = m.prefill_inputs(prompt.ids, emb, ds)
     step_logits = [m.forward(p_embeds, pos[:, None, :], cache, p_vis, p_ds, logits_to_keep=n)[0]]
@@ -34,6 +35,10 @@ def test_token_by_token_equals_full_forward(tiny_one):
         step_logits.append(m.forward(m.embed([tok])[None], full_pos[:, None, n + j : n + j + 1], cache)[0])
     assert cache.length == len(ids)
     np.testing.assert_allclose(np.concatenate(step_logits), full, atol=1e-4, rtol=0)
+
+
+def test_token_by_token_equals_full_forward(tiny_one):
+    assert_token_by_token_equals_full_forward(tiny_one.bundle, [11, 22, 33, 44, 55])
 
 
 def test_text_only_each_token(tiny_one):

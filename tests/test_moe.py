@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from qwen3vl_onnx import Pipeline
 from qwen3vl_onnx.config import Qwen3VLConfig
@@ -32,10 +31,10 @@ from qwen3vl_onnx.demo.checkpoint import write_checkpoint
 from qwen3vl_onnx.export.graph import Graph
 from qwen3vl_onnx.export.moe import Experts, fused_moe, portable_moe
 from qwen3vl_onnx.export.quant import dequantize, quantize
-from qwen3vl_onnx.runtime.positions import rope_index
 
 from .conftest import MOE_GEOMETRIES, hf_config, one_line_error, picture
-from .test_parity import TOL, _messages, _onnx_logits, _ref_logits
+from .test_kv_cache import assert_token_by_token_equals_full_forward
+from .test_parity import IMAGE_SETS, TOL, _messages, _onnx_logits, assert_prefill_logits, assert_sixteen_greedy_tokens
 
 # ---- the expert kernels on one layer, against numpy -------------------------------------------------
 
@@ -110,44 +109,18 @@ def test_expert_kernels_match_numpy(tmp_path, bits):
 # ---- whole models against transformers ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("images", [[], [(64, 48)], [(96, 64), (40, 120)]], ids=["text_only", "one_image", "two_images"])
+@IMAGE_SETS
 def test_prefill_logits(tiny_moe, images):
-    pipe = Pipeline.from_bundle(tiny_moe.bundle)
-    prompt = pipe.prepare(_messages([picture(w, h, seed=i) for i, (w, h) in enumerate(images)]))
-    ref, _ = _ref_logits(tiny_moe, prompt)
-    assert np.abs(ref).max() > 0.5, "logits too small for the tolerance to mean anything"
-    np.testing.assert_allclose(_onnx_logits(pipe, prompt), ref, atol=TOL, rtol=0)
+    assert_prefill_logits(tiny_moe, images)
 
 
 def test_sixteen_greedy_tokens(tiny_moe):
-    pipe = Pipeline.from_bundle(tiny_moe.bundle)
-    messages = _messages([picture(80, 56, seed=3)], "What is here?")
-    prompt = pipe.prepare(messages)
-    _, kw = _ref_logits(tiny_moe, prompt)
-    ids = torch.tensor([prompt.ids])
-    out = tiny_moe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                                  do_sample=False, **kw)  # fmt: skip
-    res = pipe.generate(messages, max_new_tokens=16, temperature=0.0, ignore_eos=True)
-    assert res.token_ids == out[0, len(prompt.ids) :].tolist()
+    assert_sixteen_greedy_tokens(tiny_moe)
 
 
 def test_token_by_token_equals_full_forward(tiny_moe):
-    """The cached-decode invariant on MoE layers: prompt with a picture, then one token at a time."""
-    pipe = Pipeline.from_bundle(tiny_moe.bundle)
-    m, cfg = pipe.model, pipe.config
-    prompt = pipe.prepare(_messages([picture(64, 96)], "Hi there"))
-    emb, ds = m.encode_images(prompt.pixel_values, prompt.grids)
-    pos, _ = rope_index(prompt.ids, cfg.image_token_id, cfg.video_token_id, prompt.grids)
-    extra = [11, 22, 33, 44]
-    n, ids = len(prompt.ids), prompt.ids + extra
-    full_pos = np.concatenate([pos, pos[:, -1:] + 1 + np.arange(len(extra))], axis=1)
-    embeds, vis, dsf = m.prefill_inputs(ids, emb, ds)
-    full = m.forward(embeds, full_pos[:, None, :], m.new_cache(), vis, dsf, logits_to_keep=len(ids))[0]
-    cache = m.new_cache()
-    p_embeds, p_vis, p_ds = m.prefill_inputs(prompt.ids, emb, ds)
-    steps = [m.forward(p_embeds, pos[:, None, :], cache, p_vis, p_ds, logits_to_keep=n)[0]]
-    steps += [m.forward(m.embed([t])[None], full_pos[:, None, n + j : n + j + 1], cache)[0] for j, t in enumerate(extra)]
-    np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4, rtol=0)
+    """The cached-decode invariant on MoE layers."""
+    assert_token_by_token_equals_full_forward(tiny_moe.bundle, [11, 22, 33, 44])
 
 
 def test_both_expert_layouts_give_the_same_bundle(tiny_models, tmp_path):

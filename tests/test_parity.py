@@ -57,12 +57,8 @@ def _onnx_logits(pipe, prompt):
     return m.prefill(prompt.ids, emb, ds, prompt.grids, m.new_cache(), logits_to_keep=len(prompt.ids))[0]
 
 
-@pytest.mark.parametrize(
-    "images",
-    [[], [(64, 48)], [(96, 64), (40, 120)]],
-    ids=["text_only", "one_image", "two_images_different_sizes"],
-)
-def test_prefill_logits(tiny, images):
+def assert_prefill_logits(tiny, images) -> None:
+    """The bundle's prompt logits equal transformers' within TOL (dense and MoE tests share it)."""
     pipe = Pipeline.from_bundle(tiny.bundle)
     prompt = pipe.prepare(_messages([picture(w, h, seed=i) for i, (w, h) in enumerate(images)]))
     assert len(prompt.grids) == len(images)
@@ -72,7 +68,8 @@ def test_prefill_logits(tiny, images):
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
 
-def test_sixteen_greedy_tokens(tiny):
+def assert_sixteen_greedy_tokens(tiny) -> None:
+    """Sixteen greedy tokens after a picture equal transformers' generate."""
     pipe = Pipeline.from_bundle(tiny.bundle)
     messages = _messages([picture(80, 56, seed=3)], "What is here?")
     prompt = pipe.prepare(messages)
@@ -84,6 +81,19 @@ def test_sixteen_greedy_tokens(tiny):
     res = pipe.generate(messages, max_new_tokens=16, temperature=0.0, ignore_eos=True)
     assert res.token_ids == ref_tokens
     assert res.prompt_tokens == len(prompt.ids) and res.completion_tokens == 16
+
+
+IMAGE_SETS = pytest.mark.parametrize("images", [[], [(64, 48)], [(96, 64), (40, 120)]],
+                                     ids=["text_only", "one_image", "two_images_different_sizes"])  # fmt: skip
+
+
+@IMAGE_SETS
+def test_prefill_logits(tiny, images):
+    assert_prefill_logits(tiny, images)
+
+
+def test_sixteen_greedy_tokens(tiny):
+    assert_sixteen_greedy_tokens(tiny)
 
 
 def test_bf16_checkpoint_and_fp16_bundle(tmp_path, tokenizer_files):
