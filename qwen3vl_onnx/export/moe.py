@@ -100,7 +100,7 @@ def expert_block_size(cfg: TextConfig, block_size: int) -> int:
 
 def _router_logits(g: Graph, x: str, ex: Experts) -> str:
     """(B, S, E) router logits, the router kept in fp32 in every precision."""
-    return g.op("MatMul", x, g.weight(ex.prefix + "gate.weight", ex.router().T, np.float32))
+    return g.op("MatMul", x, g.weight(ex.prefix + ROUTER, ex.router().T, np.float32))
 
 
 def _quantized(g: Graph, name: str, mats: Iterator[np.ndarray], shape: tuple[int, int, int], bits: int, block: int) -> list[str]:
