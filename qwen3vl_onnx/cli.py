@@ -29,6 +29,7 @@ from .cli_args import (
     output_overrides,
     positive_float,
     prefill_int8_arg,
+    ray_arg,
     sampling_args,
     threads_arg,
     video_args,
@@ -134,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-origin", default=None, metavar="ORIGIN", help="allow browser requests from ORIGIN")
     s.add_argument("--metrics", action="store_true", help="Prometheus figures at /metrics")
     s.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
+    s.add_argument("--ray-replicas", type=at_least(1, 10_000), default=None, metavar="N",
+                   help="serve through Ray Serve: N replicas, each its own engine (needs the ray extra)")  # fmt: skip
+    ray_arg(s, "with --ray-replicas: ")
     engine_args(s)
 
     bt = add("batch", help="answer an OpenAI batch file (JSONL) through the server's engine; resumable",
@@ -150,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--prompt", default="Describe this image.", help="with --images/--videos: the question asked of each")
     bt.add_argument("--max-tokens", type=at_least(1), default=None, help="with --images/--videos: answer length limit")
     bt.add_argument("--temperature", type=non_negative_float, default=None, help="with --images/--videos: 0 = greedy")
+    ray_arg(bt, "run the job on Ray Data: ")
+    bt.add_argument("--ray-actors", type=at_least(1, 10_000), default=None, metavar="N",
+                    help="with --ray: engines (Ray actors), each --parallel slots (default: one per node)")  # fmt: skip
     bt.set_defaults(api_key=None, api_key_file=None, shutdown_grace=10.0, cors_origin=None, metrics=False, no_ui=True)
     engine_args(bt)
 

@@ -105,6 +105,12 @@ def threads_arg(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime intra-op threads (default: one per core)")  # fmt: skip
 
 
+def ray_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", default=None, metavar="ADDRESS|local",
+                   help=what + "the Ray cluster at ADDRESS (auto, ray://head:10001, ...) or 'local' for one started "
+                        "here (needs the ray extra)")  # fmt: skip
+
+
 def engine_args(p: argparse.ArgumentParser) -> None:
     """The server engine's options and request rules, shared by ``serve`` and ``batch``."""
     from .runtime.preprocess import MAX_IMAGE_PIXELS

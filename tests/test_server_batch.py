@@ -155,8 +155,9 @@ def test_images_folder_shortcut(tiny_one, tmp_path):
         (["in.jsonl", "--images", "pics"], ["not both"]),
         ([], ["not neither"]),
         (["missing.jsonl"], ["missing.jsonl", "not found"]),
+        (["in.jsonl", "--ray-actors", "2"], ["--ray-actors needs --ray"]),
     ],  # fmt: skip
-    ids=["both", "neither", "missing_input"],
+    ids=["both", "neither", "missing_input", "actors_without_ray"],
 )
 def test_bad_invocations_are_one_line_errors(setup, tmp_path, args, needles):
     (tmp_path / "in.jsonl").write_text("")

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -178,49 +178,63 @@ async def started(app: Any) -> AsyncIterator[None]:
         yield
 
 
+async def ask(client: Any, req: Request) -> dict[str, Any]:
+    """One request posted to the app behind ``client``, answered as its output line. A 429 (the
+    engine's queue full) is asked again after a pause, as a client of ``serve`` would, never written."""
+    r = await client.post(req.url, json=req.body)
+    pause = 0.05
+    while r.status_code == 429:
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 1.0)
+        r = await client.post(req.url, json=req.body)
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"error": {"message": r.text[:500], "code": f"http_{r.status_code}"}}
+    return response_line(req, r.status_code, body)
+
+
+def in_process_client(app: Any) -> Any:
+    """An HTTP client whose requests go straight to ``app`` (no socket)."""
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://batch", timeout=None)
+
+
+def record(line: dict[str, Any], writer: Writer, summary: Summary) -> None:
+    """An answered line written, and counted as done (with its tokens) or failed."""
+    writer.put(line)
+    if line["error"]:
+        summary.failed += 1
+    else:
+        summary.done += 1
+        summary.tokens += int((line["response"]["body"].get("usage") or {}).get("completion_tokens", 0))
+
+
 async def run_requests(app: Any, requests: list[Request], writer: Writer, summary: Summary, parallel: int,
                        progress: Any) -> None:  # fmt: skip
     """Post every request to a started ``app`` with at most twice its ``parallel`` slots waiting on
     it at once (enough to keep the slots fed while the next prompts are read), each answer written
-    as it arrives. A 429 (the engine's queue full) is asked again after a pause, never written."""
-    import httpx
-
+    as it arrives."""
     gate = asyncio.Semaphore(2 * parallel)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://batch", timeout=None) as client:
+    async with in_process_client(app) as client:
 
         async def one(req: Request) -> None:
             async with gate:
-                r = await client.post(req.url, json=req.body)
-                pause = 0.05
-                while r.status_code == 429:  # the engine's queue is full for now: wait, as a client of serve would
-                    await asyncio.sleep(pause)
-                    pause = min(2 * pause, 1.0)
-                    r = await client.post(req.url, json=req.body)
-            try:
-                body = r.json()
-            except ValueError:
-                body = {"error": {"message": r.text[:500], "code": f"http_{r.status_code}"}}
-            line = response_line(req, r.status_code, body)
-            writer.put(line)
-            if line["error"]:
-                summary.failed += 1
-            else:
-                summary.done += 1
-                summary.tokens += int((body.get("usage") or {}).get("completion_tokens", 0))
+                line = await ask(client, req)
+            record(line, writer, summary)
             progress(1, summary.tokens)
 
         await asyncio.gather(*(one(req) for req in requests))
 
 
-def run_batch(bundle: Path, settings: ServerSettings, input_path: Path, output_path: Path, threads: int | None = None,
-              requests: list[Request | Rejected] | None = None) -> int:  # fmt: skip
-    """The whole job: resume state, error lines for rejected input, the rest through the app.
-    ``requests``: built by the caller (``--images DIR``) instead of read from INPUT. Exit status:
-    0 when every line of this run was answered without error, 1 otherwise."""
-    from .command import build_app
+# How the requests still to ask are answered: in this process, or on Ray actors (``ray_batch``).
+Answerer = Callable[[list[Request], Writer, Summary], None]
 
-    items = list(requests if requests is not None else parse_input(input_path))
+
+def run_batch(items: Iterable[Request | Rejected], output_path: Path, answer: Answerer) -> int:
+    """The whole job: resume state, error lines for rejected input, the rest given to ``answer``.
+    Exit status: 0 when every line of this run was answered without error, 1 otherwise."""
     done = answered(output_path)
     summary = Summary()
     todo: list[Request] = []
@@ -235,12 +249,22 @@ def run_batch(bundle: Path, settings: ServerSettings, input_path: Path, output_p
             else:
                 todo.append(item)
         if todo:
-            app = build_app(bundle, settings, threads)
-            asyncio.run(_serve_batch(app, todo, writer, summary, settings))
+            answer(todo, writer, summary)
     finally:
         writer.close()
     print(summary.line(), file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def in_this_process(bundle: Path, settings: ServerSettings, threads: int | None) -> Answerer:
+    """Answer through one app (one engine of ``settings.parallel`` slots) in this process."""
+
+    def answer(todo: list[Request], writer: Writer, summary: Summary) -> None:
+        from .command import build_app
+
+        asyncio.run(_serve_batch(build_app(bundle, settings, threads), todo, writer, summary, settings))
+
+    return answer
 
 
 class Progress:

@@ -128,7 +128,7 @@ def _require_server_extra(command: str) -> None:
 
 def run_batch_command(args: argparse.Namespace) -> int:
     """``qwen3vl-onnx batch``: INPUT (or a folder of pictures/videos) answered into OUTPUT."""
-    from .batch import folder_requests, run_batch
+    from .batch import folder_requests, in_this_process, parse_input, run_batch
 
     _require_server_extra("batch")
     folder = args.images or args.videos
@@ -153,15 +153,27 @@ def run_batch_command(args: argparse.Namespace) -> int:
         raise UserError(f"{output}: is a directory; OUTPUT is a JSONL file")
     settings = settings_from(args)
     check_fits(Path(args.bundle), settings)
-    return run_batch(Path(args.bundle), settings, Path(args.input or ""), output, args.threads, requests)
+    items = requests if requests is not None else parse_input(Path(args.input))
+    if args.ray is not None:
+        from .ray_batch import on_ray
+
+        return run_batch(items, output, on_ray(Path(args.bundle), settings, args.threads, args.ray, args.ray_actors))
+    if args.ray_actors is not None and args.ray is None:
+        raise UserError("--ray-actors needs --ray ADDRESS|local")
+    return run_batch(items, output, in_this_process(Path(args.bundle), settings, args.threads))
 
 
 def run_serve(args: argparse.Namespace) -> int:
     _require_server_extra("serve")
-    import uvicorn
-
     settings = settings_from(args)
     check_fits(Path(args.bundle), settings)
+    if args.ray_replicas is not None or args.ray is not None:
+        from .ray_serve import run_ray_serve
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+        return run_ray_serve(args.bundle, settings, args.ray or "local", args.ray_replicas, args.threads, args.host, args.port)
+    import uvicorn
+
     sock = listen(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     app = build_app(args.bundle, settings, args.threads)
