@@ -61,15 +61,25 @@ def test_batch_on_two_ray_actors_answers_as_the_local_run(tiny_one, tmp_path):
 
 
 def test_serve_on_two_ray_replicas_with_the_openai_client(tiny_one, tmp_path):
+    """A Ray cluster of two nodes of one CPU each (two raylets on this machine), joined by address:
+    each replica reserves one CPU, so the two run on different nodes."""
     import openai
+    from ray.cluster_utils import Cluster
 
     media = tmp_path / "media"
     media.mkdir()
     img = picture(48, 64, seed=4)
     img.save(media / "p.png")
     picture(32, 32).save(tmp_path / "outside.png")
-    server = Server(tiny_one.bundle, "--ray-replicas", "2", "--threads", "1", "--parallel", "2", "--allowed-media-dir",
-                    str(media), timeout=240)  # fmt: skip
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        server = Server(tiny_one.bundle, "--ray", cluster.address, "--ray-replicas", "2", "--parallel", "2",
+                        "--allowed-media-dir", str(media), timeout=240)  # fmt: skip
+    except BaseException:
+        cluster.shutdown()
+        raise
     try:
         _until_every_replica_is_ready(server.url)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
@@ -114,6 +124,7 @@ def test_serve_on_two_ray_replicas_with_the_openai_client(tiny_one, tmp_path):
         assert server.proc.wait(timeout=60) == 0, server.output()[-2000:]
     finally:
         server.close()
+        cluster.shutdown()
 
 
 def _until_every_replica_is_ready(url: str, timeout: float = 120) -> None:

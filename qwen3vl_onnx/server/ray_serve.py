@@ -2,7 +2,7 @@
 
 Each replica builds the app itself (``build_app`` when Ray starts it) and so loads its own engine:
 its own slots, caches and ONNX Runtime threads (the CPUs Ray reserves for it). Ray Serve's proxy
-listens on ``--host``/``--port`` and spreads requests over the replicas; the API key, the media
+listens on ``--host``/``--port`` of the head node and spreads requests over the replicas; the API key, the media
 rules, streaming and the error bodies are the app's own, unchanged. A replica lets at most its slots
 plus its queue in at once (``max_ongoing_requests``), so the engine's own 429 still says "full".
 
@@ -50,15 +50,17 @@ def run_ray_serve(bundle: str, settings: ServerSettings, address: str, replicas:
                   host: str, port: int) -> int:  # fmt: skip
     """Start the deployment on the cluster at ``address`` and keep it up until SIGINT/SIGTERM."""
     from .command import listen
-    from .ray_cluster import connect, engine_cpus, node_cpus
+    from .ray_cluster import LOCAL, connect, engine_cpus, node_cpus
 
-    listen(host, port).close()  # a busy port or a bad address is a one-line error before Ray starts
+    if address == LOCAL:  # the proxy listens here: a busy port or a bad address is a one-line error before Ray starts
+        listen(host, port).close()
     ray = connect(address, "serve --ray-replicas")
     try:
         from ray import serve
 
         count, cpus = engine_cpus(node_cpus(ray), replicas, threads)
-        serve.start(http_options={"host": host, "port": port})
+        # one HTTP proxy, on the head node: the address clients use whatever the replicas' nodes
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         log.info("starting %d replicas of %s on Ray (%d CPUs each)", count, bundle, cpus)
         serve.run(deployment(bundle, settings, count, cpus), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
