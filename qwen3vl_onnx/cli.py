@@ -213,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=at_least(1, 10_000), default=None, metavar="N",
                    help="instead, N picture requests through the batch command against a loop of generate calls")  # fmt: skip
     b.add_argument("--parallel", type=at_least(1, 256), default=4, help="with --batch: the engine's slots")
+    b.add_argument("--ray-actors", type=at_least(1, 64), default=None, metavar="N",
+                   help="with --batch: also run the job on N actors of a local Ray cluster (needs the ray extra)")  # fmt: skip
     b.add_argument("--kernels", action="store_true",
                    help="instead, measure this CPU's matmul kernels in GOPS (fp32/int8 peaks, the bundles' kernels)")  # fmt: skip
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")

@@ -74,7 +74,7 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         from .batch import batch_markdown, measure_batch
 
         print(f"batch: {args.batch} picture requests, a loop of Pipeline.generate then the batch command", file=sys.stderr)
-        result["batch"] = measure_batch(bundle, args.batch, args.parallel)
+        result["batch"] = measure_batch(bundle, args.batch, args.parallel, ray_actors=args.ray_actors)
         return _write(out / f"bench-{name}-{args.precision}-batch", result, batch_markdown(result))
     if args.serve or args.soak:
         return _run_serve(args, result, bundle, ckpt, out, name)
