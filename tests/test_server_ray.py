@@ -173,3 +173,21 @@ def test_an_engine_larger_than_any_node_is_refused():
 
     with pytest.raises(UserError, match="no node of the Ray cluster has that many CPUs"):
         engine_cpus([4, 4], 1, 8)
+
+
+def test_an_actor_that_cannot_load_the_bundle_stops_the_job_in_one_line(tiny_one, tmp_path):
+    """The driver reads the manifest only; the actors load the graphs. A graph that does not parse
+    ends the job with the load error in one line, no actor traceback, and no answer line written
+    (so a rerun with a good bundle asks everything)."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_one.bundle, bundle)
+    graph = bundle / "decoder.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])
+    _write(tmp_path / "in.jsonl", [_line("a", "hi"), _line("b", "there")])
+    r = _batch(bundle, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--ray", "local", timeout=240)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the model failed to load: ") and "decoder.onnx" in r.stderr
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr[-3000:]
+    assert (tmp_path / "out.jsonl").read_text() == ""

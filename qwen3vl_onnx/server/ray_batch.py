@@ -40,7 +40,11 @@ def actor_class(bundle: Path, settings: ServerSettings, threads: int) -> type:
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="batch-engine", daemon=True).start()
             self.stack = contextlib.AsyncExitStack()
-            self.client = self._on_loop(self._start(build_app(bundle, settings, threads)))
+            self.client, self.load_error = None, ""
+            try:
+                self.client = self._on_loop(self._start(build_app(bundle, settings, threads)))
+            except UserError as e:  # told to the driver with the first block: one error line, not an actor's traceback
+                self.load_error = str(e)
 
         def _on_loop(self, coro: Any) -> Any:
             return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -52,12 +56,14 @@ def actor_class(bundle: Path, settings: ServerSettings, threads: int) -> type:
         def __call__(self, rows: dict[str, Any]) -> dict[str, list[str]]:
             reqs = [Request(int(n), str(c), str(u), json.loads(b)) for n, c, u, b in
                     zip(rows["line"], rows["custom_id"], rows["url"], rows["body"], strict=True)]  # fmt: skip
+            if self.load_error:
+                return {"answer": [""] * len(reqs), "load_error": [self.load_error] * len(reqs)}
 
             async def all_of() -> list[dict[str, Any]]:
                 return await asyncio.gather(*(ask(self.client, r) for r in reqs))
 
             lines = self._on_loop(all_of())
-            return {"answer": [json.dumps(x, ensure_ascii=False) for x in lines]}
+            return {"answer": [json.dumps(x, ensure_ascii=False) for x in lines], "load_error": [""] * len(reqs)}
 
     return Engine
 
@@ -68,7 +74,7 @@ def on_ray(bundle: Path, settings: ServerSettings, threads: int | None, address:
     def answer(todo: list[Request], writer: Writer, summary: Summary) -> None:
         from .ray_cluster import connect, engine_cpus, node_cpus
 
-        ray = connect(address, "batch --ray")
+        ray = connect(address, "batch --ray", worker_logs=False)
         try:
             count, cpus = engine_cpus(node_cpus(ray), actors, threads)
             print(f"batch: {len(todo)} requests on {count} Ray actors of {cpus} CPUs, {settings.parallel} slots each",
@@ -84,7 +90,8 @@ def _run(todo: list[Request], writer: Writer, summary: Summary, udf: type, count
     import ray
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines and notices; the job's summary says what ran
+    # Ray Data's INFO lines, notices and its own error reports: the job's summary and one-line errors say it
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the job's own bar says done/total
     context.execution_options.preserve_order = False  # an answer is written as soon as its block is back
@@ -96,9 +103,18 @@ def _run(todo: list[Request], writer: Writer, summary: Summary, udf: type, count
     try:
         with Progress(len(todo)) as progress:
             for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if len(block["load_error"]) and block["load_error"][0]:
+                    raise UserError(str(block["load_error"][0]))
                 for text in block["answer"]:
                     record(json.loads(text), writer, summary)
                 progress(len(block["answer"]), summary.tokens)
     except ray.exceptions.RayError as e:
-        first = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
-        raise UserError(f"the Ray job failed: {first[:300]}") from None
+        raise UserError(f"the Ray job failed: {_reason(str(e))}") from None
+
+
+def _reason(text: str) -> str:
+    """What a failed actor said: this package's own one-line error where the report holds one (a
+    bundle that does not load), else the report's first line."""
+    mine = f"{UserError.__module__}.{UserError.__name__}: "
+    said = [x.split(mine, 1)[1] for x in text.splitlines() if mine in x]
+    return (said[-1] if said else next((x for x in text.splitlines() if x.strip()), "no reason given")).strip()[:500]

@@ -26,13 +26,14 @@ def require_ray(command: str) -> Any:
     return ray
 
 
-def connect(address: str, command: str) -> Any:
+def connect(address: str, command: str, worker_logs: bool = True) -> Any:
     """Ray initialised on ``address`` (a running cluster, e.g. ``ray://head:10001`` or ``auto``), or,
     for ``local``, on a cluster started here with this process's CPUs. Workers must import this
-    package: on a cluster, install it on every node."""
+    package: on a cluster, install it on every node. ``worker_logs``: the actors' output printed here
+    (a server's log wants it; a batch job reports through its lines and summary instead)."""
     ray = require_ray(command)
     # The engines log through the server's logger; Ray's own INFO lines (and its dashboard) stay off.
-    common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": True}
+    common: dict[str, Any] = {"logging_level": logging.ERROR, "configure_logging": True, "log_to_driver": worker_logs}
     try:
         if address == LOCAL:
             from ..cli_args import usable_cores
