@@ -1,4 +1,4 @@
-"""A bounded load test: 8 clients for 15 s against 8 slots on the tiny bundle, streaming and not,
+"""A bounded load test: 8 clients for 10 s against 8 slots on the tiny bundle, streaming and not,
 some with pictures, some leaving early; every request answered, none failed, the server's
 memory steady, and a final request answered as it would be alone."""
 
@@ -16,7 +16,7 @@ from qwen3vl_onnx import Pipeline
 from .conftest import Server, picture
 from .test_server_api import data_url
 
-CLIENTS, SECONDS = 8, 15
+CLIENTS, SECONDS = 8, 10
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def test_eight_clients_for_fifteen_seconds(server, tiny_one):
+def test_eight_clients_for_ten_seconds(server, tiny_one):
     images = [data_url(picture(48 + 8 * i, 40, seed=i)) for i in range(3)]
     h = {"Authorization": f"Bearer {server.api_key}"}
     done, errors = [0] * CLIENTS, []
