@@ -41,8 +41,9 @@ Using host libthread_db library "/lib/x86_64-linux-gnu/libthread_db.so.1".
 
 def test_bench_compare_runs_peers_on_the_same_weights_and_in_turns(cli, tmp_path, bench_workdir):
     """onnxruntime-genai's builder exports the same random checkpoint and its figures land beside ours
-    with ratios; PyTorch bf16 runs too, and its vision encode and prefill-256 are also measured in
-    turns with ours (each system loaded in its own worker), each pair's ratio reaching the table."""
+    with ratios; PyTorch bf16 runs too; then PyTorch's vision encode and prefill-256, and
+    onnxruntime-genai's prefill-256 and decode, are also measured in turns with ours (each system
+    loaded in its own worker), each pair's ratio reaching the table."""
     r = cli("bench", "--shape", "tiny", "--precision", "int4", "--repeats", "1", "--compare", "--peers", "onnxruntime-genai",
             "PyTorch bf16", "--turn-pause", "0", "--workdir", bench_workdir, "--out", tmp_path / "o", timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -60,13 +61,18 @@ def test_bench_compare_runs_peers_on_the_same_weights_and_in_turns(cli, tmp_path
     assert peer["convert_s"] > 0 and peer["convert_peak_rss_gb"] > 0 and peer["bundle_gb"] > 0
     md = (tmp_path / "o" / "bench-tiny-int4-vint8.md").read_text()
     assert "ratio vs onnxruntime-genai int4 (text)" in md and "ratio vs PyTorch bf16" in md
-    assert list(res["turns"]) == ["PyTorch bf16"]
-    turns = res["turns"]["PyTorch bf16"]
-    assert list(turns) == ["vision_448_s", "prefill_256_tok_s"]  # PyTorch's peer has no first-token figure
-    for task, label in (("vision_448_s", "vision encode 448x448 (s)"), ("prefill_256_tok_s", "prefill 256 tokens (tok/s)")):
-        f = turns[task]
-        assert f["pair_ratios"]["n"] == 5 and f["ours"]["n"] == 5 and f["ours"]["median"] > 0 and f["peer"]["median"] > 0
-        assert f"{label}, in turns with PyTorch bf16, 5 pairs" in md
+    assert list(res["turns"]) == ["PyTorch bf16", "onnxruntime-genai int4 (text)"]
+    labels = {"vision_448_s": "vision encode 448x448 (s)", "prefill_256_tok_s": "prefill 256 tokens (tok/s)",
+              "decode_tok_s": "decode (tok/s)"}  # fmt: skip
+    # PyTorch's worker has no first-token or decode figure, onnxruntime-genai's (text only) no vision
+    for peer, tasks in (("PyTorch bf16", ["vision_448_s", "prefill_256_tok_s"]),
+                        ("onnxruntime-genai int4 (text)", ["prefill_256_tok_s", "decode_tok_s"])):  # fmt: skip
+        turns = res["turns"][peer]
+        assert list(turns) == tasks, (peer, turns)
+        for task in tasks:
+            f = turns[task]
+            assert f["pair_ratios"]["n"] == 5 and f["ours"]["n"] == 5 and f["ours"]["median"] > 0 and f["peer"]["median"] > 0
+            assert f"{labels[task]}, in turns with {peer}, 5 pairs" in md
 
 
 def test_turns_report_a_worker_that_dies_with_its_error_line():

@@ -9,6 +9,7 @@ Build llama-cpp-python without native CPU detection and with AMX off (AMX traps 
 ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"``.
 
     python -m qwen3vl_onnx.bench.peer_llamacpp CKPT WORKDIR REPEATS DECODE_TOKENS QTYPE
+    python -m qwen3vl_onnx.bench.peer_llamacpp --serve CKPT WORKDIR QTYPE      (a worker for bench/turns.py)
 """
 
 from __future__ import annotations
@@ -135,36 +136,43 @@ def fresh(llm) -> None:
     llm._ctx.kv_cache_clear()
 
 
-def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str) -> dict:
+def load(model_file: Path):
     from llama_cpp import Llama
 
+    return Llama(str(model_file), n_ctx=CONTEXT, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+
+
+def prefill_s(llm, ids: list[int]) -> float:
+    fresh(llm)
+    t = time.perf_counter()
+    llm.eval(ids)
+    return time.perf_counter() - t
+
+
+def decode_tok_s(llm, rng: np.random.Generator, tokens: int) -> float:
+    """Greedy decode rate after a 16-token random prompt, one ``eval`` per token."""
+    fresh(llm)
+    llm.eval(rng.integers(0, 150000, 16).tolist())
+    t = time.perf_counter()
+    for _ in range(tokens):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return tokens / (time.perf_counter() - t)
+
+
+def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str) -> dict:
     f16, mmproj, fig = convert(ckpt, work)
     model_file, qsecs = quantize(f16, qtype)
     res: dict = {"convert_s": fig["export_s"] + qsecs, "convert_peak_rss_gb": fig["export_peak_rss_gb"]}
     res["bundle_gb"] = (model_file.stat().st_size + mmproj.stat().st_size) / 2**30
     t = time.perf_counter()
-    llm = Llama(str(model_file), n_ctx=CONTEXT, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    llm = load(model_file)
     res["load_s"] = time.perf_counter() - t
     rng = np.random.default_rng(0)
     for n in (32, 256):
         ids = rng.integers(0, 150000, n).tolist()
-        secs = []
-        for i in range(repeats + 1):
-            fresh(llm)
-            t = time.perf_counter()
-            llm.eval(ids)
-            if i:
-                secs.append(time.perf_counter() - t)
+        secs = [prefill_s(llm, ids) for _ in range(repeats + 1)][1:]  # first is warm-up
         res[f"prefill_{n}_tok_s"] = stats([n / s for s in secs])
-    rates = []
-    for _ in range(max(1, repeats - 1)):
-        fresh(llm)
-        llm.eval(rng.integers(0, 150000, 16).tolist())
-        t = time.perf_counter()
-        for _ in range(decode_tokens):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        rates.append(decode_tokens / (time.perf_counter() - t))
-    res["decode_tok_s"] = stats(rates)
+    res["decode_tok_s"] = stats([decode_tok_s(llm, rng, decode_tokens) for _ in range(max(1, repeats - 1))])
     res["decode_tokens"] = decode_tokens
     try:
         secs, tokens = vision_seconds(llm, mmproj, repeats)
@@ -175,7 +183,24 @@ def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int, qtype: str
     return res
 
 
-if __name__ == "__main__":
-    from .peers import child_main
+def serve(ckpt: Path, work: Path, qtype: str) -> None:
+    """Worker for ``bench/turns.py`` on the GGUF ``measure`` made: prefill-256 and decode."""
+    from .procstats import serve_loop
+    from .run import DECODE_TOKENS
 
-    child_main(measure, sys.argv[1:])
+    f16, _, _ = convert(ckpt, work)
+    llm = load(quantize(f16, qtype)[0])
+    rng = np.random.default_rng(1)
+    serve_loop({
+        "prefill_256_tok_s": lambda: 256 / prefill_s(llm, rng.integers(0, 150000, 256).tolist()),
+        "decode_tok_s": lambda: decode_tok_s(llm, rng, DECODE_TOKENS),
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+    else:
+        from .peers import child_main
+
+        child_main(measure, sys.argv[1:])

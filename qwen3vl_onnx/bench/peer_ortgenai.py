@@ -5,6 +5,7 @@ and peak memory are its own; the export is cached in WORKDIR with the figures me
 made. Prefill is ``Generator.append_tokens`` of random ids, decode is ``generate_next_token``.
 
     python -m qwen3vl_onnx.bench.peer_ortgenai CKPT WORKDIR REPEATS DECODE_TOKENS
+    python -m qwen3vl_onnx.bench.peer_ortgenai --serve CKPT WORKDIR      (a worker for bench/turns.py)
 """
 
 from __future__ import annotations
@@ -37,52 +38,71 @@ def export(ckpt: Path, out: Path) -> dict:
     return fig
 
 
-def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int) -> dict:
-    import onnxruntime_genai as og
+class _Runner:
+    """One loaded model: prefill seconds of given ids, greedy decode rate after a 16-token prompt."""
 
+    def __init__(self, out: Path, decode_tokens: int, seed: int):
+        import onnxruntime_genai as og
+
+        self.og, self.model, self.decode_tokens = og, og.Model(str(out)), decode_tokens
+        self.rng = np.random.default_rng(seed)
+
+    def _generator(self, n_ids: int):
+        p = self.og.GeneratorParams(self.model)
+        p.set_search_options(max_length=n_ids + self.decode_tokens + 8, do_sample=False)
+        return self.og.Generator(self.model, p)
+
+    def prefill_s(self, ids: np.ndarray) -> float:
+        g = self._generator(len(ids))
+        t = time.perf_counter()
+        g.append_tokens(ids)
+        return time.perf_counter() - t
+
+    def decode_tok_s(self) -> float:
+        g = self._generator(16)
+        g.append_tokens(self.rng.integers(0, 150000, 16).astype(np.int32))
+        g.generate_next_token()
+        t, n = time.perf_counter(), 0
+        while n < self.decode_tokens and not g.is_done():  # random weights rarely pick EOS; count what ran
+            g.generate_next_token()
+            n += 1
+        return n / (time.perf_counter() - t)
+
+
+def measure(ckpt: Path, work: Path, repeats: int, decode_tokens: int) -> dict:
     out = work / "ortgenai-int4"
     fig = export(ckpt, out)  # the conversion's own figures, named apart from our export's
     res: dict = {"convert_s": fig["export_s"], "convert_peak_rss_gb": fig["export_peak_rss_gb"]}
     res["bundle_gb"] = dir_size(out) / 2**30
     t = time.perf_counter()
-    model = og.Model(str(out))
+    run = _Runner(out, decode_tokens, 0)
     res["load_s"] = time.perf_counter() - t
-    rng = np.random.default_rng(0)
-
-    def generator(n_ids: int):
-        p = og.GeneratorParams(model)
-        p.set_search_options(max_length=n_ids + decode_tokens + 8, do_sample=False)
-        return og.Generator(model, p)
-
     for n in (32, 256):
-        ids = rng.integers(0, 150000, n).astype(np.int32)
-        secs = []
-        for i in range(repeats + 1):  # first is warm-up
-            g = generator(n)
-            t = time.perf_counter()
-            g.append_tokens(ids)
-            if i:
-                secs.append(time.perf_counter() - t)
-            del g
+        ids = run.rng.integers(0, 150000, n).astype(np.int32)
+        secs = [run.prefill_s(ids) for _ in range(repeats + 1)][1:]  # first is warm-up
         res[f"prefill_{n}_tok_s"] = stats([n / s for s in secs])
-    rates = []
-    for _ in range(max(1, repeats - 1)):
-        g = generator(16)
-        g.append_tokens(rng.integers(0, 150000, 16).astype(np.int32))
-        g.generate_next_token()
-        t, n = time.perf_counter(), 0
-        while n < decode_tokens and not g.is_done():  # random weights rarely pick EOS; count what ran
-            g.generate_next_token()
-            n += 1
-        rates.append(n / (time.perf_counter() - t))
-        del g
-    res["decode_tok_s"] = stats(rates)
+    res["decode_tok_s"] = stats([run.decode_tok_s() for _ in range(max(1, repeats - 1))])
     res["decode_tokens"] = decode_tokens
     res["peak_rss_gb"] = peak_rss_gb()
     return res
 
 
-if __name__ == "__main__":
-    from .peers import child_main
+def serve(ckpt: Path, work: Path) -> None:
+    """Worker for ``bench/turns.py`` on the export ``measure`` made: prefill-256 and decode."""
+    from .procstats import serve_loop
+    from .run import DECODE_TOKENS
 
-    child_main(measure, sys.argv[1:])
+    run = _Runner(work / "ortgenai-int4", DECODE_TOKENS, 1)
+    serve_loop({
+        "prefill_256_tok_s": lambda: 256 / run.prefill_s(run.rng.integers(0, 150000, 256).astype(np.int32)),
+        "decode_tok_s": run.decode_tok_s,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        serve(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        from .peers import child_main
+
+        child_main(measure, sys.argv[1:])

@@ -1,7 +1,7 @@
 """PyTorch transformers peer (fp32 or bf16) for ``bench --compare``: the reference a user starts from.
 
 python -m qwen3vl_onnx.bench.peer_torch CKPT WORKDIR REPEATS DECODE_TOKENS DTYPE
-python -m qwen3vl_onnx.bench.peer_torch --serve CKPT DTYPE      (a worker for bench/turns.py)
+python -m qwen3vl_onnx.bench.peer_torch --serve CKPT WORKDIR DTYPE      (a worker for bench/turns.py)
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def serve(ckpt: Path, dtype_name: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--serve":  # python -m qwen3vl_onnx.bench.peer_torch --serve CKPT DTYPE
-        serve(Path(sys.argv[2]), sys.argv[3])
+    if sys.argv[1] == "--serve":  # python -m qwen3vl_onnx.bench.peer_torch --serve CKPT WORKDIR DTYPE
+        serve(Path(sys.argv[2]), sys.argv[4])
     else:
         from .peers import child_main
 

@@ -112,6 +112,8 @@ class TurnPeer(NamedTuple):
 # peer -> how ``bench/turns.py`` asks it
 TURN_PEERS = {
     "PyTorch bf16": TurnPeer(["bf16"], ["vision_448_s", "prefill_256_tok_s"]),
+    "onnxruntime-genai int4 (text)": TurnPeer([], ["prefill_256_tok_s", "decode_tok_s"]),
+    "llama.cpp Q4_0": TurnPeer(["Q4_0"], ["prefill_256_tok_s", "decode_tok_s"]),
     "OpenVINO GenAI int4 (bf16 default)": TurnPeer(["default"], ["prefill_256_tok_s", "ttft_448_s"]),
     "OpenVINO GenAI int4 (f32 hint)": TurnPeer(["f32"], ["prefill_256_tok_s", "ttft_448_s"]),
 }
@@ -126,8 +128,7 @@ def run_turns(ckpt: Path, bundle: Path, peers: dict, workdir: Path, repeats: int
         if name not in peers or "skipped" in peers[name]:
             continue
         module = PEERS[name].module
-        cmd = [*command(module, workdir), "--serve", str(ckpt)]
-        cmd += [str(workdir), *extra] if module == "openvino" else extra
+        cmd = [*command(module, workdir), "--serve", str(ckpt), str(workdir), *extra]
         print(f"measuring in turns with {name}", file=sys.stderr)
         try:
             out[name] = take_turns(our_worker_command(bundle), cmd, tasks, repeats, pause_s)

@@ -32,6 +32,9 @@ _SHAPES = {
     "8b": Shape(4096, 36, 12288, 32, 8, False, 27, 1152, 4304, [8, 16, 24]),
     "32b": Shape(5120, 64, 25600, 64, 8, False, 27, 1152, 4304, [8, 16, 24]),
     "30b-a3b": Shape(2048, 48, 6144, 32, 4, False, 27, 1152, 4304, [8, 16, 24], moe=(128, 8, 768)),
+    # not a released Qwen3-VL: the 0.6B-class text shape (Qwen3-0.6B's widths at 16 layers, tied) that the
+    # small-model decode and bundle-size comparisons use, with the smallest released vision tower (2B's)
+    "0.6b": Shape(1024, 16, 3072, 16, 8, True, 24, 1024, 4096, [5, 11, 17]),
     "tiny": Shape(64, 2, 128, 4, 2, True, 2, 32, 64, [0, 1]),
     "tiny-moe": Shape(64, 2, 128, 4, 2, True, 2, 32, 64, [0, 1], moe=(4, 2, 32)),
 }
@@ -64,5 +67,5 @@ def preset_config(shape: str, layers: int | None = None) -> dict:
 
 
 def full_layers(shape: str) -> int:
-    """The released depth of a preset's decoder."""
+    """The preset's decoder depth (the released one for released shapes)."""
     return _SHAPES[shape].layers

@@ -54,9 +54,11 @@ def markdown(result: dict) -> str:
                 ratios.append(f"{(a / b if higher else b / a):.2f}x")
         lines.append("| " + " | ".join(row + ratios) + " |")
     m = result["machine"]
+    text_part = f" (without the vision tower {ours['text_gb']:.3f} GB)" if "text_gb" in ours else ""
     extra = [
         "",
-        f"Shape {result['shape']}, {result['precision']}; {_export_figures(result)}; bundle {ours['bundle_gb']:.2f} GB; "
+        f"Shape {result['shape']}, {result['precision']}; {_export_figures(result)}; bundle {ours['bundle_gb']:.2f} GB"
+        f"{text_part}; "
         f"load {ours['load_s']:.2f} s; inference peak RSS {ours['peak_rss_gb']:.2f} GB.",
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU flags: {' '.join(m.get('cpu_flags', [])) or 'unknown'}, "
         f"onnxruntime {m['onnxruntime']}. Medians (min-max) of repeated runs; "

@@ -7,8 +7,9 @@ OpenVINO's from its virtual environment) and the driver asks them in turn, one c
 with a pause before each, so every pair of figures comes from the same minute.
 
 Protocol, one line each way: the worker prints ``ready`` once loaded; then for each task name it
-reads it answers one JSON line ``{"value": ...}`` (tok/s for prefill, seconds for the vision
-encode of a preprocessed 448x448 picture and for the first token).
+reads it answers one JSON line ``{"value": ...}`` (tok/s for prefill and for greedy decode of
+DECODE_TOKENS after a short prompt, seconds for the vision encode of a preprocessed 448x448
+picture and for the first token).
 Prompt and first-token calls get fresh input each time (new random prompt, new picture), since
 OpenVINO's pipeline reuses a repeated prefix's KV cache and caches image embeddings; the vision
 task encodes one preprocessed picture, which neither ours nor transformers' tower caches.
@@ -30,7 +31,7 @@ import numpy as np
 from .procstats import failure_reason, serve_loop, stats
 
 # task -> higher value is better (prefill in tok/s) or not (vision encode and first token in seconds)
-TASKS = {"vision_448_s": False, "prefill_256_tok_s": True, "ttft_448_s": False, "ttft_video_s": False,
+TASKS = {"vision_448_s": False, "prefill_256_tok_s": True, "ttft_448_s": False, "ttft_video_s": False, "decode_tok_s": True,
          "decode_1_streams_tok_s": True, "decode_4_streams_tok_s": True}  # fmt: skip
 PAUSE_S = 1.0  # idle before each call, so one system's spinning threads never overlap the other's call
 
@@ -118,7 +119,7 @@ def serve(bundle: Path, frames_path: Path | None = None) -> None:
     the .npy of video frames, its .json beside it giving their fps)."""
     from ..runtime.pipeline import Pipeline
     from ..runtime.preprocess import preprocess_image
-    from .run import image_question, prefill_once
+    from .run import DECODE_TOKENS, image_question, prefill_once
 
     pipe = Pipeline.from_bundle(bundle)
     m = pipe.model
@@ -143,7 +144,12 @@ def serve(bundle: Path, frames_path: Path | None = None) -> None:
         pipe.generate(q, max_new_tokens=1, temperature=0)
         return time.perf_counter() - t
 
-    answer = {"vision_448_s": vision_448_s, "prefill_256_tok_s": prefill_256_tok_s, "ttft_448_s": ttft_448_s}
+    def decode_tok_s() -> float:
+        story = [{"role": "user", "content": "Tell me a story."}]  # as measure_bundle's decode figure
+        return pipe.generate(story, max_new_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True).timings["decode_tok_per_s"]
+
+    answer = {"vision_448_s": vision_448_s, "prefill_256_tok_s": prefill_256_tok_s, "ttft_448_s": ttft_448_s,
+              "decode_tok_s": decode_tok_s}  # fmt: skip
     if frames_path is not None:
         from .video import video_question
 
