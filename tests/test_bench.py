@@ -54,7 +54,8 @@ def _check_ours(res: dict, stem, prefill_int8: bool) -> None:
 
 def test_bench_tiny_prefill_int8_and_bundle(cli, tmp_path, bench_workdir):
     """bench --prefill-int8 exports and measures the prompt graph; bench --bundle then reads that
-    choice from the bundle's manifest. (The plain int4 run is checked by the --compare test.)"""
+    choice from the bundle's manifest, and names its reports after the bundle's folder, dots and all.
+    (The plain int4 run is checked by the --compare test.)"""
     r = cli("bench", "--shape", "tiny", "--precision", "int4", "--prefill-int8", "--repeats", "1", "--workdir", bench_workdir,
             "--out", tmp_path / "o")  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -62,9 +63,13 @@ def test_bench_tiny_prefill_int8_and_bundle(cli, tmp_path, bench_workdir):
     _check_ours(json.loads(stem.with_suffix(".json").read_text()), stem, True)
     bundle = bench_workdir / "tiny" / f"bundle-int4-b128-p8{P8}-prefill8-vint8"
     assert (bundle / "decoder_prefill.onnx").is_file()
-    r = cli("bench", "--bundle", bundle, "--repeats", "1", "--out", tmp_path / "ob")
+    dotted = tmp_path / "model.v2"  # a dot in the name must not cut the report's file names
+    dotted.symlink_to(bundle)
+    r = cli("bench", "--bundle", dotted, "--repeats", "1", "--out", tmp_path / "ob")
     assert r.returncode == 0, r.stderr
-    res_b = json.loads((tmp_path / "ob" / f"bench-{bundle.name}-int4-vint8.json").read_text())
+    reports = sorted(f.name for f in (tmp_path / "ob").iterdir())
+    assert reports == [f"bench-model.v2-int4-vint8.{e}" for e in ("json", "md", "png")], reports
+    res_b = json.loads((tmp_path / "ob" / "bench-model.v2-int4-vint8.json").read_text())
     assert res_b["prefill_int8"] is True and "+ int8 prefill graph" in r.stdout
 
 

@@ -97,10 +97,10 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     if not args.bundle and args.int8_projections != ExportOptions(args.precision).resolve().int8_projections:
         block += p8
     stem = out / f"bench-{name}-{args.precision}{block}{'' if args.bundle else pi8}-v{args.vision_precision}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    beside(stem, ".json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
-    stem.with_suffix(".md").write_text(table)
-    chart(result, stem.with_suffix(".png"))
+    beside(stem, ".md").write_text(table)
+    chart(result, beside(stem, ".png"))
     print(table)
     print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
     return 0
@@ -139,10 +139,16 @@ def _run_serve(args: argparse.Namespace, result: dict, bundle: Path, ckpt: Path 
     return _write(out / f"bench-{name}-{args.precision}-{'soak' if args.soak else 'serve'}", result, serve_markdown(result))
 
 
+def beside(stem: Path, ext: str) -> Path:
+    """A report file named by its stem: not ``with_suffix``, which would cut a stem with a dot in it
+    (the ``0.6b`` preset, a bundle folder named ``model.int4``) at that dot."""
+    return stem.with_name(stem.name + ext)
+
+
 def _write(stem: Path, result: dict, table: str) -> int:
     """The figures as JSON and their report as markdown beside it; the report printed."""
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(table)
+    beside(stem, ".json").write_text(json.dumps(result, indent=1))
+    beside(stem, ".md").write_text(table)
     print(table)
     print(f"wrote {stem}.json, .md", file=sys.stderr)
     return 0
