@@ -98,9 +98,9 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
     """Inference figures for one bundle (run in a fresh process to get its own peak RSS)."""
     from ..runtime.pipeline import Pipeline
 
-    vision = sum(f.stat().st_size for f in bundle.glob("vision*") if f.is_file())
+    size, vision = dir_size(bundle), sum(f.stat().st_size for f in bundle.glob("vision*") if f.is_file())
     # the text part is what a text-only peer (onnxruntime-genai) stores: the bundle without its vision tower
-    res: dict = {"bundle_gb": dir_size(bundle) / 2**30, "text_gb": (dir_size(bundle) - vision) / 2**30}
+    res: dict = {"bundle_gb": size / 2**30, "text_gb": (size - vision) / 2**30}
     t = time.perf_counter()
     pipe = Pipeline.from_bundle(bundle, threads=threads)
     res["load_s"] = time.perf_counter() - t
