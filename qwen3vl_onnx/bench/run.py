@@ -79,6 +79,12 @@ DECODE_TOKENS = 128  # tokens generated per decode-speed sample (after the first
 FIRST_ANSWER_TOKENS = 32  # the first turn's answer length in the conversation figures
 
 
+def decode_rate(pipe) -> float:
+    """Greedy decode tok/s of DECODE_TOKENS after a short chat prompt (here and in bench turns)."""
+    story = [{"role": "user", "content": "Tell me a story."}]
+    return pipe.generate(story, max_new_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True).timings["decode_tok_per_s"]
+
+
 def second_turn(pipe, rng: np.random.Generator, repeats: int) -> dict:
     """First token of a follow-up question in a conversation about a 448x448 picture: kept in a
     ``Conversation`` (only the question is prefilled) and recomputed from the whole history (what a
@@ -119,12 +125,8 @@ def measure_bundle(bundle: Path, repeats: int, threads: int | None = None) -> di
     q = image_question(img)
     res["ttft_448_s"] = stats(timed(lambda: pipe.generate(q, max_new_tokens=1, temperature=0), repeats))
     res.update(second_turn(pipe, rng, repeats))
-    dec = []
-    for _ in range(max(1, repeats - 1)):
-        story = [{"role": "user", "content": "Tell me a story."}]
-        r = pipe.generate(story, max_new_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True)
-        dec.append(r.timings["decode_tok_per_s"])
-    res["decode_tok_s"], res["decode_tokens"] = stats(dec), DECODE_TOKENS
+    res["decode_tok_s"] = stats([decode_rate(pipe) for _ in range(max(1, repeats - 1))])
+    res["decode_tokens"] = DECODE_TOKENS
     res["peak_rss_gb"] = peak_rss_gb()
     return res
 

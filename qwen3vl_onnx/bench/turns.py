@@ -119,7 +119,7 @@ def serve(bundle: Path, frames_path: Path | None = None) -> None:
     the .npy of video frames, its .json beside it giving their fps)."""
     from ..runtime.pipeline import Pipeline
     from ..runtime.preprocess import preprocess_image
-    from .run import DECODE_TOKENS, image_question, prefill_once
+    from .run import decode_rate, image_question, prefill_once
 
     pipe = Pipeline.from_bundle(bundle)
     m = pipe.model
@@ -144,12 +144,8 @@ def serve(bundle: Path, frames_path: Path | None = None) -> None:
         pipe.generate(q, max_new_tokens=1, temperature=0)
         return time.perf_counter() - t
 
-    def decode_tok_s() -> float:
-        story = [{"role": "user", "content": "Tell me a story."}]  # as measure_bundle's decode figure
-        return pipe.generate(story, max_new_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True).timings["decode_tok_per_s"]
-
     answer = {"vision_448_s": vision_448_s, "prefill_256_tok_s": prefill_256_tok_s, "ttft_448_s": ttft_448_s,
-              "decode_tok_s": decode_tok_s}  # fmt: skip
+              "decode_tok_s": lambda: decode_rate(pipe)}  # fmt: skip
     if frames_path is not None:
         from .video import video_question
 
