@@ -3,9 +3,15 @@
 The int8 KV cache needs a static scale per (layer, kv head, channel) before any request is seen.
 They are measured, not guessed: the bundle's float-cache decoder runs a few conversations that
 cover what the cache will hold (prose, code, another script, a long text, pictures of different
-kinds, a short video, a second turn) plus a few generated tokens each, and the largest |key| and
-|value| of every channel is kept. ``export`` calls this on the bundle it is writing, so it sits
-above both the exporter and the runtime.
+kinds, a short video, a second turn), each ending in an assistant's answer so answer positions are
+seen too, and the largest |key| and |value| of every channel is kept. ``export`` calls this on the
+bundle it is writing, so it sits above both the exporter and the runtime.
+
+The decoder runs a few layers at a time (``export.segments``): every prompt goes through one run
+of layers, its hidden states are kept, then the next run's weights replace the last's. The answers
+are written out rather than generated because no logits exist until the last layer has run; a
+session holds at most ``SEGMENT_BYTES`` of weights, so measuring stays within the memory that
+streaming the export takes, at any depth.
 """
 
 from __future__ import annotations
@@ -15,10 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 from PIL import Image
 
-from .runtime.model import BundleModel
+from . import graph_io as io
+from .export.segments import Segment, segments
+from .runtime.cache import KVCache
+from .runtime.model import BundleModel, bind_cache, open_session
 from .runtime.pipeline import Pipeline
+from .runtime.positions import rope_index
 
 TEXTS = (
     "Describe what you see, then list every object with its colour and where it is in the picture.",
@@ -31,7 +43,16 @@ LONG_TEXT = (
     "The committee met on a grey morning to read the report on the river, its floods and the two bridges that "
     "cross it. Each member had a copy with maps, tables of water levels since 1950 and photographs of the banks. "
 ) * 12
-GENERATED = 12  # tokens decoded after each prompt, so answers' keys and values are seen too
+# Each conversation's last turn: the assistant's answer, read as part of the prompt.
+ANSWER = (
+    "There are three shapes: a red circle at the top left, a blue square in the middle and a green "
+    "triangle below it. The total is 4,512.07, about 4,151.10 euros; here it is as JSON: "
+    '{"total": 4512.07, "eur": 4151.1}. 总之，图中有三个形状。'
+)
+# Weight bytes of decoder layers one calibration session holds at a time (the head is never
+# loaded). Dense decoders up to 4B int4 take one or two sessions; a 30B-A3B int4 decoder's layers
+# (0.33 GB each) take nine, keeping the peak near the export's own (~4 GB).
+SEGMENT_BYTES = 2 << 30
 
 
 def _pictures() -> list[Image.Image]:
@@ -79,21 +100,65 @@ def conversations(takes_video: bool) -> list[list[dict[str, Any]]]:
     return convs
 
 
-def kv_ranges(bundle: Path) -> np.ndarray:
+def _prompt_feeds(pipe: Pipeline, messages: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The decoder's inputs for ``messages`` followed by ``ANSWER``, run as one prompt into an empty cache."""
+    m, cfg = pipe.model, pipe.config
+    p = pipe.prepare([*messages, {"role": "assistant", "content": ANSWER}], add_generation_prompt=False)
+    emb, ds = m.encode_images(p.pixel_values, p.grids) if p.pixel_values is not None else (None, None)
+    pos, _ = rope_index(p.ids, cfg.image_token_id, cfg.video_token_id, p.image_grids, p.video_grids,
+                        cfg.vision.spatial_merge_size, 0)  # fmt: skip
+    embeds, visual_index, deepstack = m.prefill_inputs(p.ids, emb, ds)
+    if visual_index is None:
+        visual_index = np.zeros((0, 2), np.int64)
+        deepstack = np.zeros((m.num_deepstack, 0, cfg.text.hidden_size), np.float32)
+    n = len(p.ids)
+    return {io.INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32),
+            io.POSITION_IDS: np.ascontiguousarray(pos[:, None, :], np.int64), io.VISUAL_INDEX: visual_index,
+            io.DEEPSTACK_EMBEDS: deepstack, io.SEQLENS_K: np.array([n - 1], np.int32),
+            io.TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32)}  # fmt: skip
+
+
+def _segment_session(bundle: Path, seg: Segment) -> ort.InferenceSession:
+    """A session of ``seg``'s graph, saved beside the decoder so it finds the weight file, then removed."""
+    path = bundle / f".calibration-layers-{seg.first}-{seg.stop}.onnx"
+    try:
+        onnx.save(seg.model, path)
+        return open_session(path, None, None)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def kv_ranges(bundle: Path, segment_bytes: int = SEGMENT_BYTES) -> np.ndarray:
     """Largest |key| and |value| per (layer, kv head, channel) over the calibration conversations:
-    (layers, 2, kv_heads, head_dim) float32, measured with the bundle's float cache."""
-    pipe = Pipeline(BundleModel(bundle, prefill_graph=False, kv_cache="fp32"))
+    (layers, 2, kv_heads, head_dim) float32, measured with the bundle's float cache, at most
+    ``segment_bytes`` of decoder weights loaded at a time."""
+    pipe = Pipeline(BundleModel(bundle, kv_cache="fp32", decoder_graph=False))
     m, t = pipe.model, pipe.config.text
+    prompts = [_prompt_feeds(pipe, c) for c in conversations(pipe.processors.video is not None)]
+    m.vision = None  # its memory back before the decoder's layers load
+    graph = onnx.load(bundle / m.manifest["graphs"]["decoder"]["file"], load_external_data=False)
     ranges = np.zeros((t.num_hidden_layers, 2, t.num_key_value_heads, t.head_dim), np.float32)
-    for messages in conversations(pipe.processors.video is not None):
-        p = pipe.prepare(messages)
-        emb, ds = m.encode_images(p.pixel_values, p.grids) if p.pixel_values is not None else (None, None)
-        cache = m.new_cache(capacity=len(p.ids) + GENERATED)
-        logits = m.prefill(p.ids, emb, ds, p.image_grids, cache, video_grids=p.video_grids)[0, -1]
-        for _ in range(GENERATED):
-            logits = m.step([int(np.argmax(logits))], cache)[0]
-        n = int(cache.lengths[0])
-        for i, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-            ranges[i, 0] = np.maximum(ranges[i, 0], np.abs(k[0, :, :n]).max(axis=1))
-            ranges[i, 1] = np.maximum(ranges[i, 1], np.abs(v[0, :, :n]).max(axis=1))
+    carried = [{io.INPUTS_EMBEDS: p[io.INPUTS_EMBEDS]} for p in prompts]  # the residual stream per prompt
+    for seg in segments(graph, t.num_hidden_layers, segment_bytes):
+        session = _segment_session(bundle, seg)
+        takes = {i.name for i in session.get_inputs()}
+        for feeds, carry in zip(prompts, carried, strict=True):
+            n = int(feeds[io.TOTAL_SEQUENCE_LENGTH])
+            cache = KVCache.empty(seg.stop - seg.first, 1, t.num_key_value_heads, t.head_dim, n, True)
+            cache.ensure(n)
+            binding = session.io_binding()
+            for name, arr in {**feeds, **carry}.items():
+                if name in takes:
+                    binding.bind_cpu_input(name, arr)
+            for name in seg.outputs:
+                binding.bind_output(name, "cpu")
+            bind_cache(binding, cache, seg.first)
+            session.run_with_iobinding(binding)
+            out = binding.get_outputs()[: len(seg.outputs)]  # bound first; the presents are the cache
+            carry.clear()
+            carry.update((name, v.numpy()) for name, v in zip(seg.outputs, out, strict=True))
+            for j, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
+                ranges[seg.first + j, 0] = np.maximum(ranges[seg.first + j, 0], np.abs(k[0, :, :n]).max(axis=1))
+                ranges[seg.first + j, 1] = np.maximum(ranges[seg.first + j, 1], np.abs(v[0, :, :n]).max(axis=1))
+        del session
     return ranges

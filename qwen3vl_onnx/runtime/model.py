@@ -38,7 +38,7 @@ KV_GRAPH_SUFFIX = {"fp32": "", "int8": "_int8kv"}
 CACHE_DTYPES: dict[str, type[np.generic]] = {"fp32": np.float32, "int8": np.int8}
 
 
-def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
+def open_session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
     """An ONNX Runtime session without the CPU memory arena.
 
     Why no arena: it keeps every activation buffer it ever handed out (~0.1 GB per session after
@@ -55,6 +55,16 @@ def _session(path: Path, providers: Sequence[str] | None, threads: int | None) -
         return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     except Exception as e:
         raise UserError(f"{path}: cannot load graph ({str(e).splitlines()[0][:200]})") from None
+
+
+def bind_cache(binding: ort.IOBinding, cache: KVCache, first_layer: int = 0) -> None:
+    """``cache``'s buffers as both past and present of layers ``first_layer`` on: the graph writes
+    each call's keys and values in place at each row's ``seqlens_k``, so nothing is copied."""
+    for i, (k, v) in enumerate(cache.bindings(), first_layer):
+        binding.bind_ortvalue_input(io.past_key(i), k)
+        binding.bind_ortvalue_input(io.past_value(i), v)
+        binding.bind_ortvalue_output(io.present_key(i), k)
+        binding.bind_ortvalue_output(io.present_value(i), v)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -100,10 +110,11 @@ class BundleModel:
     """The graphs and embedding table of one bundle directory."""
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 prefill_graph: bool = True, kv_cache: str | None = None):  # fmt: skip
+                 prefill_graph: bool = True, kv_cache: str | None = None, decoder_graph: bool = True):  # fmt: skip
         """``prefill_graph=False`` leaves a --prefill-int8 bundle's prompt graph unloaded (its memory
         back, prompts at the compact graph's speed). ``kv_cache`` "fp32" or "int8" picks the
-        decoder graphs of that cache precision (default: the bundle's)."""
+        decoder graphs of that cache precision (default: the bundle's). ``decoder_graph=False``
+        loads no decoder at all (calibration runs it a few layers at a time)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = Qwen3VLConfig.from_manifest(self.manifest["config"])
@@ -116,11 +127,11 @@ class BundleModel:
         # The decoder first: each session briefly holds a weight twice while MatMulNBits repacks it,
         # and that peak is lower before the vision tower is resident (4B int4 generate with a picture:
         # peak RSS 1.25x -> 1.20x the bundle; docs/BENCHMARKS.md, "int8 KV cache and one token table").
-        self.decoder = _session(graph("decoder"), providers, threads)
-        self.vision = _session(self.path / "vision.onnx", providers, threads)
+        self.decoder = open_session(graph("decoder"), providers, threads) if decoder_graph else None
+        self.vision = open_session(self.path / "vision.onnx", providers, threads)
         # --prefill-int8 bundles: a second decoder for prompts (same inputs, same cache).
-        has_prefill = prefill_graph and "decoder_prefill" in self.manifest["graphs"]
-        self.prefill_decoder = _session(graph("decoder_prefill"), providers, threads) if has_prefill else None
+        has_prefill = decoder_graph and prefill_graph and "decoder_prefill" in self.manifest["graphs"]
+        self.prefill_decoder = open_session(graph("decoder_prefill"), providers, threads) if has_prefill else None
         self.tokens = TokenTable(self.path, self.manifest["embed_tokens"])
         self.num_deepstack = len(self.config.vision.deepstack_visual_indexes)
         self.fused = bool(self.manifest["decoder_options"]["fused"])
@@ -230,11 +241,7 @@ class BundleModel:
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, arr)
         binding.bind_output(io.LOGITS, "cpu")
-        for i, (k, v) in enumerate(cache.bindings()):
-            binding.bind_ortvalue_input(io.past_key(i), k)
-            binding.bind_ortvalue_input(io.past_value(i), v)
-            binding.bind_ortvalue_output(io.present_key(i), k)
-            binding.bind_ortvalue_output(io.present_value(i), v)
+        bind_cache(binding, cache)
         session.run_with_iobinding(binding)
         cache.lengths[:] = totals
         return binding.get_outputs()[0].numpy()

@@ -1,0 +1,121 @@
+"""Runs of consecutive layers of a fused decoder graph as graphs of their own, over the same weights.
+
+Why: measuring the int8 KV cache's ranges runs the decoder on calibration prompts, and a session of
+the whole decoder holds every weight at once (prepacked, ~16 GB for a 30B-A3B int4 decoder), far
+above what streaming the export needs. A few layers at a time, each run's graph reading the bundle's
+``decoder.onnx.data`` and the hidden state passed from one run to the next, peak at one run's weights.
+
+A run's graph takes the residual stream where its first layer's ``input_layernorm`` reads it (one
+tensor, or the two a fused SkipSimplifiedLayerNormalization adds), the decoder inputs its nodes use
+(positions, DeepStack rows, the cache's lengths) and its layers' past keys and values; it returns
+their present keys and values and the residual stream entering the next run. The head is never
+part of one: the ranges need no logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import TensorProto, helper
+
+from .. import graph_io as io
+
+LAYER_PREFIX = "model.language_model.layers."
+# The nodes that read a layer's input_layernorm weight in a fused decoder graph; the residual
+# stream is their non-weight inputs.
+NORM_OPS = ("RMSNormalization", "SkipSimplifiedLayerNormalization")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Layers ``first`` to ``stop - 1``: their graph, and the tensor names carrying the residual
+    stream in (``inputs``) and out to the next segment (``outputs``; empty for the last)."""
+
+    first: int
+    stop: int
+    model: onnx.ModelProto
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def residual_inputs(graph: onnx.GraphProto, layers: int) -> list[tuple[str, ...]]:
+    """For each layer, the tensors that carry the residual stream into it."""
+    weights = {t.name for t in graph.initializer}
+    readers = {x: n for n in graph.node if n.op_type in NORM_OPS for x in n.input}
+    out = []
+    for i in range(layers):
+        node = readers.get(f"{LAYER_PREFIX}{i}.input_layernorm.weight")
+        if node is None:
+            raise ValueError(f"no {' or '.join(NORM_OPS)} node reads layer {i}'s input_layernorm weight")
+        out.append(tuple(t for t in node.input if t and t not in weights))
+    return out
+
+
+def layer_bytes(graph: onnx.GraphProto, layers: int) -> list[int]:
+    """Bytes of each layer's weights (external data lengths, or the raw bytes of inline ones)."""
+    sizes = [0] * layers
+    for t in graph.initializer:
+        if not t.name.startswith(LAYER_PREFIX):
+            continue
+        i = int(t.name[len(LAYER_PREFIX) :].split(".", 1)[0])
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[i] += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return sizes
+
+
+def plan(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive layer runs ``(first, stop)`` of at most ``budget`` weight bytes each (a layer
+    larger than the budget is a run of its own)."""
+    runs, first, total = [], 0, 0
+    for i, s in enumerate(sizes):
+        if i > first and total + s > budget:
+            runs.append((first, i))
+            first, total = i, 0
+        total += s
+    if sizes:
+        runs.append((first, len(sizes)))
+    return runs
+
+
+def extract(model: onnx.ModelProto, first: int, stop: int, ins: tuple[str, ...], outs: tuple[str, ...]) -> onnx.ModelProto:
+    """The nodes computing layers ``first..stop-1``'s presents and ``outs`` from ``ins`` and the
+    decoder's inputs, in their original (topological) order, with the weights they read."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    graph_inputs = {v.name: v for v in g.input}
+    wanted = [name for i in range(first, stop) for name in (io.present_key(i), io.present_value(i))] + list(outs)
+    kept: set[int] = set()
+    todo, seen = list(wanted), set(ins)
+    while todo:
+        t = todo.pop()
+        if t in seen or t not in producer:
+            continue
+        seen.add(t)
+        node = producer[t]
+        if id(node) not in kept:
+            kept.add(id(node))
+            todo.extend(x for x in node.input if x)
+    nodes = [n for n in g.node if id(n) in kept]
+    read = {x for n in nodes for x in n.input}
+    residual = lambda t: helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", "seq", "hidden"])  # noqa: E731
+    inputs = [residual(t) for t in ins]
+    inputs += [v for name, v in graph_inputs.items() if name in read and name not in ins]
+    outputs = {v.name: v for v in g.output}
+    graph = helper.make_graph(
+        nodes, f"layers_{first}_{stop}", inputs,
+        [outputs.get(t) or residual(t) for t in wanted],
+        [t for t in g.initializer if t.name in read],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def segments(model: onnx.ModelProto, layers: int, budget: int) -> list[Segment]:
+    """The decoder ``model`` (loaded without its external data) cut into runs of layers of at most
+    ``budget`` weight bytes."""
+    carry = residual_inputs(model.graph, layers)
+    out = []
+    for first, stop in plan(layer_bytes(model.graph, layers), budget):
+        nxt = carry[stop] if stop < layers else ()
+        out.append(Segment(first, stop, extract(model, first, stop, carry[first], nxt), carry[first], nxt))
+    return out
