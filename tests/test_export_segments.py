@@ -3,6 +3,8 @@ it a run at a time: the same ranges as one session of the whole decoder, at any 
 
 from __future__ import annotations
 
+import itertools
+
 import onnx
 import pytest
 
@@ -43,7 +45,7 @@ def test_every_layer_and_weight_is_in_exactly_one_run(cut_bundle):
     runs = segments(graph, layers, 1)
     assert [(s.first, s.stop) for s in runs] == [(i, i + 1) for i in range(layers)]
     assert runs[0].inputs == ("inputs_embeds",) and runs[-1].outputs == ()
-    assert all(a.outputs == b.inputs for a, b in zip(runs, runs[1:]))
+    assert all(a.outputs == b.inputs for a, b in itertools.pairwise(runs))
     assert {len(s.inputs) for s in runs[1:]} == {1, 2}  # after a DeepStack layer; inside the skip-norm chain
     for s in runs:
         names = [t.name for t in s.model.graph.initializer if t.name.startswith("model.language_model.layers.")]
