@@ -227,7 +227,7 @@ def test_runtime_needs_no_torch(setup):
 
     code = (
         "import sys\n"
-        "from qwen3vl_onnx.runtime.generate import Pipeline\n"
+        "from qwen3vl_onnx.runtime.pipeline import Pipeline\n"
         f"p = Pipeline.from_bundle({str(setup / 'bundle')!r})\n"
         f"img = {{'type': 'image', 'image': {str(setup / 'img.png')!r}}}\n"
         "m = [{'role': 'user', 'content': [img, {'type': 'text', 'text': 'hi'}]}]\n"

@@ -279,12 +279,3 @@ def stats_line(res: Result, reused: bool = False) -> str:
     decode = "" if t["decode_tok_per_s"] is None else f", decode {t['decode_tok_per_s']:.1f} tok/s"
     return (f"[{res.prompt_tokens} prompt tokens{cached} + {res.completion_tokens} new tokens; first token "
             f"{t['ttft_s']:.2f}s, vision {t['vision_s']:.2f}s, prefill {t['prefill_tok_per_s']:.1f} tok/s{decode}]")  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """``from qwen3vl_onnx.runtime.generate import Pipeline`` keeps working (it lives in pipeline.py)."""
-    if name == "Pipeline":
-        from .pipeline import Pipeline
-
-        return Pipeline
-    raise AttributeError(name)

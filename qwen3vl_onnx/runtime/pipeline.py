@@ -12,20 +12,18 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import UserError
 from .chat import load_chat_template, render
 from .constrain import GrammarCompiler, TokenMask, compiler_for, plan
+from .conversation import Conversation
 from .generate import Decoding, Result, Stream, prefill_input, stream_generate
 from .model import BundleModel
 from .prompt import Processors, Prompt, build_prompt, load_tokenizer
 from .sampling import GenerationParams, Sampler, chain, make_logits_processor, make_sampler
-
-if TYPE_CHECKING:
-    from .conversation import Conversation
 
 
 class Pipeline:
@@ -124,8 +122,6 @@ class Pipeline:
 
     def chat(self, system: str | None = None, vision_cache_size: int = 32) -> Conversation:
         """A :class:`~qwen3vl_onnx.runtime.conversation.Conversation` that keeps its KV cache between turns."""
-        from .conversation import Conversation
-
         return Conversation(self, system, vision_cache_size)
 
     def generate(self, messages: list[dict[str, Any]], params: GenerationParams | None = None, stream: bool = False,
