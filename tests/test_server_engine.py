@@ -300,7 +300,7 @@ def test_a_cache_larger_than_memory_is_refused_by_name(tiny_one, monkeypatch):
 
     from qwen3vl_onnx.errors import UserError
     from qwen3vl_onnx.server import engine
-    from qwen3vl_onnx.server.command import build_app
+    from qwen3vl_onnx.server.launch import build_app
     from qwen3vl_onnx.server.settings import ServerSettings
 
     pipe = Pipeline.from_bundle(tiny_one.bundle)

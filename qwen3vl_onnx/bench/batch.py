@@ -39,7 +39,7 @@ def pictures(n: int, size: int, seed: int = 0) -> list[Image.Image]:
 def measure_batch(bundle: Path, n: int, parallel: int, size: int = 256, tokens: int = 64, ray_actors: int | None = None) -> dict:
     from ..runtime.pipeline import Pipeline
     from ..server.batch import Request, Summary, Writer, run_requests, started
-    from ..server.command import build_app
+    from ..server.launch import build_app
     from ..server.settings import ServerSettings
 
     imgs = pictures(n, size)

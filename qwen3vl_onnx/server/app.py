@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +25,7 @@ from .completions import chat_completion
 from .engine import Engine
 from .metrics import Metrics
 from .responses import ResponseStore, create_response
-from .run import ApiError, ClientGone, Drain, error_body
+from .run import ApiError, ClientGone, error_body
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -45,6 +44,7 @@ from .schemas import (
     TokenizeText,
 )
 from .settings import ServerSettings
+from .state import State
 from .text_completions import text_completion
 from .ui import add_page, is_page
 
@@ -80,24 +80,6 @@ def _where(loc: tuple) -> str:
             continue
         out.append(x)
     return ".".join(out)
-
-
-class State:
-    """What the routes share: the engine once loaded, the metrics, the settings, the shutdown's drain."""
-
-    def __init__(self, settings: ServerSettings, metrics: Metrics | None):
-        self.settings, self.metrics = settings, metrics
-        self.engine: Engine | None = None
-        self.load_error: str | None = None
-        self.loader: threading.Thread | None = None  # the background load, while it runs
-        self.on_load_failure: Callable[[], None] | None = None  # serve: stop the server (a Ray replica keeps 503s instead)
-        self.created = int(time.time())
-        self.drain = Drain(settings.shutdown_grace_s)
-
-    def ready(self) -> Engine:
-        if self.engine is None:
-            raise ApiError(503, self.load_error or "the model is still loading")
-        return self.engine
 
 
 class BodyLimit:

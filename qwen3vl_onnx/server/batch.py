@@ -260,7 +260,7 @@ def in_this_process(bundle: Path, settings: ServerSettings, threads: int | None)
     """Answer through one app (one engine of ``settings.parallel`` slots) in this process."""
 
     def answer(todo: list[Request], writer: Writer, summary: Summary) -> None:
-        from .command import build_app
+        from .launch import build_app
 
         asyncio.run(_serve_batch(build_app(bundle, settings, threads), todo, writer, summary, settings))
 

@@ -24,7 +24,7 @@ from .settings import ServerSettings
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from .app import State
+    from .state import State
 
 MAX_N = 8  # choices per request: each is a row of the batch (a slot) while it runs
 

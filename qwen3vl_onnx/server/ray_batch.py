@@ -35,7 +35,7 @@ def actor_class(bundle: Path, settings: ServerSettings, threads: int) -> type:
 
     class Engine:
         def __init__(self) -> None:
-            from .command import build_app
+            from .launch import build_app
 
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="batch-engine", daemon=True).start()

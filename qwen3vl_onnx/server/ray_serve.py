@@ -34,7 +34,7 @@ def deployment(bundle: str | Path, settings: ServerSettings, replicas: int, cpus
     @serve.ingress()
     class Qwen3VL:
         def __serve_build_asgi_app__(self) -> Any:  # called by Ray Serve on each replica, after __init__
-            from .command import build_app
+            from .launch import build_app
 
             return build_app(bundle, settings, cpus)
 
@@ -49,7 +49,7 @@ def deployment(bundle: str | Path, settings: ServerSettings, replicas: int, cpus
 def run_ray_serve(bundle: str, settings: ServerSettings, address: str, replicas: int | None, threads: int | None,
                   host: str, port: int) -> int:  # fmt: skip
     """Start the deployment on the cluster at ``address`` and keep it up until SIGINT/SIGTERM."""
-    from .command import listen
+    from .launch import listen
     from .ray_cluster import LOCAL, connect, engine_cpus, node_cpus
 
     if address == LOCAL:  # the proxy listens here: a busy port or a bad address is a one-line error before Ray starts

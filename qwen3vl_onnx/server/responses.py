@@ -32,7 +32,7 @@ from .schemas import Message, ResponsesRequest
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from .app import State
+    from .state import State
 
 STORED = 256  # responses kept for previous_response_id
 

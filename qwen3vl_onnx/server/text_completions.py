@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from tokenizers import Tokenizer
 
-    from .app import State
+    from .state import State
 
 
 class TextShaper:
