@@ -16,6 +16,7 @@ streaming the export takes, at any depth.
 
 from __future__ import annotations
 
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,10 @@ def kv_ranges(bundle: Path, segment_bytes: int = SEGMENT_BYTES) -> np.ndarray:
     graph = onnx.load(bundle / m.manifest["graphs"]["decoder"]["file"], load_external_data=False)
     ranges = np.zeros((t.num_hidden_layers, 2, t.num_key_value_heads, t.head_dim), np.float32)
     carried = [{io.INPUTS_EMBEDS: p[io.INPUTS_EMBEDS]} for p in prompts]  # the residual stream per prompt
-    for seg in segments(graph, t.num_hidden_layers, segment_bytes):
+    runs = segments(graph, t.num_hidden_layers, segment_bytes)
+    for seg in runs:
+        if len(runs) > 1:  # a large model's calibration takes minutes: say where it is
+            print(f"  layers {seg.first}-{seg.stop - 1} of {t.num_hidden_layers}", file=sys.stderr)
         session = _segment_session(bundle, seg)
         takes = {i.name for i in session.get_inputs()}
         for feeds, carry in zip(prompts, carried, strict=True):
