@@ -52,7 +52,7 @@ ANSWER = (
 )
 # Weight bytes of decoder layers one calibration session holds at a time (the head is never
 # loaded). Dense decoders up to 4B int4 take one or two sessions; a 30B-A3B int4 decoder's layers
-# (0.33 GB each) take nine, keeping the peak near the export's own (~4 GB).
+# (0.335 GB each) take eight runs of six, keeping the peak under the export's own (~4 GB).
 SEGMENT_BYTES = 2 << 30
 
 
