@@ -109,14 +109,9 @@ def _prompt_feeds(pipe: Pipeline, messages: list[dict[str, Any]]) -> dict[str, n
     pos, _ = rope_index(p.ids, cfg.image_token_id, cfg.video_token_id, p.image_grids, p.video_grids,
                         cfg.vision.spatial_merge_size, 0)  # fmt: skip
     embeds, visual_index, deepstack = m.prefill_inputs(p.ids, emb, ds)
-    if visual_index is None:
-        visual_index = np.zeros((0, 2), np.int64)
-        deepstack = np.zeros((m.num_deepstack, 0, cfg.text.hidden_size), np.float32)
     n = len(p.ids)
-    return {io.INPUTS_EMBEDS: np.ascontiguousarray(embeds, np.float32),
-            io.POSITION_IDS: np.ascontiguousarray(pos[:, None, :], np.int64), io.VISUAL_INDEX: visual_index,
-            io.DEEPSTACK_EMBEDS: deepstack, io.SEQLENS_K: np.array([n - 1], np.int32),
-            io.TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32)}  # fmt: skip
+    feeds = m.feeds(embeds, pos[:, None, :], visual_index, deepstack)
+    return {**feeds, io.SEQLENS_K: np.array([n - 1], np.int32), io.TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32)}
 
 
 def _segment_session(bundle: Path, seg: Segment) -> ort.InferenceSession:

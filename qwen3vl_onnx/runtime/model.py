@@ -196,23 +196,27 @@ class BundleModel:
             new_lengths = np.full(b, s, np.int64)
         elif cache.length:
             raise ValueError("right-padded rows need an empty cache")
-        d = self.config.text.hidden_size
-        if visual_index is None:
-            visual_index = np.zeros((0, 2), np.int64)
-            deepstack = np.zeros((self.num_deepstack, 0, d), np.float32)
-        feeds = {
-            io.INPUTS_EMBEDS: np.ascontiguousarray(embeds, dtype=np.float32),
-            io.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
-            io.VISUAL_INDEX: visual_index,
-            io.DEEPSTACK_EMBEDS: deepstack,
-            io.LOGITS_TO_KEEP: np.array([logits_to_keep], np.int64),
-        }
+        feeds = self.feeds(embeds, position_ids, visual_index, deepstack, logits_to_keep)
         if self.fused:
             big = s >= PREFILL_GRAPH_MIN_TOKENS and self.prefill_decoder is not None
             return self._forward_shared(self.prefill_decoder if big else self.decoder, feeds, cache, new_lengths)
         if b != 1:
             raise ValueError("portable bundles run one sequence at a time")
         return self._forward_portable(feeds, cache)
+
+    def feeds(self, embeds: np.ndarray, position_ids: np.ndarray, visual_index: np.ndarray | None,
+              deepstack: np.ndarray | None, logits_to_keep: int = 1) -> dict[str, np.ndarray]:  # fmt: skip
+        """The decoder's inputs other than the cache's: no visual rows when ``visual_index`` is None."""
+        if visual_index is None:
+            visual_index = np.zeros((0, 2), np.int64)
+            deepstack = np.zeros((self.num_deepstack, 0, self.config.text.hidden_size), np.float32)
+        return {
+            io.INPUTS_EMBEDS: np.ascontiguousarray(embeds, dtype=np.float32),
+            io.POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+            io.VISUAL_INDEX: visual_index,
+            io.DEEPSTACK_EMBEDS: deepstack,
+            io.LOGITS_TO_KEEP: np.array([logits_to_keep], np.int64),
+        }
 
     def _forward_portable(self, feeds: dict[str, np.ndarray], cache: KVCache) -> np.ndarray:
         """Standard-ONNX attention: past in, concatenated present out (batch 1)."""
