@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", default="4b", choices=SHAPES, help="released model shape")
     b.add_argument("--layers", type=at_least(1, 200), default=None, metavar="N",
                    help="only N decoder layers at the shape's real widths; figures also scaled to its depth")  # fmt: skip
+    b.add_argument("--repeat-layers", action="store_true",
+                   help="with --layers: also measure the shape's full depth, the missing layers reading the N layers' "
+                        "weights again (with --compare: llama.cpp's GGUF deepened the same way, in turns)")  # fmt: skip
     b.add_argument("--bundle", default=None, help="measure this bundle instead of a random preset")
     b.add_argument("--precision", default="int4", choices=["fp32", "fp16", "int8", "int4"], help="decoder weights")
     b.add_argument("--block-size", type=block_size, default=DEFAULT_BLOCK_SIZE, help="int4/int8 quantization block")

@@ -41,6 +41,8 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     work, out = Path(args.workdir).expanduser(), Path(args.out)
     if args.layers and args.bundle:
         raise UserError("--layers applies to --shape presets (a given bundle has its own depth)")
+    if args.repeat_layers and not args.layers:
+        raise UserError("--repeat-layers needs --layers N (it repeats those N layers up to the shape's depth)")
     shape_key = args.shape + (f"-L{args.layers}" if args.layers else "")
     name = shape_key if not args.bundle else Path(args.bundle).name
     if args.bundle:
@@ -93,6 +95,14 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         result["peers"] = run_peers(ckpt, params, args.repeats, work / shape_key / "peers", args.peers)
         pairs = max(args.repeats, TURN_MIN_PAIRS)
         result["turns"] = run_turns(ckpt, bundle, result["peers"], work / shape_key / "peers", pairs, args.turn_pause)
+    if args.repeat_layers:
+        from .deepen import measure_full_depth
+        from .peers import TURN_MIN_PAIRS
+
+        print(f"measuring {full_layers(args.shape)} layers by repeating the {args.layers} exported", file=sys.stderr)
+        peers_dir = work / shape_key / "peers" if args.compare else None
+        result["full_depth"] = measure_full_depth(bundle, full_layers(args.shape), args.repeats, peers_dir,
+                                                  max(args.repeats, TURN_MIN_PAIRS), args.turn_pause)  # fmt: skip
     block = f"-b{args.block_size}" if not args.bundle and args.block_size != DEFAULT_BLOCK_SIZE else ""
     if not args.bundle and args.int8_projections != ExportOptions(args.precision).resolve().int8_projections:
         block += p8

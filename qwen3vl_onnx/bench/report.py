@@ -82,6 +82,10 @@ def markdown(result: dict) -> str:
         from .depth import scaled_markdown
 
         extra.append(scaled_markdown(result["scaled"]))
+    if "full_depth" in result:
+        from .deepen import full_depth_markdown
+
+        extra.append(full_depth_markdown(result["full_depth"]))
     return "\n".join(lines + extra) + "\n"
 
 
