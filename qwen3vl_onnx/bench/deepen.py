@@ -212,9 +212,8 @@ def measure_full_depth(bundle: Path, full: int, repeats: int, peers: Path | None
     from .turns import our_worker_command, take_turns
 
     deep = bundle.with_name(f"{bundle.name}-repeated{full}")
-    if not (deep / "manifest.json").is_file():
-        shutil.rmtree(deep, ignore_errors=True)
-        deepen(bundle, deep, full)
+    shutil.rmtree(deep, ignore_errors=True)  # links to the bundle just exported: a second or less
+    deepen(bundle, deep, full)
     info = json.loads((deep / "manifest.json").read_text())["deepened_from"]
     out: dict = {"layers": full, "from_layers": info["from_layers"], "repeats_from": info["repeats_from"],
                  "ours": child_measure(deep, repeats)}  # fmt: skip
@@ -223,7 +222,8 @@ def measure_full_depth(bundle: Path, full: int, repeats: int, peers: Path | None
         return out
     deep_peers = peers.with_name(f"{peers.name}-repeated{full}")
     deep_peers.mkdir(exist_ok=True)
-    if not (deep_peers / gguf.name).is_file():
+    made = deep_peers / gguf.name
+    if not made.is_file() or made.stat().st_mtime < gguf.stat().st_mtime:
         print(f"writing llama.cpp's GGUF at {full} layers to {deep_peers}", file=sys.stderr)
         deepen_gguf(gguf, deep_peers / gguf.name, full, info["repeats_from"], converter_root(peers) / "gguf-py")
     shutil.copy(peers / "llama-convert.json", deep_peers)  # the worker reads the cached conversion's record
