@@ -7,6 +7,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -82,3 +83,27 @@ def test_nothing_to_repeat_is_refused(tiny_models, tmp_path):
     tiny = tiny_models("tied_mha_unsorted")  # two layers, DeepStack into both
     with pytest.raises(ValueError, match="DeepStack layers"):
         deepen(tiny.bundle, tmp_path / "deep", 4)
+
+
+@pytest.mark.parametrize("kv_cache", ["fp32", "int8"])
+def test_every_decoder_graph_of_a_quantized_bundle(int8_bundle, tiny_one, tmp_path, kv_cache):
+    """An int8 bundle with a prompt graph and both cache forms: each decoder graph is deepened and
+    listed in the manifest as it is; its prompt logits stay near transformers' with the layers
+    repeated (int8 weights: mean cosine over 60 positions measured 0.997 with either cache; bound 0.99)."""
+    from qwen3vl_onnx.runtime.model import BundleModel
+
+    deepen(int8_bundle, tmp_path / "deep", 5)
+    manifest = json.loads((tmp_path / "deep" / "manifest.json").read_text())
+    decoders = {k: g for k, g in manifest["graphs"].items() if k != "vision"}
+    assert set(decoders) == {"decoder", "decoder_prefill", "decoder_int8kv", "decoder_prefill_int8kv"}
+    for g in decoders.values():
+        graph = onnx.load(tmp_path / "deep" / g["file"], load_external_data=False).graph
+        assert [i.name for i in graph.input] == list(g["inputs"]) and [o.name for o in graph.output] == list(g["outputs"])
+        assert sum(n.startswith("past_key.") for n in g["inputs"]) == 5
+    m = BundleModel(tmp_path / "deep", kv_cache=kv_cache)
+    ids = list(range(100, 160))
+    ours = m.prefill(ids, None, None, [], m.new_cache(), logits_to_keep=len(ids))
+    reference = repeated_reference(tiny_one.model, 3, 5, 2)
+    ref = reference(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.zeros(1, len(ids), dtype=torch.long)).logits[0].numpy()
+    cos = (ours * ref).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos.mean() >= 0.99, cos

@@ -24,9 +24,9 @@ from pathlib import Path
 import onnx
 
 from .. import graph_io as io
+from ..export.bundle import io_entries
 from ..export.segments import LAYER_PREFIX, residual_inputs
 
-GRAPHS = ("decoder.onnx", "decoder.int8kv.onnx")
 INDEXED = re.compile(r"(\.)(\d+)$")  # past_key.3, present_value.3, kv_scale.key.3
 
 
@@ -153,14 +153,17 @@ def deepen(bundle: Path, out: Path, full: int) -> None:
     layers, deepstack = text["num_hidden_layers"], len(manifest["config"]["vision"]["deepstack_visual_indexes"])
     if not deepstack < layers < full:
         raise ValueError(f"need DeepStack layers ({deepstack}) < bundle layers ({layers}) < full layers ({full})")
-    models = {n: onnx.load(bundle / n, load_external_data=False) for n in GRAPHS if (bundle / n).is_file()}
-    first = repeat_start(models["decoder.onnx"].graph, layers, deepstack)
+    decoders = {k: g for k, g in manifest["graphs"].items() if k != "vision"}  # plain, prompt and int8-cache forms
+    models = {k: onnx.load(bundle / g["file"], load_external_data=False) for k, g in decoders.items()}
+    first = repeat_start(models["decoder"].graph, layers, deepstack)
     out.mkdir(parents=True, exist_ok=False)
     for f in bundle.iterdir():
-        if f.name not in (*GRAPHS, "manifest.json", "config.json"):
+        if f.name not in {g["file"] for g in decoders.values()} | {"manifest.json", "config.json"}:
             (out / f.name).hardlink_to(f)
-    for name, model in models.items():
-        onnx.save(deepen_graph(model, layers, full, first), out / name)
+    for key, model in models.items():
+        deep = deepen_graph(model, layers, full, first)
+        onnx.save(deep, out / decoders[key]["file"])
+        decoders[key]["inputs"], decoders[key]["outputs"] = io_entries(deep.graph.input), io_entries(deep.graph.output)
     text["num_hidden_layers"] = full
     manifest["deepened_from"] = {"bundle": str(bundle.resolve()), "from_layers": layers, "repeats_from": first}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -104,7 +104,8 @@ def resolve_checkpoint(source: str | Path) -> Path:
         raise UserError(f"{source}: not a local directory and download failed ({type(e).__name__})") from None
 
 
-def _io(values: list[onnx.ValueInfoProto]) -> dict[str, dict]:
+def io_entries(values: list[onnx.ValueInfoProto]) -> dict[str, dict]:
+    """A graph's inputs or outputs as the manifest lists them: name -> element type and shape."""
     out = {}
     for v in values:
         t = v.type.tensor_type
@@ -288,8 +289,8 @@ def _add_int8_cache(tmp: Path, manifest: dict, ranges: np.ndarray) -> None:
     for key in [k for k in manifest["graphs"] if k.startswith("decoder")]:
         model = int8_cache_graph(tmp / f"{key}.onnx", tmp / f"{key}.int8kv.onnx", scales)
         g = model.graph
-        manifest["graphs"][f"{key}_int8kv"] = {"file": f"{key}.int8kv.onnx", "inputs": _io(list(g.input)),
-                                               "outputs": _io(list(g.output))}  # fmt: skip
+        manifest["graphs"][f"{key}_int8kv"] = {"file": f"{key}.int8kv.onnx", "inputs": io_entries(list(g.input)),
+                                               "outputs": io_entries(list(g.output))}  # fmt: skip
     manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE}
 
 
@@ -306,7 +307,10 @@ def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph],
         "kv_cache": {"default": "fp32"},
         "defaults_for_cpu": cpu_kind(),  # the kind whose measured defaults filled what was not asked
         "config": cfg.to_dict(),
-        "graphs": {key: {"file": g.path.name, "inputs": _io(g.inputs), "outputs": _io(g.outputs)} for key, g in graphs.items()},
+        "graphs": {
+            key: {"file": g.path.name, "inputs": io_entries(g.inputs), "outputs": io_entries(g.outputs)}
+            for key, g in graphs.items()
+        },
         "embed_tokens": embed,
         "versions": {
             "qwen3vl_onnx": __version__,
