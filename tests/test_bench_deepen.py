@@ -14,6 +14,7 @@ import torch
 
 from qwen3vl_onnx.bench.deepen import deepen
 from qwen3vl_onnx.calibration import kv_ranges
+from qwen3vl_onnx.errors import UserError
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
 
@@ -81,7 +82,7 @@ def test_the_layer_right_after_deepstack_repeated(tiny_models, tmp_path, name):
 
 def test_nothing_to_repeat_is_refused(tiny_models, tmp_path):
     tiny = tiny_models("tied_mha_unsorted")  # two layers, DeepStack into both
-    with pytest.raises(ValueError, match="DeepStack layers"):
+    with pytest.raises(UserError, match="DeepStack layers"):
         deepen(tiny.bundle, tmp_path / "deep", 4)
 
 

@@ -2,13 +2,14 @@
 
 Why: a random 30B-A3B checkpoint at 48 layers is ~62 GB of bf16, more than these machines' disks
 hold, so ``bench --layers N`` measures N layers and scales to 48 from two depths, which multiplies
-each run's noise about tenfold (two such fits of the same code gave 0.84x and 1.11x llama.cpp).
+each run's noise about tenfold (two such fits of the same code gave 0.84x and 1.13x llama.cpp).
 Here layers N..full-1 repeat layers ``first``..N-1 (those after every DeepStack injection), each
 repeated layer with initializers of its own that point at the same bytes of ``decoder.onnx.data``.
-ONNX Runtime prepacks every node's weights separately, so a session holds full depth's weights
-(the real resident memory) and a decode step streams full depth's bytes from memory (the repeated
-layers are far larger than any cache); only the disk holds the N layers once. Its outputs are not
-a trained model's (weights repeat); its speed and memory are those of the released depth.
+ONNX Runtime prepacks every matmul's weights on its own, and a decode step streams full depth's
+bytes from memory (the repeated layers are far larger than any cache), so speed is the released
+depth's; its outputs are not a trained model's (weights repeat). Weights a kernel reads straight
+from the mapped file (QMoE's experts) are resident once, not once per repeat: the real peak is
+at most the measured one plus one stored layer per repeated layer, which the report states.
 
     python -m qwen3vl_onnx.bench.deepen BUNDLE OUT FULL_LAYERS
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 import onnx
 
 from .. import graph_io as io
+from ..errors import UserError
 from ..export.bundle import io_entries
 from ..export.segments import LAYER_PREFIX, residual_inputs
 
@@ -152,7 +154,7 @@ def deepen(bundle: Path, out: Path, full: int) -> None:
     text = manifest["config"]["text"]
     layers, deepstack = text["num_hidden_layers"], len(manifest["config"]["vision"]["deepstack_visual_indexes"])
     if not deepstack < layers < full:
-        raise ValueError(f"need DeepStack layers ({deepstack}) < bundle layers ({layers}) < full layers ({full})")
+        raise UserError(f"need DeepStack layers ({deepstack}) < bundle layers ({layers}) < full layers ({full})")
     decoders = {k: g for k, g in manifest["graphs"].items() if k != "vision"}  # plain, prompt and int8-cache forms
     models = {k: onnx.load(bundle / g["file"], load_external_data=False) for k, g in decoders.items()}
     first = repeat_start(models["decoder"].graph, layers, deepstack)
@@ -210,6 +212,7 @@ def measure_full_depth(bundle: Path, full: int, repeats: int, peers: Path | None
     """``bench --layers N --repeat-layers``: ours at ``full`` layers made by ``deepen`` (measured in
     a child as any bundle), and with ``peers`` (the folder holding llama.cpp's Q4_0 GGUF of the
     same checkpoint) prefill-256 and decode in turns with that GGUF deepened the same way."""
+    from .depth import layer_bytes
     from .peer_llamacpp import converter_root
     from .run import child_measure
     from .turns import our_worker_command, take_turns
@@ -220,6 +223,8 @@ def measure_full_depth(bundle: Path, full: int, repeats: int, peers: Path | None
     info = json.loads((deep / "manifest.json").read_text())["deepened_from"]
     out: dict = {"layers": full, "from_layers": info["from_layers"], "repeats_from": info["repeats_from"],
                  "ours": child_measure(deep, repeats)}  # fmt: skip
+    # the repeats map the exported layers' file pages once; a real bundle maps each layer's own
+    out["real_peak_rss_gb_at_most"] = out["ours"]["peak_rss_gb"] + (full - info["from_layers"]) * layer_bytes(bundle) / 1e9
     gguf = peers / "llama-Q4_0.gguf" if peers else None
     if gguf is None or not gguf.is_file():
         return out
@@ -244,7 +249,8 @@ def full_depth_markdown(r: dict) -> str:
         f"\nAt {r['layers']} decoder layers, layers {r['repeats_from']}-{r['from_layers'] - 1} repeated "
         f"after the {r['from_layers']} exported (their weights read again; speed and memory of the full depth): "
         f"decode {med['decode_tok_s']:.3g} tok/s, prefill 256 {med['prefill_256_tok_s']:.3g} tok/s, first token with "
-        f"a 448x448 picture {med['ttft_448_s']:.3g} s, peak RSS {med['peak_rss_gb']:.2f} GB."
+        f"a 448x448 picture {med['ttft_448_s']:.3g} s, peak RSS {med['peak_rss_gb']:.2f} GB (a real bundle of this depth: "
+        f"at most {r['real_peak_rss_gb_at_most']:.2f} GB, each repeated layer's stored bytes added)."
     )
     for name, t in r.get("turns", {}).items():
         for task, label in (("decode_tok_s", "decode"), ("prefill_256_tok_s", "prefill 256")):

@@ -100,9 +100,10 @@ def _run(todo: list[Request], writer: Writer, summary: Summary, udf: type, count
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / parallel))
     ds = ds.map_batches(udf, batch_size=parallel, num_cpus=cpus, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=count, max_concurrent_calls_per_actor=2))  # fmt: skip
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         with Progress(len(todo)) as progress:
-            for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for block in batches:
                 if len(block["load_error"]) and block["load_error"][0]:
                     raise UserError(str(block["load_error"][0]))
                 for text in block["answer"]:
@@ -110,6 +111,11 @@ def _run(todo: list[Request], writer: Writer, summary: Summary, udf: type, count
                 progress(len(block["answer"]), summary.tokens)
     except ray.exceptions.RayError as e:
         raise UserError(f"the Ray job failed: {_reason(str(e))}") from None
+    finally:
+        # Ray Data's executor threads stop when its generator closes; left running past the caller's
+        # ray.shutdown(), one of them touches the dead core worker, which ends the process (exit 1)
+        # before the one-line error is printed
+        batches.close()
 
 
 def _reason(text: str) -> str:
