@@ -27,37 +27,20 @@ import onnx
 from .. import graph_io as io
 from ..errors import UserError
 from ..export.bundle import io_entries
-from ..export.segments import LAYER_PREFIX, residual_inputs
+from ..export.segments import FINAL_NORM, LAYER_PREFIX, final_inputs, residual_inputs, upstream
 
 INDEXED = re.compile(r"(\.)(\d+)$")  # past_key.3, present_value.3, kv_scale.key.3
-
-
-def final_inputs(graph: onnx.GraphProto) -> tuple[str, ...]:
-    """The residual stream entering the final norm (the last layer's output)."""
-    weights = {t.name for t in graph.initializer}
-    (node,) = [n for n in graph.node if "model.language_model.norm.weight" in n.input]
-    return tuple(t for t in node.input if t and t not in weights)
 
 
 def layer_nodes(graph: onnx.GraphProto, layer: int, ins: tuple[str, ...], outs: tuple[str, ...]) -> list[onnx.NodeProto]:
     """Layer ``layer``'s nodes: those that depend on its input stream, weights or past cache and that
     its presents or ``outs`` depend on (shared precomputation such as rotary tables is left out)."""
-    producer = {o: n for n in graph.node for o in n.output}
-    wanted = [io.present_key(layer), io.present_value(layer), *outs]
-    ancestors: set[int] = set()
-    todo, stop = list(wanted), set(ins)
-    while todo:
-        t = todo.pop()
-        node = producer.get(t)
-        if t in stop or node is None or id(node) in ancestors:
-            continue
-        ancestors.add(id(node))
-        todo.extend(x for x in node.input if x)
+    ancestors = upstream(graph, [io.present_key(layer), io.present_value(layer), *outs], ins)
     own = f"{LAYER_PREFIX}{layer}."
     reached = set(ins)
     out = []
-    for n in graph.node:  # topological order
-        if id(n) in ancestors and any(x in reached or x.startswith(own) or own_index(x) == layer
+    for i, n in enumerate(graph.node):  # topological order
+        if i in ancestors and any(x in reached or x.startswith(own) or own_index(x) == layer
                                       for x in n.input if x):  # fmt: skip
             reached.update(n.output)
             out.append(n)
@@ -94,7 +77,7 @@ def deepen_graph(model: onnx.ModelProto, layers: int, full: int, first: int) -> 
     inits = {t.name: t for t in g.initializer}
     inputs = {v.name: v for v in g.input}
     outputs = {v.name: v for v in g.output}
-    tail_start = next(i for i, n in enumerate(g.node) if "model.language_model.norm.weight" in n.input)
+    tail_start = next(i for i, n in enumerate(g.node) if FINAL_NORM in n.input)
     head, tail = list(g.node[:tail_start]), list(g.node[tail_start:])
     new_inputs, new_outputs, new_inits, copies = [], [], [], []
     stream = carry[layers]
@@ -137,8 +120,9 @@ def deepen_graph(model: onnx.ModelProto, layers: int, full: int, first: int) -> 
             v.name = rename[t]
             new_outputs.append(v)
         stream = tuple(rename[t] for t in carry[src + 1])
+    last = dict(zip(carry[layers], stream, strict=True))
     for n in tail:
-        n.input[:] = [dict(zip(carry[layers], stream, strict=True)).get(x, x) for x in n.input]
+        n.input[:] = [last.get(x, x) for x in n.input]
     del g.node[:]
     g.node.extend(head + copies + tail)
     g.input.extend(new_inputs)

@@ -25,6 +25,7 @@ LAYER_PREFIX = "model.language_model.layers."
 # The nodes that read a layer's input_layernorm weight in a fused decoder graph; the residual
 # stream is their non-weight inputs.
 NORM_OPS = ("RMSNormalization", "SkipSimplifiedLayerNormalization")
+FINAL_NORM = "model.language_model.norm.weight"
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,14 @@ class Segment:
     outputs: tuple[str, ...]
 
 
+def _norm_readers(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], set[str]]:
+    """Each norm node by the tensors it reads, and the graph's weight names."""
+    return {x: n for n in graph.node if n.op_type in NORM_OPS for x in n.input}, {t.name for t in graph.initializer}
+
+
 def residual_inputs(graph: onnx.GraphProto, layers: int) -> list[tuple[str, ...]]:
     """For each layer, the tensors that carry the residual stream into it."""
-    weights = {t.name for t in graph.initializer}
-    readers = {x: n for n in graph.node if n.op_type in NORM_OPS for x in n.input}
+    readers, weights = _norm_readers(graph)
     out = []
     for i in range(layers):
         node = readers.get(f"{LAYER_PREFIX}{i}.input_layernorm.weight")
@@ -50,6 +55,15 @@ def residual_inputs(graph: onnx.GraphProto, layers: int) -> list[tuple[str, ...]
             raise ValueError(f"no {' or '.join(NORM_OPS)} node reads layer {i}'s input_layernorm weight")
         out.append(tuple(t for t in node.input if t and t not in weights))
     return out
+
+
+def final_inputs(graph: onnx.GraphProto) -> tuple[str, ...]:
+    """The tensors that carry the residual stream into the final norm (the last layer's output)."""
+    readers, weights = _norm_readers(graph)
+    node = readers.get(FINAL_NORM)
+    if node is None:
+        raise ValueError(f"no {' or '.join(NORM_OPS)} node reads the final norm's weight")
+    return tuple(t for t in node.input if t and t not in weights)
 
 
 def layer_bytes(graph: onnx.GraphProto, layers: int) -> list[int]:
@@ -78,25 +92,32 @@ def plan(sizes: list[int], budget: int) -> list[tuple[int, int]]:
     return runs
 
 
-def extract(model: onnx.ModelProto, first: int, stop: int, ins: tuple[str, ...], outs: tuple[str, ...]) -> onnx.ModelProto:
-    """The nodes computing layers ``first..stop-1``'s presents and ``outs`` from ``ins`` and the
-    decoder's inputs, in their original (topological) order, with the weights they read."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    graph_inputs = {v.name: v for v in g.input}
-    wanted = [name for i in range(first, stop) for name in (io.present_key(i), io.present_value(i))] + list(outs)
+def upstream(graph: onnx.GraphProto, wanted: list[str], stop: tuple[str, ...]) -> set[int]:
+    """The positions in ``graph.node`` of the nodes that the tensors ``wanted`` depend on, not looking
+    past those in ``stop`` (positions, not ids: protobuf hands out a new wrapper per access)."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
     kept: set[int] = set()
-    todo, seen = list(wanted), set(ins)
+    todo, seen = list(wanted), set(stop)
     while todo:
         t = todo.pop()
         if t in seen or t not in producer:
             continue
         seen.add(t)
-        node = producer[t]
-        if id(node) not in kept:
-            kept.add(id(node))
-            todo.extend(x for x in node.input if x)
-    nodes = [n for n in g.node if id(n) in kept]
+        i = producer[t]
+        if i not in kept:
+            kept.add(i)
+            todo.extend(x for x in graph.node[i].input if x)
+    return kept
+
+
+def extract(model: onnx.ModelProto, first: int, stop: int, ins: tuple[str, ...], outs: tuple[str, ...]) -> onnx.ModelProto:
+    """The nodes computing layers ``first..stop-1``'s presents and ``outs`` from ``ins`` and the
+    decoder's inputs, in their original (topological) order, with the weights they read."""
+    g = model.graph
+    graph_inputs = {v.name: v for v in g.input}
+    wanted = [name for i in range(first, stop) for name in (io.present_key(i), io.present_value(i))] + list(outs)
+    kept = upstream(g, wanted, ins)
+    nodes = [n for i, n in enumerate(g.node) if i in kept]
     read = {x for n in nodes for x in n.input}
     residual = lambda t: helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", "seq", "hidden"])  # noqa: E731
     inputs = [residual(t) for t in ins]
