@@ -6,6 +6,16 @@ scales: new keys and values are quantized on write (symmetric, saturating), past
 they are read. The cache is a quarter of the float one, and decode attention, which reads the whole
 cache every step, gets about twice as fast at 1000+ cached tokens (docs/BENCHMARKS.md).
 
+Channels differ in range (the k_norm weights, the rotary pairing, a few wide value channels), so
+each (kv head, channel) gets its own step. The kernel reads a per-tensor cache faster than a
+per-channel one (its dequantization is one multiply after the dot product instead of one per
+element: 1.7x at 2000 cached tokens, docs/BENCHMARKS.md), so the per-channel steps are moved out of
+the kernel into the graph: keys and values are divided by their channel's step relative to the
+layer's widest before the cache (``equalizer``), queries are multiplied by the keys' factor (so every
+score q.k is unchanged) and the attention output by the values' (each output channel is a weighted
+sum of one value channel). The cache then holds exactly the codes a per-channel scale would give,
+under one scale per layer.
+
 The pass works on the graph file alone (weights stay in the shared ``.data`` file), so a bundle
 holds both cache forms for the cost of a second small ``.onnx``: the float one that calibration
 runs on and that ``--kv-cache fp32`` chooses, and the int8 one.
@@ -21,10 +31,9 @@ from onnx import TensorProto, numpy_helper
 
 from .. import graph_io as io
 
-# How the scales are cut: one per (kv head, channel) of each layer. Per channel, because keys'
-# channels differ in range by the k_norm weights and the rotary pairing (a per-tensor scale spends
-# its steps on the widest channel); measured in docs/BENCHMARKS.md ("int8 KV cache").
-QUANT_TYPE = "PER_CHANNEL"
+# The kernel's quantization type: one scale per layer for keys and one for values, over channels
+# equalized in the graph (see above). "PER_CHANNEL" hands the same steps to the kernel instead.
+QUANT_TYPE = "PER_TENSOR"
 # Headroom over the largest value calibration saw (values beyond the scale saturate), and the
 # smallest range a channel may get relative to its head's widest (a channel quiet in calibration
 # may not stay so). Why this much: saturation, not resolution, is what costs accuracy. On the
@@ -49,37 +58,93 @@ def kv_scale_name(layer: int, kind: str) -> str:
     return f"kv_scale.{kind}.{layer}"
 
 
+def equalizer_name(layer: int, kind: str) -> str:
+    """The graph's per-channel factor on ``kind`` (query, key, value, output) of ``layer``."""
+    return f"kv_equalize.{kind}.{layer}"
+
+
+def equalizer(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kv_heads, head_dim) per-channel steps of one layer's keys or values -> (the one step the
+    kernel gets, each channel's step over it, at most 1)."""
+    top = scales.max()
+    return np.array([top], np.float32), (scales / top).astype(np.float32)
+
+
 def int8_cache_graph(src: Path, dst: Path, scales: np.ndarray, quant_type: str = QUANT_TYPE) -> onnx.ModelProto:
     """Write ``dst``: the decoder graph ``src`` with an int8 cache quantized by ``scales``
-    ((layers, 2, kv_heads, head_dim), from ``scales_from_ranges``; "PER_TENSOR" keeps each
-    layer's largest). Weights are referenced, not copied, so ``dst`` must sit beside ``src``'s
-    data file."""
+    ((layers, 2, kv_heads, head_dim), from ``scales_from_ranges``): "PER_TENSOR" over channels
+    equalized in the graph, or "PER_CHANNEL" in the kernel (the same codes either way). Weights are
+    referenced, not copied, so ``dst`` must sit beside ``src``'s data file."""
+    if quant_type not in ("PER_TENSOR", "PER_CHANNEL"):
+        raise ValueError(f"quant_type must be PER_TENSOR or PER_CHANNEL, got {quant_type!r}")
     model = onnx.load(str(src), load_external_data=False)
     g = model.graph
     cache_names = set()
     layers = 0
+    nodes = []
     for node in g.node:
         if node.op_type != "GroupQueryAttention":
+            nodes.append(node)
             continue
         layer = int(node.input[3].rsplit(".", 1)[1])  # past_key.{layer}
         if node.input[3] != io.past_key(layer) or len(node.input) != 7:
             raise ValueError(f"{src}: attention node {node.name} is not this exporter's GroupQueryAttention")
+        if quant_type == "PER_CHANNEL":
+            kernel_scales = [s[None, :, None, :] for s in scales[layer]]
+        else:
+            (k_top, k_eq), (v_top, v_eq) = equalizer(scales[layer][0]), equalizer(scales[layer][1])
+            kernel_scales = [k_top, v_top]
+            nodes.extend(_equalize_inputs(g, node, layer, k_eq, v_eq))
         names = []
-        for kind, s in zip(("key", "value"), scales[layer], strict=True):
-            name = kv_scale_name(layer, kind)
-            s = s.max().reshape(1) if quant_type == "PER_TENSOR" else s[None, :, None, :]
-            g.initializer.append(numpy_helper.from_array(s.astype(np.float32), name))
-            names.append(name)
+        for kind, s in zip(("key", "value"), kernel_scales, strict=True):
+            g.initializer.append(numpy_helper.from_array(s.astype(np.float32), kv_scale_name(layer, kind)))
+            names.append(kv_scale_name(layer, kind))
         node.input.extend(["", "", "", "", "", *names])  # cos/sin cache, position ids, bias, head sink: unused
         node.attribute.extend([onnx.helper.make_attribute("kv_cache_bit_width", 8),
                                onnx.helper.make_attribute("k_quant_type", quant_type),
                                onnx.helper.make_attribute("v_quant_type", quant_type)])  # fmt: skip
+        nodes.append(node)
+        if quant_type == "PER_TENSOR":
+            nodes.append(_equalize_output(g, node, layer, v_eq))
         cache_names |= {io.past_key(layer), io.past_value(layer), io.present_key(layer), io.present_value(layer)}
         layers += 1
     if layers != len(scales):
         raise ValueError(f"{src}: {layers} attention layers, scales for {len(scales)}")
+    del g.node[:]
+    g.node.extend(nodes)
     for v in [*g.input, *g.output]:
         if v.name in cache_names:
             v.type.tensor_type.elem_type = TensorProto.INT8
     onnx.save_model(model, str(dst))
     return model
+
+
+def _group(eq: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
+    """(kv_heads, head_dim) factors spread over the query heads that share each kv head, flat."""
+    heads = next(a.i for a in node.attribute if a.name == "num_heads")
+    return np.repeat(eq, heads // eq.shape[0], axis=0).reshape(-1)
+
+
+def _mul(g: onnx.GraphProto, x: str, factor: np.ndarray, name: str, out: str) -> onnx.NodeProto:
+    g.initializer.append(numpy_helper.from_array(factor.astype(np.float32), name))
+    return onnx.helper.make_node("Mul", [x, name], [out], name=name)
+
+
+def _equalize_inputs(g: onnx.GraphProto, node: onnx.NodeProto, layer: int, k_eq: np.ndarray,
+                     v_eq: np.ndarray) -> list[onnx.NodeProto]:  # fmt: skip
+    """Queries times the keys' factors; keys and values over theirs (the node's inputs rewired)."""
+    made = []
+    for slot, kind, factor in ((0, "query", _group(k_eq, node)), (1, "key", 1 / k_eq.reshape(-1)),
+                               (2, "value", 1 / v_eq.reshape(-1))):  # fmt: skip
+        name = equalizer_name(layer, kind)
+        made.append(_mul(g, node.input[slot], factor, name, f"{name}.out"))
+        node.input[slot] = f"{name}.out"
+    return made
+
+
+def _equalize_output(g: onnx.GraphProto, node: onnx.NodeProto, layer: int, v_eq: np.ndarray) -> onnx.NodeProto:
+    """The attention output times the values' factors, under the output's old name."""
+    name = equalizer_name(layer, "output")
+    out = node.output[0]
+    node.output[0] = f"{name}.in"
+    return _mul(g, f"{name}.in", _group(v_eq, node), name, out)
