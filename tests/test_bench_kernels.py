@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from qwen3vl_onnx.bench.kernels import DecodeAttention, kernels_markdown, measure_attention, measure_case, measure_chain
 
@@ -36,6 +37,31 @@ def test_decode_attention_reads_each_rows_cache_and_writes_the_new_token_in_plac
     for i in range(layers):
         np.testing.assert_array_equal(a.keys[i][:, :, 37], k_new)  # the buffer itself is the present
         np.testing.assert_array_equal(a.keys[i][:, :, :37], before[i][:, :, :37])
+
+
+@pytest.mark.parametrize("cache", ["PER_CHANNEL", "PER_TENSOR"])
+def test_int8_decode_attention_reads_the_dequantized_cache(cache):
+    """The int8 forms time attention over their codes times their scales, the new token written
+    quantized into the bound buffer."""
+    q_heads, kv_heads, head_dim, layers = 8, 2, 16, 2
+    a = DecodeAttention(rows=2, cached=37, q_heads=q_heads, layers=layers, kv_heads=kv_heads, head_dim=head_dim, cache=cache)
+    assert a.keys[0].dtype == np.int8 and a.bytes_read == 2 * layers * 2 * kv_heads * 38 * head_dim
+    if cache == "PER_TENSOR":
+        assert np.unique(a.scales).size == 1
+    out = a.run()
+    s = a.scales[None, :, None, :]
+    k_new = a.k.reshape(2, kv_heads, head_dim)
+    np.testing.assert_array_equal(a.keys[0][:, :, 37], np.clip(np.rint(k_new / s[:, :, 0]), -128, 127))
+    codes = [(k.copy(), v.copy()) for k, v in zip(a.keys, a.values, strict=True)]
+    for i, (k, v) in enumerate(codes):  # the float reference over the dequantized cache, new token included
+        a.keys[i], a.values[i] = k * s, v * s
+    a.k, a.v = a.keys[0][:, :, 37].reshape(2, 1, -1), a.values[0][:, :, 37].reshape(2, 1, -1)
+    if layers > 1:  # every layer got the same new token, so layer 0's dequantized row stands for all
+        for i in range(1, layers):
+            np.testing.assert_array_equal(codes[i][0][:, :, 37], codes[0][0][:, :, 37])
+    ref = sum(_reference(a, i, q_heads, kv_heads, head_dim) for i in range(layers))
+    # float32 dequantize-and-dot against float64: |diff| measured below 1e-6 (outputs ~1)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_figures_and_their_table():

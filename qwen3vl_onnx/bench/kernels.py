@@ -9,7 +9,9 @@ Two decode figures are timed over more memory than the CPU's caches hold, as a d
 for what a server's step over several streams costs against one stream's: a chain of int4 matmuls
 at M = 1, 2, 4, 8 rows, and a 4B step's 36 GroupQueryAttention calls for one new token per row,
 each over its own preallocated cache bound as its past and present (as the decoder runs them), for
-1 and 4 rows and for one query head per kv head (its figure: cache read per second).
+1 and 4 rows and for one query head per kv head (its figure: cache read per second), and over an
+int8 cache with per-channel or per-tensor kernel scales at 100 and 2000 cached positions (what a long
+conversation adds to a step, and what the equalized per-tensor form of ``export.kv_int8`` saves).
 """
 
 from __future__ import annotations
@@ -41,12 +43,16 @@ CASES = [
 # more than the CPU's caches hold, as a step's are), so each call reads its weights from memory.
 CHAIN, CHAIN_LAYERS, CHAIN_ROWS = 2560, 24, (1, 2, 4, 8)
 
-# (label, rows, cached positions, query heads): a 4B step's 36 layers of 8 kv heads of 128
+# (label, rows, cached positions, query heads, cache form): a 4B step's 36 layers of 8 kv heads of 128.
+# The int8 forms at 100 and 2000 cached positions: what a long conversation adds to one step.
 ATTENTION_CASES = [
-    ("decode attention, 1 row", 1, 1000, 32),
-    ("decode attention, 4 rows", 4, 1000, 32),
-    ("decode attention, 1 row, 8 query heads (one per kv head)", 1, 1000, 8),
-]
+    ("decode attention, 1 row", 1, 1000, 32, "fp32"),
+    ("decode attention, 4 rows", 4, 1000, 32, "fp32"),
+    ("decode attention, 1 row, 8 query heads (one per kv head)", 1, 1000, 8, "fp32"),
+    *[(f"decode attention, 1 row, int8 cache {form.lower().replace('_', '-')}", 1, cached, 32, form)
+      for form in ("PER_CHANNEL", "PER_TENSOR") for cached in (100, 2000)],
+]  # fmt: skip
+CACHE_FORMS = ("fp32", "PER_CHANNEL", "PER_TENSOR")  # float, or int8 with the kernel's per-channel / one scale
 KV_HEADS, HEAD_DIM, ATTENTION_LAYERS = 8, 128, 36
 
 
@@ -120,28 +126,47 @@ class DecodeAttention:
     """A decoder step's attention alone: ``layers`` GroupQueryAttention nodes, each over its own
     cache buffer bound as both its past and its present (each call writes the new keys at the rows'
     ``cached`` lengths in place), all fed the same new token per row; the output is their sum.
-    Why several layers: one layer's cache stays in the CPU's caches between calls, a step's does not."""
+    Why several layers: one layer's cache stays in the CPU's caches between calls, a step's does not.
+    ``cache`` "PER_CHANNEL" / "PER_TENSOR": an int8 cache (codes in -127..127) with the kernel's
+    per-channel scales or its one scale per layer (``scales``, (kv_heads, head_dim) each)."""
 
-    def __init__(self, rows: int, cached: int, q_heads: int, layers: int, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM):
+    def __init__(self, rows: int, cached: int, q_heads: int, layers: int, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
+                 cache: str = "fp32"):  # fmt: skip
+        if cache not in CACHE_FORMS:
+            raise ValueError(f"cache must be one of {CACHE_FORMS}, got {cache!r}")
         rng = np.random.default_rng(0)
         self.q = rng.standard_normal((rows, 1, q_heads * head_dim), dtype=np.float32)
         self.k, self.v = (rng.standard_normal((rows, 1, kv_heads * head_dim), dtype=np.float32) for _ in range(2))
         shape = (rows, kv_heads, rounded_capacity(cached + 1), head_dim)
-        self.keys = [rng.standard_normal(shape, dtype=np.float32) for _ in range(layers)]
-        self.values = [rng.standard_normal(shape, dtype=np.float32) for _ in range(layers)]
-        self.cached, self.bytes_read = cached, 2 * layers * self.keys[0][:, :, : cached + 1].nbytes
+        int8 = cache != "fp32"
+        dtype = np.int8 if int8 else FLOAT
+
+        def make() -> np.ndarray:
+            return rng.integers(-127, 128, shape, dtype=np.int8) if int8 else rng.standard_normal(shape, dtype=np.float32)
+
+        self.keys = [make() for _ in range(layers)]
+        self.values = [make() for _ in range(layers)]
+        step = 4.0 / 127 if cache == "PER_TENSOR" else rng.uniform(1.0, 4.0, (kv_heads, head_dim)) / 127
+        self.scales = np.full((kv_heads, head_dim), step, np.float32)  # |k|, |v| up to ~4: a unit normal's range
+        self.cache, self.cached, self.bytes_read = cache, cached, 2 * layers * self.keys[0][:, :, : cached + 1].nbytes
         width = {"q": q_heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
         with tempfile.TemporaryDirectory() as d:
             g = Graph("attention", Path(d) / "a.onnx")
             new = [g.input(n, FLOAT, ["b", 1, w]) for n, w in width.items()]
             lengths = [g.input("seqlens_k", np.int32, ["b"]), g.input("total_sequence_length", np.int32, [])]
             outs = []
+            quant: list[str] = []
+            attrs: dict = {}
+            if int8:
+                scale = self.scales[None, :, None, :] if cache == "PER_CHANNEL" else self.scales.reshape(-1)[:1]
+                quant = ["", "", "", "", "", g.weight("k_scale", scale, np.float32), g.weight("v_scale", scale, np.float32)]
+                attrs = {"kv_cache_bit_width": 8, "k_quant_type": cache, "v_quant_type": cache}
             for i in range(layers):
-                past = [g.input(f"{n}.{i}", FLOAT, ["b", kv_heads, "c", head_dim]) for n in ("past_key", "past_value")]
-                o, pk, pv = g.op("GroupQueryAttention", *new, *past, *lengths, domain=MS_DOMAIN, num_heads=q_heads,
-                                 kv_num_heads=kv_heads, scale=head_dim**-0.5, n_out=3)  # fmt: skip
+                past = [g.input(f"{n}.{i}", dtype, ["b", kv_heads, "c", head_dim]) for n in ("past_key", "past_value")]
+                o, pk, pv = g.op("GroupQueryAttention", *new, *past, *lengths, *quant, domain=MS_DOMAIN, num_heads=q_heads,
+                                 kv_num_heads=kv_heads, scale=head_dim**-0.5, n_out=3, **attrs)  # fmt: skip
                 for value, name in ((pk, f"present_key.{i}"), (pv, f"present_value.{i}")):
-                    g.output(value, name, FLOAT, ["b", kv_heads, "c", head_dim])
+                    g.output(value, name, dtype, ["b", kv_heads, "c", head_dim])
                 outs.append(o)
             g.output(g.op("Sum", *outs) if layers > 1 else outs[0], "o", FLOAT, ["b", 1, width["q"]])
             g.save()
@@ -164,9 +189,10 @@ class DecodeAttention:
         return self.binding.get_outputs()[0].numpy()
 
 
-def measure_attention(rows: int, cached: int, q_heads: int, repeats: int, layers: int = ATTENTION_LAYERS) -> dict:
+def measure_attention(rows: int, cached: int, q_heads: int, repeats: int, layers: int = ATTENTION_LAYERS,
+                      cache: str = "fp32") -> dict:  # fmt: skip
     """Best time of one step's decode attention and the cache it reads per second."""
-    a = DecodeAttention(rows, cached, q_heads, layers)
+    a = DecodeAttention(rows, cached, q_heads, layers, cache=cache)
     a.run()
     calls = max(1, int(1e9 // a.bytes_read))  # about 1 GB of cache per timed sample
     best = float("inf")
@@ -180,7 +206,8 @@ def measure_attention(rows: int, cached: int, q_heads: int, repeats: int, layers
 
 def measure_attention_cases(repeats: int) -> list[dict]:
     return [{"case": label, "rows": rows, "cached": cached, "q_heads": heads, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-             **measure_attention(rows, cached, heads, repeats)} for label, rows, cached, heads in ATTENTION_CASES]  # fmt: skip
+             "cache": cache, **measure_attention(rows, cached, heads, repeats, cache=cache)}
+            for label, rows, cached, heads, cache in ATTENTION_CASES]  # fmt: skip
 
 
 def kernels_markdown(rows: list[dict], machine: dict, attention: list[dict] = (), chain: list[dict] = ()) -> str:

@@ -291,7 +291,7 @@ def _add_int8_cache(tmp: Path, manifest: dict, ranges: np.ndarray) -> None:
         g = model.graph
         manifest["graphs"][f"{key}_int8kv"] = {"file": f"{key}.int8kv.onnx", "inputs": io_entries(list(g.input)),
                                                "outputs": io_entries(list(g.output))}  # fmt: skip
-    manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE}
+    manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE, "channels_equalized": QUANT_TYPE == "PER_TENSOR"}
 
 
 def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, source: str,
