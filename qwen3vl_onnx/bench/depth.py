@@ -8,21 +8,19 @@ told apart, and otherwise the scaling errs on the slow side, as stated per figur
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
 
-LAYER0 = "model.language_model.layers.0."
+from ..export import segments
 
 
 def layer_bytes(bundle: Path) -> int:
-    """Bytes one decoder layer stores in the bundle (its initializers in decoder.onnx's data file)."""
+    """Bytes layer 0 of the decoder stores in the bundle (every layer of a preset has its shape)."""
     model = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
-    total = 0
-    for t in model.graph.initializer:
-        if t.name.startswith(LAYER0) and t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in t.external_data}["length"])
-    return total
+    layers = json.loads((bundle / "manifest.json").read_text())["config"]["text"]["num_hidden_layers"]
+    return segments.layer_bytes(model.graph, layers)[0]
 
 
 def scaled(ours: dict, bundle: Path, layers: int, full: int) -> dict:
