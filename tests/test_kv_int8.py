@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.config import Qwen3VLConfig
 from qwen3vl_onnx.errors import UserError
 from qwen3vl_onnx.export.kv_int8 import FLOOR, HEADROOM, scales_from_ranges
+from qwen3vl_onnx.runtime.cache import KVCache
 from qwen3vl_onnx.runtime.sampling import GenerationParams
 
 from .conftest import make_video, picture
@@ -46,8 +48,11 @@ def int4(tiny_models):
     return tiny.bundle_with(precision="int4")
 
 
-def _logits(pipe: Pipeline, messages: list, forced: list[int] | None = None, steps: int = 8) -> tuple[np.ndarray, list[int]]:
-    """Every prompt position's logits and ``steps`` decode steps' (fed ``forced`` tokens, else greedy)."""
+def _logits(
+    pipe: Pipeline, messages: list, forced: list[int] | None = None, steps: int = 8
+) -> tuple[np.ndarray, list[int], KVCache]:
+    """Every prompt position's logits and ``steps`` decode steps' (fed ``forced`` tokens, else greedy),
+    the tokens fed, and the cache they filled."""
     m, p = pipe.model, pipe.prepare(messages)
     emb, ds = m.encode_images(p.pixel_values, p.grids) if p.pixel_values is not None else (None, None)
     cache = m.new_cache(capacity=len(p.ids) + steps)
@@ -58,7 +63,7 @@ def _logits(pipe: Pipeline, messages: list, forced: list[int] | None = None, ste
         if not forced:
             tokens.append(tok)
         out.append(m.step([tok], cache))
-    return np.concatenate(out), tokens
+    return np.concatenate(out), tokens, cache
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,8 +83,8 @@ def test_int8_cache_tracks_the_float_cache(int4, tmp_path, case):
     messages = [{"role": "user", "content": content}]
     fp32, int8 = Pipeline.from_bundle(int4, kv_cache="fp32"), Pipeline.from_bundle(int4)
     assert int8.model.kv_cache == "int8"  # the int4 bundle's default
-    ref, tokens = _logits(fp32, messages)
-    got, _ = _logits(int8, messages, tokens)
+    ref, tokens, _ = _logits(fp32, messages)
+    got, _, _ = _logits(int8, messages, tokens)
     if case == "long_text":
         assert len(ref) >= 2000
     cos = _cos(ref, got)
@@ -105,7 +110,7 @@ def test_equalized_cache_holds_the_per_channel_codes(int4, tmp_path):
     forms = {form: tmp_path / form for form in ("PER_TENSOR", "PER_CHANNEL")}
     graph = onnx.load(str(int4 / "decoder.int8kv.onnx"), load_external_data=False)
     inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.startswith("kv_")}
-    text = Pipeline.from_bundle(int4).model.config.text
+    text = Qwen3VLConfig.from_manifest(json.loads((int4 / "manifest.json").read_text())["config"]).text
     layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
     # Steps that differ by channel up to 2.5x (whatever this export chose), each layer's widest kept.
     rng = np.random.default_rng(0)
@@ -117,19 +122,14 @@ def test_equalized_cache_holds_the_per_channel_codes(int4, tmp_path):
         int8_cache_graph(path / "decoder.onnx", path / "decoder.int8kv.onnx", scales, form)
     messages = [{"role": "user", "content": [{"type": "image", "image": picture(96, 64, seed=4)},
                                              {"type": "text", "text": "What is in the picture?"}]}]  # fmt: skip
-    caches, logits = [], []
-    for bundle, kv in ((int4, "fp32"), (forms["PER_TENSOR"], "int8"), (forms["PER_CHANNEL"], "int8")):
-        pipe = Pipeline.from_bundle(bundle, kv_cache=kv)
-        m, p = pipe.model, pipe.prepare(messages)
-        emb, ds = m.encode_images(p.pixel_values, p.grids)
-        cache = m.new_cache(capacity=len(p.ids) + 4)
-        out = [m.prefill(p.ids, emb, ds, p.image_grids, cache, len(p.ids), p.video_grids)[0]]
-        out += [m.step([t], cache) for t in (11, 12, 13)]
-        caches.append([np.stack([k.numpy(), v.numpy()]).astype(np.int16) for k, v in cache.bindings()])
-        logits.append(np.concatenate(out))
-    first = np.abs(caches[1][0] - caches[2][0])
+    forced = [11, 12, 13]
+    ref, _, _ = _logits(Pipeline.from_bundle(int4, kv_cache="fp32"), messages, forced, steps=len(forced))
+    (eq, _, eq_cache), (pc, _, pc_cache) = (_logits(Pipeline.from_bundle(forms[f]), messages, forced, steps=len(forced))
+                                            for f in ("PER_TENSOR", "PER_CHANNEL"))  # fmt: skip
+    (k0, v0), (k1, v1) = eq_cache.bindings()[0], pc_cache.bindings()[0]  # layer 0
+    first = np.abs(np.stack([k0.numpy(), v0.numpy()]).astype(np.int16) - np.stack([k1.numpy(), v1.numpy()]))
     assert first.max() <= 1 and (first == 0).mean() >= 0.9999, (first.max(), (first == 0).mean())
-    ours, theirs, between = _cos(logits[0], logits[1]), _cos(logits[0], logits[2]), _cos(logits[1], logits[2])
+    ours, theirs, between = _cos(ref, eq), _cos(ref, pc), _cos(eq, pc)
     print(
         f"layer 0 codes equal {(first == 0).mean():.5f}; cosine vs float cache {ours.mean():.5f} equalized, "
         f"{theirs.mean():.5f} per channel; between {between.mean():.5f} (min {between.min():.5f})"
