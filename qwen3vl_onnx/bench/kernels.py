@@ -129,7 +129,7 @@ def measure_kernels(repeats: int) -> list[dict]:
 
 
 class DecodeAttention:
-    """A decoder step's attention alone: ``layers`` GroupQueryAttention nodes, each over its own
+    """A decoder call's attention alone: ``layers`` GroupQueryAttention nodes, each over its own
     cache buffer bound as both its past and its present (each call writes the new keys at the rows'
     ``cached`` lengths in place), all fed the same ``new`` tokens per row (1: a decode step; more: a
     prompt chunk, causal among themselves); the output is their sum.
@@ -158,7 +158,7 @@ class DecodeAttention:
         self.values = [make() for _ in range(layers)]
         step = 4.0 / 127 if cache == "PER_TENSOR" else rng.uniform(1.0, 4.0, (kv_heads, head_dim)) / 127
         self.scales = np.full((kv_heads, head_dim), step, np.float32)  # |k|, |v| up to ~4: a unit normal's range
-        self.cache, self.cached, self.new = cache, cached, new
+        self.cached = cached
         self.bytes_read = 2 * layers * self.keys[0][:, :, :total].nbytes
         width = {"q": q_heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
         with tempfile.TemporaryDirectory() as d:
