@@ -220,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --batch: also run the job on N actors of a local Ray cluster (needs the ray extra)")  # fmt: skip
     b.add_argument("--kernels", action="store_true",
                    help="instead, measure this CPU's matmul kernels in GOPS (fp32/int8 peaks, the bundles' kernels)")  # fmt: skip
+    b.add_argument("--profile", action="store_true",
+                   help="instead, where a decoder step's time goes: each projection kind, attention and the rest, "
+                        "with the bytes each reads and its read rate (1 and 4 rows at 100 and 2000 cached)")  # fmt: skip
     b.add_argument("--peers", nargs="+", metavar="NAME", help="with --compare: only peers whose name contains one of these")
     b.add_argument("--turn-pause", type=bounded_float(0, 600), default=PAUSE_S, metavar="S",
                    help="with --compare: seconds each system idles before its call when measured in turns")  # fmt: skip

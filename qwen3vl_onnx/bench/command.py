@@ -78,6 +78,12 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         print(f"batch: {args.batch} picture requests, a loop of Pipeline.generate then the batch command", file=sys.stderr)
         result["batch"] = measure_batch(bundle, args.batch, args.parallel, ray_actors=args.ray_actors)
         return _write(out / f"bench-{name}-{args.precision}-batch", result, batch_markdown(result))
+    if args.profile:
+        from .profile import profile_markdown, profile_steps
+
+        print("decoder steps under ONNX Runtime's profiler", file=sys.stderr)
+        result["profile"] = profile_steps(bundle, steps=max(args.repeats, 5))
+        return _write(out / f"bench-{name}-{args.precision}-profile", result, profile_markdown(result))
     if args.serve or args.soak:
         return _run_serve(args, result, bundle, ckpt, out, name)
     print("measuring qwen3vl-onnx", file=sys.stderr)
