@@ -208,6 +208,20 @@ def test_bad_moe_checkpoints_get_one_line_errors(cli, tmp_path, mutate, needles)
     assert not (tmp_path / "out").exists()
 
 
+def test_mixed_expert_widths_are_refused_before_export(cli, tmp_path):
+    """ONNX Runtime's CPU QMoE runs no mixed widths: an 8-bit down_proj with 4-bit gate/up would fail
+    at the first decoder call, inside export's calibration; it is refused first, naming the flag."""
+    ckpt = _numpy_checkpoint(tmp_path)
+    r = cli("export", ckpt, tmp_path / "out", "--precision", "int4", "--int8-projections", "down_proj,lm_head")
+    one_line_error(r, "--int8-projections down_proj", "gate_proj, up_proj and down_proj at one width")
+    assert not (tmp_path / "out").exists()
+    r = cli("export", ckpt, tmp_path / "out", "--precision", "int4", "--int8-projections", "gate_proj,up_proj,down_proj")
+    assert r.returncode == 0, r.stderr  # all three at 8 bits: one width
+    graph = onnx.load(str(tmp_path / "out" / "decoder.onnx"), load_external_data=False).graph
+    bits = {a.name: a.i for n in graph.node if n.op_type == "QMoE" for a in n.attribute if a.name == "expert_weight_bits"}
+    assert bits == {"expert_weight_bits": 8}
+
+
 def test_missing_expert_tensor_is_named(cli, tmp_path):
     from qwen3vl_onnx.export.weights import Checkpoint, save_safetensors
 

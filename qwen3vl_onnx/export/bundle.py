@@ -41,7 +41,7 @@ from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .defaults import cpu_kind
 from .graph import OPSET, Graph
 from .kv_int8 import QUANT_TYPE, int8_cache_graph, scales_from_ranges
-from .moe import experts_transposed
+from .moe import EXPERT_PROJECTIONS, check_expert_widths, experts_transposed
 from .options import ExportOptions
 from .quant import quantize
 from .text import DecoderOptions, build_decoder
@@ -147,6 +147,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
         cfg = Qwen3VLConfig.from_file(src / "config.json")
         if not (src / "tokenizer.json").is_file():
             raise UserError(f"{src}: tokenizer.json is missing")
+        decoder = opts.decoder()
+        check_expert_widths(cfg.text, {k: decoder.bits_for(k) for k in EXPERT_PROJECTIONS})
         weights = Checkpoint(src)
         weights.check(weight_shapes(cfg, experts_transposed(weights, cfg.text)))
         try:

@@ -86,6 +86,21 @@ class Experts:
         return np.asarray(self.w[self.prefix + ROUTER], np.float32)
 
 
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def check_expert_widths(cfg: TextConfig, bits: dict[str, int]) -> None:
+    """Refuse an export whose experts would mix weight widths (``bits``: each of
+    ``EXPERT_PROJECTIONS``' bits, from ``--int8-projections``): ONNX Runtime's CPU QMoE runs one
+    width for all of an expert's matrices and fails at the first call otherwise, which would be
+    after minutes of export."""
+    if cfg.moe_layers and len({bits[k] for k in EXPERT_PROJECTIONS}) > 1:
+        wide = [k for k in EXPERT_PROJECTIONS if bits[k] == max(bits.values())]
+        why = "ONNX Runtime's CPU QMoE has no mixed widths"
+        raise UserError(f"--int8-projections {','.join(wide)}: this MoE checkpoint's experts need gate_proj, up_proj and "
+                        f"down_proj at one width ({why}); list all three or none")  # fmt: skip
+
+
 def expert_block_size(cfg: TextConfig, block_size: int) -> int:
     """The quantization block of expert weights: QMoE needs both K's (hidden and moe_inter) to be
     whole blocks, so the largest power of two up to ``block_size`` that divides both."""
