@@ -21,7 +21,7 @@ import pytest
 from qwen3vl_onnx import Pipeline
 from qwen3vl_onnx.config import Qwen3VLConfig
 from qwen3vl_onnx.errors import UserError
-from qwen3vl_onnx.export.kv_int8 import FLOOR, HEADROOM, scales_from_ranges
+from qwen3vl_onnx.export.kv_int8 import FLOAT_LAYERS, FLOOR, HEADROOM, scales_from_ranges
 from qwen3vl_onnx.runtime.cache import KVCache
 from qwen3vl_onnx.runtime.sampling import GenerationParams
 
@@ -92,16 +92,21 @@ def test_int8_cache_tracks_the_float_cache(int4, tmp_path, case):
     assert cos.mean() >= 0.999 and cos.min() >= 0.99
     a, b = fp32.model.new_cache(capacity=512), int8.model.new_cache(capacity=512)
     a.ensure(512), b.ensure(512)
-    assert a.nbytes == 4 * b.nbytes and fp32.model.cache_bytes(2, 512) == 4 * int8.model.cache_bytes(2, 512)
+    # the first FLOAT_LAYERS layers keep four bytes a value, every other layer one
+    layers = fp32.config.text.num_hidden_layers
+    assert [k.dtype for k in b.keys] == [np.float32] * FLOAT_LAYERS + [np.int8] * (layers - FLOAT_LAYERS)
+    kept = 4 * FLOAT_LAYERS + layers - FLOAT_LAYERS
+    assert 4 * layers * b.nbytes == kept * a.nbytes
+    assert 4 * layers * int8.model.cache_bytes(2, 512) == kept * fp32.model.cache_bytes(2, 512)
 
 
 def test_equalized_cache_holds_the_per_channel_codes(int4, tmp_path):
     """The per-tensor cache over channels equalized in the graph holds the codes a per-channel
     kernel scale writes, and the logits are the same: queries and outputs carry the inverse
-    factors. Measured with these steps: layer 0's codes all equal, logit cosine between the two
-    forms 1.00000, against the float cache 0.99941 both. Bound 0.999 between them: with the export's
-    own steps a few codes land on rounding ties (layer 0 99.997% equal) and this random model turns
-    them into a cosine of 0.99962 at worst."""
+    factors. Measured with these steps: the first int8 layer's codes all equal, logit cosine between
+    the two forms 1.00000, against the float cache 0.99941 both (before layer 0 kept a float cache).
+    Bound 0.999 between them: with the export's own steps a few codes land on rounding ties (99.997%
+    equal) and this random model turns them into a cosine of 0.99962 at worst."""
     import onnx
     from onnx import numpy_helper
 
@@ -114,9 +119,11 @@ def test_equalized_cache_holds_the_per_channel_codes(int4, tmp_path):
     layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
     # Steps that differ by channel up to 2.5x (whatever this export chose), each layer's widest kept.
     rng = np.random.default_rng(0)
-    scales = np.stack([[inits[kv_scale_name(i, kind)] * rng.uniform(0.4, 1.0, (kv_heads, text.head_dim))
+    first = FLOAT_LAYERS  # the first layer with an int8 cache
+    assert not any(kv_scale_name(i, "key") in inits for i in range(first))  # float layers have no scale
+    scales = np.stack([[inits.get(kv_scale_name(i, kind), np.ones(1)) * rng.uniform(0.4, 1.0, (kv_heads, text.head_dim))
                         for kind in ("key", "value")] for i in range(layers)]).astype(np.float32)  # fmt: skip
-    assert all(inits[kv_scale_name(i, "key")].shape == (1,) for i in range(layers))  # one scale per layer
+    assert all(inits[kv_scale_name(i, "key")].shape == (1,) for i in range(first, layers))  # one scale per layer
     for form, path in forms.items():  # both forms written afresh from the same per-channel steps
         shutil.copytree(int4, path)
         int8_cache_graph(path / "decoder.onnx", path / "decoder.int8kv.onnx", scales, form)
@@ -126,12 +133,13 @@ def test_equalized_cache_holds_the_per_channel_codes(int4, tmp_path):
     ref, _, _ = _logits(Pipeline.from_bundle(int4, kv_cache="fp32"), messages, forced, steps=len(forced))
     (eq, _, eq_cache), (pc, _, pc_cache) = (_logits(Pipeline.from_bundle(forms[f]), messages, forced, steps=len(forced))
                                             for f in ("PER_TENSOR", "PER_CHANNEL"))  # fmt: skip
-    (k0, v0), (k1, v1) = eq_cache.bindings()[0], pc_cache.bindings()[0]  # layer 0
-    first = np.abs(np.stack([k0.numpy(), v0.numpy()]).astype(np.int16) - np.stack([k1.numpy(), v1.numpy()]))
-    assert first.max() <= 1 and (first == 0).mean() >= 0.9999, (first.max(), (first == 0).mean())
+    (k0, v0), (k1, v1) = eq_cache.bindings()[first], pc_cache.bindings()[first]
+    assert k0.numpy().dtype == np.int8
+    codes = np.abs(np.stack([k0.numpy(), v0.numpy()]).astype(np.int16) - np.stack([k1.numpy(), v1.numpy()]))
+    assert codes.max() <= 1 and (codes == 0).mean() >= 0.9999, (codes.max(), (codes == 0).mean())
     ours, theirs, between = _cos(ref, eq), _cos(ref, pc), _cos(eq, pc)
     print(
-        f"layer 0 codes equal {(first == 0).mean():.5f}; cosine vs float cache {ours.mean():.5f} equalized, "
+        f"layer {first} codes equal {(codes == 0).mean():.5f}; cosine vs float cache {ours.mean():.5f} equalized, "
         f"{theirs.mean():.5f} per channel; between {between.mean():.5f} (min {between.min():.5f})"
     )
     assert ours.mean() >= theirs.mean() - 5e-4 and between.min() >= 0.999
@@ -142,7 +150,10 @@ def test_the_bundle_holds_both_caches_and_says_which_is_default(int4, tiny_one):
     assert manifest["kv_cache"]["default"] == "int8" and manifest["export_options"]["kv_cache"] == "int8"
     for key in ("decoder", "decoder_int8kv"):
         assert (int4 / manifest["graphs"][key]["file"]).is_file()
-    assert manifest["graphs"]["decoder_int8kv"]["inputs"]["past_key.0"]["dtype"] == "int8"
+    layers = Qwen3VLConfig.from_manifest(manifest["config"]).text.num_hidden_layers
+    kinds = [manifest["graphs"]["decoder_int8kv"]["inputs"][f"past_key.{i}"]["dtype"] for i in range(layers)]
+    assert kinds == ["float32"] * FLOAT_LAYERS + ["int8"] * (layers - FLOAT_LAYERS)
+    assert manifest["kv_cache"]["float_layers"] == FLOAT_LAYERS
     assert manifest["graphs"]["decoder"]["inputs"]["past_key.0"]["dtype"] == "float32"
     assert not list(int4.glob("*.int8kv.onnx.data"))  # the twin references the same weights
     fp32 = tiny_one.bundle  # float weights: a float cache only

@@ -126,10 +126,8 @@ def profile_steps(bundle: Path, rows: Sequence[int] = ROWS, cached: Sequence[int
     read = defaultdict(int)
     for k, b in zip(kinds, weight_bytes, strict=True):
         read[k] += b
-    t = model.config.text
-    cache_row = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * np.dtype(model.cache_dtype).itemsize
     return {"bundle": str(bundle), "kv_cache": model.kv_cache, "steps": steps, "weight_bytes": dict(read),
-            "cache_bytes_per_position": int(cache_row), "runs": result}  # fmt: skip
+            "cache_bytes_per_position": model.cache_position_bytes, "runs": result}  # fmt: skip
 
 
 def profile_markdown(res: dict) -> str:

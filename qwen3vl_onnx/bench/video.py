@@ -96,17 +96,9 @@ def measure_memory(bundle: Path, clip: Path) -> dict:
     from ..runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle)
-    t = pipe.config.text
     t0 = time.perf_counter()
     res = pipe.generate(video_question(str(clip)), max_new_tokens=1, temperature=0)
-    kv = (
-        res.prompt_tokens
-        * t.num_hidden_layers
-        * 2
-        * t.num_key_value_heads
-        * t.head_dim
-        * np.dtype(pipe.model.cache_dtype).itemsize
-    )
+    kv = res.prompt_tokens * pipe.model.cache_position_bytes
     return {"clip": clip.name, "ttft_s": time.perf_counter() - t0, "prompt_tokens": res.prompt_tokens,
             "bundle_gb": dir_size(bundle) / 2**30, "kv_cache_gb": kv / 2**30, "peak_rss_gb": peak_rss_gb()}  # fmt: skip
 

@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .defaults import cpu_kind
 from .graph import OPSET, Graph
-from .kv_int8 import QUANT_TYPE, int8_cache_graph, scales_from_ranges
+from .kv_int8 import FLOAT_LAYERS, QUANT_TYPE, int8_cache_graph, scales_from_ranges
 from .moe import EXPERT_PROJECTIONS, check_expert_widths, experts_transposed
 from .options import ExportOptions
 from .quant import quantize
@@ -293,7 +293,8 @@ def _add_int8_cache(tmp: Path, manifest: dict, ranges: np.ndarray) -> None:
         g = model.graph
         manifest["graphs"][f"{key}_int8kv"] = {"file": f"{key}.int8kv.onnx", "inputs": io_entries(list(g.input)),
                                                "outputs": io_entries(list(g.output))}  # fmt: skip
-    manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE, "channels_equalized": QUANT_TYPE == "PER_TENSOR"}
+    manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE, "channels_equalized": QUANT_TYPE == "PER_TENSOR",
+                            "float_layers": FLOAT_LAYERS}  # fmt: skip
 
 
 def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, source: str,

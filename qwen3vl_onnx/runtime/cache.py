@@ -9,6 +9,7 @@ concatenated ``present`` tensors back from every call instead.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,16 @@ CAPACITY_STEP = 256
 def rounded_capacity(capacity: int) -> int:
     """``capacity`` rounded up to a whole number of ``CAPACITY_STEP`` positions, as buffers are allocated."""
     return capacity + (-capacity % CAPACITY_STEP)
+
+
+LayerDtypes = type[np.generic] | Sequence[type[np.generic]]
+
+
+def _per_layer(dtype: LayerDtypes, layers: int) -> list[type[np.generic]]:
+    dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * layers
+    if len(dtypes) != layers:
+        raise ValueError(f"{len(dtypes)} cache dtypes for {layers} layers")
+    return dtypes
 
 
 @dataclass
@@ -41,17 +52,21 @@ class KVCache:
 
     @staticmethod
     def size_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                   dtype: type[np.generic] = np.float32) -> int:  # fmt: skip
-        """Bytes of a fused cache of ``capacity`` positions per row (keys and values of ``dtype``)."""
-        return 2 * layers * batch * kv_heads * rounded_capacity(capacity) * head_dim * np.dtype(dtype).itemsize
+                   dtype: LayerDtypes = np.float32) -> int:  # fmt: skip
+        """Bytes of a fused cache of ``capacity`` positions per row (keys and values of ``dtype``,
+        one for all layers or one per layer)."""
+        per_position = sum(np.dtype(d).itemsize for d in _per_layer(dtype, layers))
+        return 2 * batch * kv_heads * rounded_capacity(capacity) * head_dim * per_position
 
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, fused: bool,
-              dtype: type[np.generic] = np.float32) -> KVCache:  # fmt: skip
-        """An empty cache; ``dtype`` int8 for a bundle's int8-cache graphs (quantized by the graph)."""
+              dtype: LayerDtypes = np.float32) -> KVCache:  # fmt: skip
+        """An empty cache; ``dtype`` (one, or one per layer) int8 where a bundle's int8-cache graph
+        quantizes that layer's cache."""
         cap = rounded_capacity(capacity) if fused else 0
-        zeros = lambda: np.zeros((batch, kv_heads, cap, head_dim), dtype)  # noqa: E731
-        return cls([zeros() for _ in range(layers)], [zeros() for _ in range(layers)],
+        dtypes = _per_layer(dtype, layers)
+        zeros = lambda d: np.zeros((batch, kv_heads, cap, head_dim), d)  # noqa: E731
+        return cls([zeros(d) for d in dtypes], [zeros(d) for d in dtypes],
                    np.zeros(batch, np.int64), np.zeros(batch, np.int64), fused)  # fmt: skip
 
     @property

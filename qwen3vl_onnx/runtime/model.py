@@ -106,6 +106,16 @@ def kv_cache_choice(path: Path, manifest: dict[str, Any], asked: str | None) -> 
     return kv
 
 
+def cache_dtypes(manifest: dict[str, Any], kv: str) -> list[type[np.generic]]:
+    """Per layer, the element type of the cache that the bundle's ``kv`` decoder graph keeps, read
+    from that graph's inputs in the manifest: an int8-cache graph keeps its first layers float
+    (``export.kv_int8.FLOAT_LAYERS``)."""
+    layers = Qwen3VLConfig.from_manifest(manifest["config"]).text.num_hidden_layers
+    inputs = manifest["graphs"]["decoder" + KV_GRAPH_SUFFIX[kv]]["inputs"]
+    return [np.dtype(inputs[io.past_key(i)]["dtype"]).type if io.past_key(i) in inputs else CACHE_DTYPES[kv]
+            for i in range(layers)]  # fmt: skip
+
+
 class BundleModel:
     """The graphs and embedding table of one bundle directory."""
 
@@ -137,8 +147,9 @@ class BundleModel:
         self.fused = bool(self.manifest["decoder_options"]["fused"])
 
     @property
-    def cache_dtype(self) -> type[np.generic]:
-        return CACHE_DTYPES[self.kv_cache]
+    def cache_dtypes(self) -> list[type[np.generic]]:
+        """Each layer's cache element type (see ``cache_dtypes``)."""
+        return cache_dtypes(self.manifest, self.kv_cache)
 
     def encode_images(self, pixel_values: np.ndarray, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
         """Merged embeddings (M, D) and DeepStack features (K, M, D) for patchified images.
@@ -161,16 +172,22 @@ class BundleModel:
     def embed(self, ids: Sequence[int]) -> np.ndarray:
         return self.tokens.rows(ids)
 
+    @property
+    def cache_position_bytes(self) -> int:
+        """Bytes one cached position of one row takes: keys and values of every layer."""
+        t = self.config.text
+        return 2 * t.num_key_value_heads * t.head_dim * sum(np.dtype(d).itemsize for d in self.cache_dtypes)
+
     def cache_bytes(self, batch: int, capacity: int) -> int:
         """What ``new_cache(batch, capacity)`` holds once every position is used."""
         t = self.config.text
-        return KVCache.size_bytes(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity, self.cache_dtype)
+        return KVCache.size_bytes(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity, self.cache_dtypes)
 
     def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         """An empty cache; fused bundles preallocate ``capacity`` positions per row (grown on demand)."""
         t = self.config.text
         return KVCache.empty(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, capacity, self.fused,
-                             self.cache_dtype)  # fmt: skip
+                             self.cache_dtypes)  # fmt: skip
 
     def forward(
         self,

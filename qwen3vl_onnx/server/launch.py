@@ -19,14 +19,14 @@ def check_fits(bundle: Path, settings: ServerSettings) -> None:
     """Refuse at once what the server could never serve, before the minutes a large model takes to
     load: a context beyond the model's, or graphs plus the slots' KV cache beyond the memory left."""
     from ..runtime.cache import KVCache
-    from ..runtime.model import CACHE_DTYPES, kv_cache_choice, read_manifest
+    from ..runtime.model import cache_dtypes, kv_cache_choice, read_manifest
     from .memory import available_memory
 
     manifest = read_manifest(bundle)
     t = Qwen3VLConfig.from_manifest(manifest["config"]).text
-    dtype = CACHE_DTYPES[kv_cache_choice(bundle, manifest, settings.kv_cache)]
+    dtypes = cache_dtypes(manifest, kv_cache_choice(bundle, manifest, settings.kv_cache))
     cache = KVCache.size_bytes(t.num_hidden_layers, settings.parallel, t.num_key_value_heads, t.head_dim, settings.ctx_size + 1,
-                               dtype)  # fmt: skip
+                               dtypes)  # fmt: skip
     graphs = sum(f.stat().st_size for f in bundle.iterdir() if ".onnx" in f.name and f.is_file())
     free = available_memory()
     if free is not None and cache + graphs > free:
