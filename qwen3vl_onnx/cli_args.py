@@ -202,7 +202,7 @@ def kv_cache_arg(p: argparse.ArgumentParser, export: bool = False) -> None:
                             "else fp32); an int8 bundle keeps the fp32-cache graphs too")  # fmt: skip
     else:
         p.add_argument("--kv-cache", default=None, choices=["fp32", "int8"],
-                       help="KV cache precision (default: the bundle's; int8 is a quarter of the memory)")  # fmt: skip
+                       help="KV cache precision (default: the bundle's; int8 is about a quarter of the memory)")  # fmt: skip
 
 
 def prefill_int8_arg(p: argparse.ArgumentParser) -> None:

@@ -47,5 +47,7 @@ def test_profile_of_an_int4_bundle_accounts_for_every_projection(tiny_one):
         # nodes run inside the step's wall time
         assert abs(sum(run["kinds_ms"].values()) - run["nodes_ms"]) <= 0.5 * run["nodes_ms"]
         assert 0 < run["nodes_ms"] <= run["step_ms"]
+    fp32 = profile_steps(bundle, rows=(1,), cached=(5,), steps=1, kv_cache="fp32")  # the bundle's other cache
+    assert fp32["kv_cache"] == "fp32" and fp32["cache_bytes_per_position"] == 2 * 2 * 32 * 4 * 3
     table = profile_markdown({"profile": res, "machine": machine()})
     assert "| lm_head |" in table and "| attention |" in table and "3 rows, 40 cached (ms)" in table

@@ -82,7 +82,8 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         from .profile import profile_markdown, profile_steps
 
         print("decoder steps under ONNX Runtime's profiler", file=sys.stderr)
-        result["profile"] = profile_steps(bundle, steps=max(args.repeats, 5))
+        kv = None if args.kv_cache == "auto" else args.kv_cache
+        result["profile"] = profile_steps(bundle, steps=max(args.repeats, 5), kv_cache=kv)
         return _write(out / f"bench-{name}-{args.precision}-profile", result, profile_markdown(result))
     if args.serve or args.soak:
         return _run_serve(args, result, bundle, ckpt, out, name)

@@ -79,11 +79,13 @@ def _per_run(events: list[dict]) -> list[dict[int, float]]:
     return out
 
 
-def profile_steps(bundle: Path, rows: Sequence[int] = ROWS, cached: Sequence[int] = CACHED, steps: int = STEPS) -> dict:
+def profile_steps(bundle: Path, rows: Sequence[int] = ROWS, cached: Sequence[int] = CACHED, steps: int = STEPS,
+                  kv_cache: str | None = None) -> dict:  # fmt: skip
     """Decoder steps of the bundle for every (rows, cached) pair, ``steps`` rounds taking the pairs
     in turn (so each meets the same machine load): per kind, the median time of a step's nodes of
-    that kind, its weight bytes and read rate; the step's wall time beside the nodes' sum."""
-    model = BundleModel(bundle, decoder_graph=False)
+    that kind, its weight bytes and read rate; the step's wall time beside the nodes' sum.
+    ``kv_cache``: the cache precision to run (default: the bundle's)."""
+    model = BundleModel(bundle, decoder_graph=False, kv_cache=kv_cache)
     model.vision = None
     path = bundle / model.manifest["graphs"]["decoder" + KV_GRAPH_SUFFIX[model.kv_cache]]["file"]
     kinds, weight_bytes = node_kinds(onnx.load(str(path), load_external_data=False).graph)
