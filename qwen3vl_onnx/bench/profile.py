@@ -6,8 +6,9 @@ real steps (the bundle's own decoder graph, cache bound in place as the runtime 
 by what each node computes: each projection kind (all layers together), attention, and the rest.
 Beside each matmul kind stand the bytes it reads per call, as the graph's initializers store them
 (ONNX Runtime reads its own repacked layout of the same codes and scales), and the rate it reads
-them at. Two kinds reading at different rates on one machine say the slower is held by its kernel's
-compute, not by memory (on the 4B bundle: the 8-bit lm_head against the 4-bit MLP, docs/BENCHMARKS.md).
+them at. Kinds that all read at about the machine's memory rate say a step is bound by its bytes
+(only fewer bytes help); a kind far below the others, or one whose time grows with the rows over
+the same bytes, is held by its kernel's compute (docs/BENCHMARKS.md, "What the profile shows").
 """
 
 from __future__ import annotations
