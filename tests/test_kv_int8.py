@@ -145,6 +145,33 @@ def test_equalized_cache_holds_the_per_channel_codes(int4, tmp_path):
     assert ours.mean() >= theirs.mean() - 5e-4 and between.min() >= 0.999
 
 
+def test_a_bundle_with_every_layer_int8_still_runs(int4, tmp_path):
+    """Bundles exported before layer 0 kept a float cache hold an int8 cache on every layer; the
+    runtime reads each layer's cache type from the manifest's graph inputs, so they run as before."""
+    import onnx
+
+    from qwen3vl_onnx.export.bundle import io_entries
+    from qwen3vl_onnx.export.kv_int8 import int8_cache_graph
+
+    old = tmp_path / "old"
+    shutil.copytree(int4, old)
+    text = Qwen3VLConfig.from_manifest(json.loads((old / "manifest.json").read_text())["config"]).text
+    steps = np.full((text.num_hidden_layers, 2, text.num_key_value_heads, text.head_dim), 0.05, np.float32)
+    g = int8_cache_graph(old / "decoder.onnx", old / "decoder.int8kv.onnx", steps, float_layers=0).graph
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["graphs"]["decoder_int8kv"].update(inputs=io_entries(list(g.input)), outputs=io_entries(list(g.output)))
+    del manifest["kv_cache"]["float_layers"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    graph_inputs = {v.name: v for v in onnx.load(str(old / "decoder.int8kv.onnx"), load_external_data=False).graph.input}
+    assert graph_inputs["past_key.0"].type.tensor_type.elem_type == onnx.TensorProto.INT8
+    pipe = Pipeline.from_bundle(old)
+    cache = pipe.model.new_cache(capacity=64)
+    assert {k.dtype for k in cache.keys} == {np.dtype(np.int8)}
+    assert pipe.model.cache_bytes(1, 64) * 4 == Pipeline.from_bundle(old, kv_cache="fp32").model.cache_bytes(1, 64)
+    res = pipe.generate([{"role": "user", "content": "Hello there"}], max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert len(res.token_ids) == 4
+
+
 def test_the_bundle_holds_both_caches_and_says_which_is_default(int4, tiny_one):
     manifest = json.loads((int4 / "manifest.json").read_text())
     assert manifest["kv_cache"]["default"] == "int8" and manifest["export_options"]["kv_cache"] == "int8"
