@@ -26,6 +26,11 @@ def test_node_kinds_name_matmuls_by_their_weights_module():
     kinds, nbytes = node_kinds(g)
     assert kinds == ["mlp.down_proj", "attention", "other: Add", "lm_head"]
     assert nbytes == [64 * 8 + 16 * 4, 0, 0, 16 * 4]
+    # a fused expert node is one kind, counted at the share of experts a token reads
+    experts = numpy_helper.from_array(np.zeros((8, 16, 4), np.uint8), "model.language_model.layers.0.mlp.experts.fc1.qweight")
+    moe = helper.make_node("QMoE", ["x", "r", experts.name], ["y"], domain="com.microsoft")
+    g = helper.make_graph([moe], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [experts])
+    assert node_kinds(g, active_experts=0.25) == (["mlp.experts"], [8 * 16 * 4 // 4])
 
 
 def test_profile_of_an_int4_bundle_accounts_for_every_projection(tiny_one):

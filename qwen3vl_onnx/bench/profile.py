@@ -29,17 +29,19 @@ from ..runtime.model import KV_GRAPH_SUFFIX, BundleModel
 
 ROWS, CACHED, STEPS = (1, 4), (100, 2000), 8
 WARMUP = 2  # rounds of every (rows, cached) pair not timed: first calls allocate and map pages
-MATMULS = {"MatMulNBits", "MatMul", "QMoE", "MoE", "MatMulInteger", "DynamicQuantizeMatMul"}
+EXPERT_OPS = {"QMoE", "MoE"}
+MATMULS = {"MatMulNBits", "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", *EXPERT_OPS}
 # A weight's module: "layers.N.<module>.<tensor>" -> "<module>", or a top-level name (lm_head).
 LAYER_WEIGHT = re.compile(r"layers\.\d+\.(.+)\.[a-z_]+$")
 ONNX_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.UINT8: 1,
               onnx.TensorProto.INT8: 1, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8}  # fmt: skip
 
 
-def node_kinds(graph: onnx.GraphProto) -> tuple[list[str], list[int]]:
+def node_kinds(graph: onnx.GraphProto, active_experts: float = 1.0) -> tuple[list[str], list[int]]:
     """Per node of ``graph`` (in file order, as ONNX Runtime numbers them): what it computes and the
     bytes of weights it reads. Matmuls are named by their weight's module (``mlp.gate_up_proj``,
-    ``lm_head``); attention is ``attention``; every other node ``other: <op type>``."""
+    ``lm_head``; a fused MoE node ``mlp.experts``, its bytes times ``active_experts``, the share of
+    experts one token reads); attention is ``attention``; every other node ``other: <op type>``."""
     sizes = {t.name: int(np.prod(t.dims)) * ONNX_BYTES.get(t.data_type, 4) for t in graph.initializer}
     kinds, weight_bytes = [], []
     for node in graph.node:
@@ -47,8 +49,12 @@ def node_kinds(graph: onnx.GraphProto) -> tuple[list[str], list[int]]:
         if node.op_type in MATMULS and weights:
             name = weights[0].split("model.language_model.", 1)[-1]
             m = LAYER_WEIGHT.search(name)
-            kinds.append(m.group(1) if m else name.rsplit(".", 1)[0])
-            weight_bytes.append(sum(sizes[w] for w in weights))
+            kind = m.group(1) if m else name.rsplit(".", 1)[0]
+            share = 1.0
+            if node.op_type in EXPERT_OPS:
+                kind, share = kind.split(".experts", 1)[0] + ".experts", active_experts
+            kinds.append(kind)
+            weight_bytes.append(round(share * sum(sizes[w] for w in weights)))
         else:
             kinds.append("attention" if node.op_type == "GroupQueryAttention" else f"other: {node.op_type}")
             weight_bytes.append(0)
@@ -89,7 +95,9 @@ def profile_steps(bundle: Path, rows: Sequence[int] = ROWS, cached: Sequence[int
     model = BundleModel(bundle, decoder_graph=False, kv_cache=kv_cache)
     model.vision = None
     path = bundle / model.manifest["graphs"]["decoder" + KV_GRAPH_SUFFIX[model.kv_cache]]["file"]
-    kinds, weight_bytes = node_kinds(onnx.load(str(path), load_external_data=False).graph)
+    t = model.config.text
+    active = t.num_experts_per_tok / t.num_experts if t.num_experts else 1.0
+    kinds, weight_bytes = node_kinds(onnx.load(str(path), load_external_data=False).graph, active)
     cache = model.new_cache(max(rows), max(cached) + 1)
     cache.prefault()
     views = {r: cache.rows(0, r) for r in rows}
