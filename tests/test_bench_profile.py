@@ -48,10 +48,9 @@ def test_profile_of_an_int4_bundle_accounts_for_every_projection(tiny_one):
         assert PROJECTIONS | {"attention"} <= set(run["kinds_ms"])
         # (ONNX Runtime's profile counts whole microseconds: one tiny matmul may read 0)
         assert min(run["kinds_ms"].values()) >= 0 and sum(run["kinds_ms"][k] for k in PROJECTIONS) > 0
-        # the kinds' medians add up to about the nodes' (medians of sums vs sums of medians), and the
-        # nodes run inside the step's wall time
-        assert abs(sum(run["kinds_ms"].values()) - run["nodes_ms"]) <= 0.5 * run["nodes_ms"]
-        assert 0 < run["nodes_ms"] <= run["step_ms"]
+        # per call, each kind's time <= the nodes' sum <= the call's wall time, so the medians keep that
+        # order (sums of medians do not: on a loaded machine stalls land in different kinds per call)
+        assert max(run["kinds_ms"].values()) <= run["nodes_ms"] <= run["step_ms"] and run["nodes_ms"] > 0
     fp32 = profile_steps(bundle, rows=(1,), cached=(5,), steps=1, kv_cache="fp32")  # the bundle's other cache
     assert fp32["kv_cache"] == "fp32" and fp32["cache_bytes_per_position"] == 2 * 2 * 32 * 4 * 3
     table = profile_markdown({"profile": res, "machine": machine()})
