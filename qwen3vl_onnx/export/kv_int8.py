@@ -3,7 +3,7 @@ cache into an int8 one.
 
 ONNX Runtime's ``GroupQueryAttention`` keeps an int8 cache when told its bit width and given static
 scales: new keys and values are quantized on write (symmetric, saturating), past ones dequantized as
-they are read. The cache is a quarter of the float one, and decode attention, which reads the whole
+they are read. The cache is about a quarter of the float one, and decode attention, which reads the whole
 cache every step, gets about twice as fast at 1000+ cached tokens (docs/BENCHMARKS.md).
 
 Channels differ in range (the k_norm weights, the rotary pairing, a few wide value channels), so
