@@ -95,8 +95,8 @@ def profile_steps(bundle: Path, rows: Sequence[int] = ROWS, cached: Sequence[int
     model = BundleModel(bundle, decoder_graph=False, kv_cache=kv_cache)
     model.vision = None
     path = bundle / model.manifest["graphs"]["decoder" + KV_GRAPH_SUFFIX[model.kv_cache]]["file"]
-    t = model.config.text
-    active = t.num_experts_per_tok / t.num_experts if t.num_experts else 1.0
+    text = model.config.text
+    active = text.num_experts_per_tok / text.num_experts if text.num_experts else 1.0
     kinds, weight_bytes = node_kinds(onnx.load(str(path), load_external_data=False).graph, active)
     cache = model.new_cache(max(rows), max(cached) + 1)
     cache.prefault()

@@ -51,12 +51,16 @@ class KVCache:
     _bound: list[tuple[ort.OrtValue, ort.OrtValue]] = field(default_factory=list, repr=False)
 
     @staticmethod
+    def position_bytes(layers: int, kv_heads: int, head_dim: int, dtype: LayerDtypes = np.float32) -> int:
+        """Bytes one cached position of one row takes: keys and values of every layer (``dtype``
+        one for all layers or one per layer)."""
+        return 2 * kv_heads * head_dim * sum(np.dtype(d).itemsize for d in _per_layer(dtype, layers))
+
+    @staticmethod
     def size_bytes(layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
                    dtype: LayerDtypes = np.float32) -> int:  # fmt: skip
-        """Bytes of a fused cache of ``capacity`` positions per row (keys and values of ``dtype``,
-        one for all layers or one per layer)."""
-        per_position = sum(np.dtype(d).itemsize for d in _per_layer(dtype, layers))
-        return 2 * batch * kv_heads * rounded_capacity(capacity) * head_dim * per_position
+        """Bytes of a fused cache of ``capacity`` positions per row (``dtype`` as ``position_bytes``)."""
+        return batch * rounded_capacity(capacity) * KVCache.position_bytes(layers, kv_heads, head_dim, dtype)
 
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, fused: bool,

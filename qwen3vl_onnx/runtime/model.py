@@ -176,7 +176,7 @@ class BundleModel:
     def cache_position_bytes(self) -> int:
         """Bytes one cached position of one row takes: keys and values of every layer."""
         t = self.config.text
-        return 2 * t.num_key_value_heads * t.head_dim * sum(np.dtype(d).itemsize for d in self.cache_dtypes)
+        return KVCache.position_bytes(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, self.cache_dtypes)
 
     def cache_bytes(self, batch: int, capacity: int) -> int:
         """What ``new_cache(batch, capacity)`` holds once every position is used."""
