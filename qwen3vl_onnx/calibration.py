@@ -1,11 +1,14 @@
-"""KV cache ranges measured by running a bundle on calibration conversations.
+"""The int8 KV cache measured by running a bundle on calibration conversations: its ranges, then its agreement.
 
 The int8 KV cache needs a static scale per (layer, kv head, channel) before any request is seen.
 They are measured, not guessed: the bundle's float-cache decoder runs a few conversations that
 cover what the cache will hold (prose, code, another script, a long text, pictures of different
 kinds, a short video, a second turn), each ending in an assistant's answer so answer positions are
-seen too, and the largest |key| and |value| of every channel is kept. ``export`` calls this on the
-bundle it is writing, so it sits above both the exporter and the runtime.
+seen too, and the largest |key| and |value| of every channel is kept. Once the int8-cache graph is
+written from them, the same conversations run through it and its logits at the last answer
+positions are compared with the float cache's: ``export`` makes int8 the default only where they
+agree (``export.kv_int8.AGREEMENT_BAR``). ``export`` calls this on the bundle it is writing, so it
+sits above both the exporter and the runtime.
 
 The decoder runs a few layers at a time (``export.segments``): every prompt goes through one run
 of layers, its hidden states are kept, then the next run's weights replace the last's. The answers
@@ -17,6 +20,7 @@ streaming the export takes, at any depth.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,9 +31,10 @@ import onnxruntime as ort
 from PIL import Image
 
 from . import graph_io as io
-from .export.segments import Segment, segments
+from .config import Qwen3VLConfig
+from .export.segments import Segment, head, segments
 from .runtime.cache import KVCache
-from .runtime.model import BundleModel, bind_cache, open_session
+from .runtime.model import BundleModel, bind_cache, open_session, read_manifest
 from .runtime.pipeline import Pipeline
 from .runtime.positions import rope_index
 
@@ -54,6 +59,8 @@ ANSWER = (
 # loaded). Dense decoders up to 4B int4 take one or two sessions; a 30B-A3B int4 decoder's layers
 # (0.335 GB each) take eight runs of six, keeping the peak under the export's own (~4 GB).
 SEGMENT_BYTES = 2 << 30
+# Answer positions per conversation whose logits the int8 cache's agreement check compares.
+KEEP = 8
 
 
 def _pictures() -> list[Image.Image]:
@@ -102,7 +109,8 @@ def conversations(takes_video: bool) -> list[list[dict[str, Any]]]:
 
 
 def _prompt_feeds(pipe: Pipeline, messages: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The decoder's inputs for ``messages`` followed by ``ANSWER``, run as one prompt into an empty cache."""
+    """The decoder's inputs for ``messages`` followed by ``ANSWER``, run as one prompt into an empty
+    cache, keeping the logits of the answer's last ``KEEP`` positions."""
     m, cfg = pipe.model, pipe.config
     p = pipe.prepare([*messages, {"role": "assistant", "content": ANSWER}], add_generation_prompt=False)
     emb, ds = m.encode_images(p.pixel_values, p.grids) if p.pixel_values is not None else (None, None)
@@ -110,41 +118,49 @@ def _prompt_feeds(pipe: Pipeline, messages: list[dict[str, Any]]) -> dict[str, n
                         cfg.vision.spatial_merge_size, 0)  # fmt: skip
     embeds, visual_index, deepstack = m.prefill_inputs(p.ids, emb, ds)
     n = len(p.ids)
-    feeds = m.feeds(embeds, pos[:, None, :], visual_index, deepstack)
+    feeds = m.feeds(embeds, pos[:, None, :], visual_index, deepstack, KEEP)
     return {**feeds, io.SEQLENS_K: np.array([n - 1], np.int32), io.TOTAL_SEQUENCE_LENGTH: np.array(n, np.int32)}
 
 
-def _segment_session(bundle: Path, seg: Segment) -> ort.InferenceSession:
-    """A session of ``seg``'s graph, saved beside the decoder so it finds the weight file, then removed."""
-    path = bundle / f".calibration-layers-{seg.first}-{seg.stop}.onnx"
+def _session(bundle: Path, model: onnx.ModelProto, name: str) -> ort.InferenceSession:
+    """A session of a graph cut from the decoder, saved beside it so it finds the weight file, then removed."""
+    path = bundle / f".calibration-{name}.onnx"
     try:
-        onnx.save(seg.model, path)
+        onnx.save(model, path)
         return open_session(path, None, None)
     finally:
         path.unlink(missing_ok=True)
 
 
-def kv_ranges(bundle: Path, segment_bytes: int = SEGMENT_BYTES) -> np.ndarray:
-    """Largest |key| and |value| per (layer, kv head, channel) over the calibration conversations:
-    (layers, 2, kv_heads, head_dim) float32, measured with the bundle's float cache, at most
-    ``segment_bytes`` of decoder weights loaded at a time."""
-    pipe = Pipeline(BundleModel(bundle, kv_cache="fp32", decoder_graph=False))
-    m, t = pipe.model, pipe.config.text
-    prompts = [_prompt_feeds(pipe, c) for c in conversations(pipe.processors.video is not None)]
-    m.vision = None  # its memory back before the decoder's layers load
-    graph = onnx.load(bundle / m.manifest["graphs"]["decoder"]["file"], load_external_data=False)
-    ranges = np.zeros((t.num_hidden_layers, 2, t.num_key_value_heads, t.head_dim), np.float32)
+def _segment_cache(seg: Segment, kv_heads: int, head_dim: int, n: int) -> KVCache:
+    """An empty cache for ``seg``'s layers, each of the element type its graph keeps (int8 or float)."""
+    kinds = {v.name: v.type.tensor_type.elem_type for v in seg.model.graph.input}
+    dtypes = [np.int8 if kinds[io.past_key(i)] == onnx.TensorProto.INT8 else np.float32 for i in range(seg.first, seg.stop)]
+    cache = KVCache.empty(seg.stop - seg.first, 1, kv_heads, head_dim, n, True, dtypes)
+    cache.ensure(n)
+    return cache
+
+
+Feeds = dict[str, np.ndarray]
+
+
+def _run_layers(bundle: Path, graph_file: str, prompts: list[Feeds], segment_bytes: int,
+                seen: Callable[[int, np.ndarray, np.ndarray, int], None] | None = None) -> list[Feeds]:  # fmt: skip
+    """Every prompt through all decoder layers of ``graph_file``, ``segment_bytes`` of weights at a
+    time; ``seen(layer, keys, values, n)`` gets each layer's cache after each prompt. Returns, per
+    prompt, the residual stream entering the final norm."""
+    t = Qwen3VLConfig.from_manifest(read_manifest(bundle)["config"]).text
+    graph = onnx.load(bundle / graph_file, load_external_data=False)
     carried = [{io.INPUTS_EMBEDS: p[io.INPUTS_EMBEDS]} for p in prompts]  # the residual stream per prompt
     runs = segments(graph, t.num_hidden_layers, segment_bytes)
     for seg in runs:
         if len(runs) > 1:  # a large model's calibration takes minutes: say where it is
             print(f"  layers {seg.first}-{seg.stop - 1} of {t.num_hidden_layers}", file=sys.stderr)
-        session = _segment_session(bundle, seg)
+        session = _session(bundle, seg.model, f"layers-{seg.first}-{seg.stop}")
         takes = {i.name for i in session.get_inputs()}
         for feeds, carry in zip(prompts, carried, strict=True):
             n = int(feeds[io.TOTAL_SEQUENCE_LENGTH])
-            cache = KVCache.empty(seg.stop - seg.first, 1, t.num_key_value_heads, t.head_dim, n, True)
-            cache.ensure(n)
+            cache = _segment_cache(seg, t.num_key_value_heads, t.head_dim, n)
             binding = session.io_binding()
             for name, arr in {**feeds, **carry}.items():
                 if name in takes:
@@ -156,8 +172,71 @@ def kv_ranges(bundle: Path, segment_bytes: int = SEGMENT_BYTES) -> np.ndarray:
             out = binding.get_outputs()[: len(seg.outputs)]  # bound first; the presents are the cache
             carry.clear()
             carry.update((name, v.numpy()) for name, v in zip(seg.outputs, out, strict=True))
-            for j, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
-                ranges[seg.first + j, 0] = np.maximum(ranges[seg.first + j, 0], np.abs(k[0, :, :n]).max(axis=1))
-                ranges[seg.first + j, 1] = np.maximum(ranges[seg.first + j, 1], np.abs(v[0, :, :n]).max(axis=1))
+            if seen is not None:
+                for j, (k, v) in enumerate(zip(cache.keys, cache.values, strict=True)):
+                    seen(seg.first + j, k[0], v[0], n)
         del session
-    return ranges
+    return carried
+
+
+def _logits(bundle: Path, prompts: list[dict[str, np.ndarray]], finals: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Each prompt's last ``KEEP`` logits from its final residual stream, through the bundle's head alone."""
+    graph = onnx.load(bundle / read_manifest(bundle)["graphs"]["decoder"]["file"], load_external_data=False)
+    session = _session(bundle, head(graph), "head")
+    takes = {i.name for i in session.get_inputs()}
+    return [session.run([io.LOGITS], {k: v for k, v in {**feeds, **final}.items() if k in takes})[0][0]
+            for feeds, final in zip(prompts, finals, strict=True)]  # fmt: skip
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over positions of the cosine between two (positions, vocab) logit arrays."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.mean((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+
+
+class Calibrator:
+    """What an int8 KV cache export measures on the bundle it is writing: the cache's ranges over
+    the calibration conversations (float cache), then how closely the int8 cache built from them
+    reproduces the float cache's logits on the same conversations.
+
+    One object per export: ``agreement`` compares against the logits ``ranges`` kept, so the float
+    decoder runs once. Both run the decoder a few layers at a time (``segment_bytes`` of weights).
+    """
+
+    def __init__(self, segment_bytes: int = SEGMENT_BYTES):
+        self.segment_bytes = segment_bytes
+        self.prompts: list[Feeds] = []  # the conversations' decoder inputs
+        self.reference: list[np.ndarray] = []  # their float-cache logits, (KEEP, vocab) each
+
+    def ranges(self, bundle: Path) -> np.ndarray:
+        """Largest |key| and |value| per (layer, kv head, channel): (layers, 2, kv_heads, head_dim) float32."""
+        pipe = Pipeline(BundleModel(bundle, kv_cache="fp32", decoder_graph=False))
+        t = pipe.config.text
+        self.prompts = [_prompt_feeds(pipe, c) for c in conversations(pipe.processors.video is not None)]
+        del pipe  # the vision tower's memory back before the decoder's layers load
+        ranges = np.zeros((t.num_hidden_layers, 2, t.num_key_value_heads, t.head_dim), np.float32)
+
+        def seen(layer: int, k: np.ndarray, v: np.ndarray, n: int) -> None:
+            np.maximum(ranges[layer, 0], np.abs(k[:, :n]).max(axis=1), out=ranges[layer, 0])
+            np.maximum(ranges[layer, 1], np.abs(v[:, :n]).max(axis=1), out=ranges[layer, 1])
+
+        graph_file = read_manifest(bundle)["graphs"]["decoder"]["file"]
+        finals = _run_layers(bundle, graph_file, self.prompts, self.segment_bytes, seen)
+        self.reference = _logits(bundle, self.prompts, finals)
+        return ranges
+
+    def agreement(self, bundle: Path, graph_file: str) -> list[float]:
+        """Per calibration conversation, the mean logit cosine over its last ``KEEP`` positions of
+        the int8-cache decoder ``graph_file`` against the float cache (call after ``ranges``)."""
+        if not self.reference:
+            raise RuntimeError("Calibrator.agreement needs the float cache's logits: call ranges first")
+        finals = _run_layers(bundle, graph_file, self.prompts, self.segment_bytes)
+        got = _logits(bundle, self.prompts, finals)
+        return [_cosine(a, b) for a, b in zip(got, self.reference, strict=True)]
+
+
+def kv_ranges(bundle: Path, segment_bytes: int = SEGMENT_BYTES) -> np.ndarray:
+    """Largest |key| and |value| per (layer, kv head, channel) over the calibration conversations:
+    (layers, 2, kv_heads, head_dim) float32, measured with the bundle's float cache, at most
+    ``segment_bytes`` of decoder weights loaded at a time."""
+    return Calibrator(segment_bytes).ranges(bundle)

@@ -367,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
-        from .calibration import kv_ranges
+        from .calibration import Calibrator
         from .export.bundle import export
 
-        print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force, kv_ranges)}")
+        print(f"wrote {export(args.checkpoint, args.out, _export_options(args), args.force, Calibrator())}")
         return 0
     if args.command == "bench":
         from .bench.command import run_bench

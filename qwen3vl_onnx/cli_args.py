@@ -198,7 +198,8 @@ def int8_projections_arg(p: argparse.ArgumentParser) -> None:
 def kv_cache_arg(p: argparse.ArgumentParser, export: bool = False) -> None:
     if export:
         p.add_argument("--kv-cache", default="auto", choices=["auto", "fp32", "int8"],
-                       help="KV cache the bundle runs with unless told otherwise (auto: int8 for int4/int8 bundles, "
+                       help="KV cache the bundle runs with unless told otherwise (auto: int4/int8 bundles get an int8 cache, "
+                            "the default where its logits agree with the fp32 cache's on calibration prompts; "
                             "else fp32); an int8 bundle keeps the fp32-cache graphs too")  # fmt: skip
     else:
         p.add_argument("--kv-cache", default=None, choices=["fp32", "int8"],

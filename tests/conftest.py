@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen3vl_onnx.calibration import kv_ranges
+from qwen3vl_onnx.calibration import Calibrator
 from qwen3vl_onnx.demo.checkpoint import GENERATION, chat_template, make_config
 from qwen3vl_onnx.demo.tokenizer import write_tokenizer_files
 from qwen3vl_onnx.export.bundle import export
@@ -150,7 +150,7 @@ class Bundles:
         key = tuple(sorted(options.items()))
         if key not in self._made:
             out = self.root / f"bundle-{len(self._made)}"
-            self._made[key] = export(self.checkpoint, out, ExportOptions(**options), kv_ranges=kv_ranges)
+            self._made[key] = export(self.checkpoint, out, ExportOptions(**options), calibrator=Calibrator())
         return self._made[key]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qwen3vl_onnx.bench.deepen import deepen
-from qwen3vl_onnx.calibration import kv_ranges
+from qwen3vl_onnx.calibration import Calibrator
 from qwen3vl_onnx.errors import UserError
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
@@ -62,7 +62,7 @@ def test_moe_layers_repeated_after_a_deepstack_layer(tmp_path_factory, tokenizer
 
     root = tmp_path_factory.mktemp("deepen_moe4")
     ckpt = build_checkpoint(root / "ckpt", MOE_4, tokenizer_files)
-    bundle = export(ckpt, root / "bundle", ExportOptions(), kv_ranges=kv_ranges)
+    bundle = export(ckpt, root / "bundle", ExportOptions(), calibrator=Calibrator())
     ref_ckpt = build_checkpoint(root / "hf", MOE_4, tokenizer_files, released_experts=False)
     torch.set_grad_enabled(False)
     model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(str(ref_ckpt), dtype=torch.float32,

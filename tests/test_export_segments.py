@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import onnx
 import pytest
 
-from qwen3vl_onnx.calibration import kv_ranges
+from qwen3vl_onnx.calibration import Calibrator, kv_ranges
 from qwen3vl_onnx.config import Qwen3VLConfig
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
-from qwen3vl_onnx.export.segments import plan, segments
-from qwen3vl_onnx.runtime.model import read_manifest
+from qwen3vl_onnx.export.segments import final_inputs, plan, segments
+from qwen3vl_onnx.runtime.model import BundleModel, read_manifest
 
 from .conftest import build_checkpoint
 
@@ -38,7 +39,7 @@ def test_plan_cuts_consecutive_runs_within_the_budget():
 def cut_bundle(request, tmp_path_factory, tokenizer_files):
     root = tmp_path_factory.mktemp(request.param)
     ckpt = build_checkpoint(root / "ckpt", CUT_GEOMETRIES[request.param], tokenizer_files)
-    return export(ckpt, root / "int4", ExportOptions("int4"), kv_ranges=kv_ranges)
+    return export(ckpt, root / "int4", ExportOptions("int4"), calibrator=Calibrator())
 
 
 def _layers(bundle) -> int:
@@ -50,7 +51,7 @@ def test_every_layer_and_weight_is_in_exactly_one_run(cut_bundle):
     layers = _layers(cut_bundle)
     runs = segments(graph, layers, 1)
     assert [(s.first, s.stop) for s in runs] == [(i, i + 1) for i in range(layers)]
-    assert runs[0].inputs == ("inputs_embeds",) and runs[-1].outputs == ()
+    assert runs[0].inputs == ("inputs_embeds",) and runs[-1].outputs == final_inputs(graph.graph)
     assert all(a.outputs == b.inputs for a, b in itertools.pairwise(runs))
     assert {len(s.inputs) for s in runs[1:]} == {1, 2}  # after a DeepStack layer; inside the skip-norm chain
     for s in runs:
@@ -64,6 +65,30 @@ def test_ranges_a_layer_at_a_time_equal_the_whole_decoders(cut_bundle):
     assert (whole > 0).all()
     assert abs(layered - whole).max() <= 1e-6 * abs(whole).max()
     assert not list(cut_bundle.glob(".calibration-*"))  # the runs' graph files are gone
+
+
+def test_the_int8_agreement_check_is_the_runtimes_cosine(cut_bundle):
+    """The check runs the layers in cut graphs and the head in one of its own: its float logits must
+    be the whole decoder's (within 1e-4 of their largest; measured 1e-6), and its cosines those of
+    the runtime's int8 cache against its float cache, at any cut."""
+    from qwen3vl_onnx.calibration import KEEP
+
+    layered, whole = Calibrator(1), Calibrator(1 << 40)
+    for c in (layered, whole):
+        c.ranges(cut_bundle)
+    got = layered.agreement(cut_bundle, "decoder.int8kv.onnx")
+    assert np.allclose(got, whole.agreement(cut_bundle, "decoder.int8kv.onnx"), rtol=0, atol=1e-6)
+    runtime = {}
+    for kv in ("fp32", "int8"):
+        m = BundleModel(cut_bundle, kv_cache=kv)
+        runtime[kv] = [m.forward(f["inputs_embeds"], f["position_ids"], m.new_cache(1, int(f["total_sequence_length"])),
+                                 f["visual_index"], f["deepstack_embeds"], KEEP)[0] for f in layered.prompts]  # fmt: skip
+    for mine, theirs in zip(layered.reference, runtime["fp32"], strict=True):
+        assert mine.shape == theirs.shape and abs(mine - theirs).max() <= 1e-4 * abs(theirs).max()
+    cos = lambda a, b: float(np.mean((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)))  # noqa: E731
+    want = [cos(a, b) for a, b in zip(runtime["int8"], runtime["fp32"], strict=True)]
+    assert np.allclose(got, want, rtol=0, atol=1e-5), (got, want)
+    assert all(0.99 < c < 1 - 1e-7 for c in got)  # the int8 cache is close to the float one, and not the same
 
 
 def test_a_layer_the_graph_lacks_is_named(cut_bundle):

@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 
 from qwen3vl_onnx import Pipeline
+from qwen3vl_onnx.calibration import Calibrator
 from qwen3vl_onnx.config import Qwen3VLConfig
 from qwen3vl_onnx.errors import UserError
-from qwen3vl_onnx.export.kv_int8 import FLOAT_LAYERS, FLOOR, HEADROOM, scales_from_ranges
+from qwen3vl_onnx.export.bundle import export
+from qwen3vl_onnx.export.kv_int8 import AGREEMENT_BAR, FLOAT_LAYERS, FLOOR, HEADROOM, scales_from_ranges
+from qwen3vl_onnx.export.options import ExportOptions
 from qwen3vl_onnx.runtime.cache import KVCache
 from qwen3vl_onnx.runtime.sampling import GenerationParams
 
@@ -181,12 +184,40 @@ def test_the_bundle_holds_both_caches_and_says_which_is_default(int4, tiny_one):
     kinds = [manifest["graphs"]["decoder_int8kv"]["inputs"][f"past_key.{i}"]["dtype"] for i in range(layers)]
     assert kinds == ["float32"] * FLOAT_LAYERS + ["int8"] * (layers - FLOAT_LAYERS)
     assert manifest["kv_cache"]["float_layers"] == FLOAT_LAYERS
+    check = manifest["kv_cache"]["agreement"]  # why int8 is the default: it met the bar
+    assert AGREEMENT_BAR <= check["mean_cosine"] < 1 and check["min_cosine"] <= check["mean_cosine"]
+    assert check["conversations"] == 5 and check["bar"] == AGREEMENT_BAR  # four conversations and a video
     assert manifest["graphs"]["decoder"]["inputs"]["past_key.0"]["dtype"] == "float32"
     assert not list(int4.glob("*.int8kv.onnx.data"))  # the twin references the same weights
     fp32 = tiny_one.bundle  # float weights: a float cache only
     assert Pipeline.from_bundle(fp32).model.kv_cache == "fp32"
     with pytest.raises(UserError, match=r"no int8 KV cache graphs .* export it with --kv-cache int8"):
         Pipeline.from_bundle(fp32, kv_cache="int8")
+
+
+class _Squeezed(Calibrator):
+    """Ranges a twentieth of what calibration saw: the int8 cache saturates and misses the bar."""
+
+    def ranges(self, bundle):
+        return super().ranges(bundle) / 20
+
+
+def test_an_int8_cache_that_misses_the_bar_is_not_the_default(tiny_models, tmp_path, capfd):
+    """Left to "auto", the export keeps the float cache as the default when the int8 cache's logits
+    miss the bar on the calibration conversations (the int8 graph stays, for --kv-cache int8);
+    asked for int8, int8 stays the default and the export says how far off it is."""
+    ckpt = tiny_models("tied_gqa2").checkpoint
+    capfd.readouterr()
+    auto = export(ckpt, tmp_path / "auto", ExportOptions("int4"), calibrator=_Squeezed())
+    kv = json.loads((auto / "manifest.json").read_text())["kv_cache"]
+    assert kv["agreement"]["mean_cosine"] < AGREEMENT_BAR and kv["default"] == "fp32"
+    assert "below the bar, so the bundle runs its float cache by default" in capfd.readouterr().err
+    assert Pipeline.from_bundle(auto).model.kv_cache == "fp32"
+    assert Pipeline.from_bundle(auto, kv_cache="int8").model.kv_cache == "int8"
+    asked = export(ckpt, tmp_path / "asked", ExportOptions("int4", kv_cache="int8"), calibrator=_Squeezed())
+    kv = json.loads((asked / "manifest.json").read_text())["kv_cache"]
+    assert kv["agreement"]["mean_cosine"] < AGREEMENT_BAR and kv["default"] == "int8"
+    assert "below the bar, but the default as --kv-cache int8 asks" in capfd.readouterr().err
 
 
 def test_cli_chooses_the_cache_at_run_time(int4, run_cli):

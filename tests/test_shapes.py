@@ -19,7 +19,7 @@ import json
 import torch
 
 from qwen3vl_onnx import Pipeline
-from qwen3vl_onnx.calibration import kv_ranges
+from qwen3vl_onnx.calibration import Calibrator
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
 from qwen3vl_onnx.shapes import task
@@ -75,7 +75,7 @@ def test_verify_cli_on_an_int4_bundle(run_cli, shapes, tmp_path):
     from qwen3vl_onnx.demo.checkpoint import write_checkpoint
 
     other = write_checkpoint(tmp_path / "other", json.loads((ckpt / "config.json").read_text()))
-    bad = run_cli("verify", ckpt, export(other, tmp_path / "other-int4", ExportOptions("int4"), kv_ranges=kv_ranges), *args)
+    bad = run_cli("verify", ckpt, export(other, tmp_path / "other-int4", ExportOptions("int4"), calibrator=Calibrator()), *args)
     assert bad.returncode == 1 and "FAIL (mean cosine >= 0.99)" in bad.stdout, bad.stdout + bad.stderr
 
 

@@ -37,7 +37,7 @@ def demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
     import shutil
     import time
 
-    from ..calibration import kv_ranges
+    from ..calibration import Calibrator
     from ..export.bundle import export
     from ..shapes.model import unpack
     from .checkpoint import write_checkpoint
@@ -52,7 +52,7 @@ def demo_bundle(work: Path, random_weights: bool, rebuild: bool) -> Path:
         write_checkpoint(ckpt) if random_weights else unpack(ckpt)
     if not (bundle / "manifest.json").is_file():
         t0 = time.perf_counter()
-        export(ckpt, bundle, force=True, kv_ranges=kv_ranges)
+        export(ckpt, bundle, force=True, calibrator=Calibrator())
         print(f"exported {bundle} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     stamp_file.write_text(stamp)
     return bundle

@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..shapes.model import PACKAGED_SHAPES, packaged_checkpoint, unpack
 from .defaults import cpu_kind
 from .graph import OPSET, Graph
-from .kv_int8 import FLOAT_LAYERS, QUANT_TYPE, int8_cache_graph, scales_from_ranges
+from .kv_int8 import AGREEMENT_BAR, FLOAT_LAYERS, QUANT_TYPE, KVCalibrator, agreement_entry, int8_cache_graph, scales_from_ranges
 from .moe import EXPERT_PROJECTIONS, check_expert_widths, experts_transposed
 from .options import ExportOptions
 from .quant import quantize
@@ -123,24 +123,23 @@ def _progress(total: int, desc: str):
     return bar.update, bar.close
 
 
-KVRanges = Callable[[Path], np.ndarray]
-
-
 def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, force: bool = False,
-           kv_ranges: KVRanges | None = None) -> Path:  # fmt: skip
+           calibrator: KVCalibrator | None = None) -> Path:  # fmt: skip
     """Export ``checkpoint`` (see ``open_checkpoint``) to a bundle at ``out``; returns its path.
 
     int4/int8 quantize the decoder's linear layers (and lm_head) for MatMulNBits and keep one
     quantized token table (``_token_table``); see ``ExportOptions.resolve`` for the vision tower, the 8-bit projections
-    of int4, the KV cache and the prefill graph. An int8 KV cache needs ``kv_ranges``: given the
-    bundle as written so far (float cache), it returns the measured ranges
-    (``qwen3vl_onnx.calibration.kv_ranges``; passed in because measuring runs the runtime, a layer
-    above this one). Nothing is written at ``out`` unless the whole bundle is.
+    of int4, the KV cache and the prefill graph. An int8 KV cache needs a ``calibrator``
+    (``qwen3vl_onnx.calibration.Calibrator()``): it measures the cache's ranges on the bundle as
+    written so far (float cache), then how the int8 cache's logits agree with the float one's;
+    left to "auto", the bundle runs int8 by default only where they agree (``AGREEMENT_BAR``).
+    Nothing is written at ``out`` unless the whole bundle is.
     """
     t0 = time.perf_counter()
+    kv_asked = (options or ExportOptions()).kv_cache
     opts = (options or ExportOptions()).resolve()
-    if opts.kv_cache == "int8" and kv_ranges is None:
-        raise ValueError("an int8 KV cache needs kv_ranges (qwen3vl_onnx.calibration.kv_ranges)")
+    if opts.kv_cache == "int8" and calibrator is None:
+        raise ValueError("an int8 KV cache needs a calibrator (qwen3vl_onnx.calibration.Calibrator())")
     out = Path(out).expanduser().resolve()
     _check_target(out, force)
     with open_checkpoint(checkpoint) as src:
@@ -171,9 +170,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             manifest = _manifest(cfg, opts, graphs, embed_info, str(checkpoint), time.perf_counter() - t0)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             if opts.kv_cache == "int8":
-                assert kv_ranges is not None
-                print("measuring the KV cache's ranges", file=sys.stderr)
-                _add_int8_cache(tmp, manifest, kv_ranges(tmp))
+                assert calibrator is not None
+                _add_int8_cache(tmp, manifest, calibrator, forced=kv_asked == "int8")
                 manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
             (tmp / OWNER).unlink()
             manifest["files"] = sorted(p.name for p in tmp.iterdir())  # manifest.json included: written above
@@ -285,16 +283,32 @@ def _token_table(tmp: Path, cfg: Qwen3VLConfig, weights: Checkpoint, opts: Expor
     return entry
 
 
-def _add_int8_cache(tmp: Path, manifest: dict, ranges: np.ndarray) -> None:
-    """Each decoder graph's int8-cache twin (``KEY.int8kv.onnx``), recorded in ``manifest``."""
-    scales = scales_from_ranges(ranges)
+def _add_int8_cache(tmp: Path, manifest: dict, calibrator: KVCalibrator, forced: bool) -> None:
+    """Each decoder graph's int8-cache twin (``KEY.int8kv.onnx``), recorded in ``manifest`` with its
+    agreement check; the default unless it misses the bar and int8 was not asked for (``forced``)."""
+    print("measuring the KV cache's ranges", file=sys.stderr)
+    scales = scales_from_ranges(calibrator.ranges(tmp))
     for key in [k for k in manifest["graphs"] if k.startswith("decoder")]:
         model = int8_cache_graph(tmp / f"{key}.onnx", tmp / f"{key}.int8kv.onnx", scales)
         g = model.graph
         manifest["graphs"][f"{key}_int8kv"] = {"file": f"{key}.int8kv.onnx", "inputs": io_entries(list(g.input)),
                                                "outputs": io_entries(list(g.output))}  # fmt: skip
-    manifest["kv_cache"] = {"default": "int8", "quant_type": QUANT_TYPE, "channels_equalized": QUANT_TYPE == "PER_TENSOR",
-                            "float_layers": FLOAT_LAYERS}  # fmt: skip
+    print("checking the int8 KV cache against the float one", file=sys.stderr)
+    check = agreement_entry(calibrator.agreement(tmp, manifest["graphs"]["decoder_int8kv"]["file"]))
+    meets = check["mean_cosine"] >= AGREEMENT_BAR
+    said = (f"int8 KV cache: logit cosine {check['mean_cosine']:.5f} against the float cache (mean of "
+            f"{check['conversations']} calibration conversations, lowest {check['min_cosine']:.5f}; "
+            f"bar {AGREEMENT_BAR})")  # fmt: skip
+    if meets:
+        print(f"{said}: the bundle runs it by default", file=sys.stderr)
+    elif forced:
+        print(f"note: {said}: below the bar, but the default as --kv-cache int8 asks", file=sys.stderr)
+    else:
+        print(f"note: {said}: below the bar, so the bundle runs its float cache by default "
+              "(--kv-cache int8 at run time chooses the int8 one)", file=sys.stderr)  # fmt: skip
+    manifest["kv_cache"] = {"default": "int8" if meets or forced else "fp32", "quant_type": QUANT_TYPE,
+                            "channels_equalized": QUANT_TYPE == "PER_TENSOR", "float_layers": FLOAT_LAYERS,
+                            "agreement": check}  # fmt: skip
 
 
 def _manifest(cfg: Qwen3VLConfig, opts: ExportOptions, graphs: dict[str, Graph], embed: dict, source: str,

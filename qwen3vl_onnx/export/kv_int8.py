@@ -30,6 +30,7 @@ runs on and that ``--kv-cache fp32`` chooses, and the int8 one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -50,6 +51,32 @@ HEADROOM = 2.0
 FLOOR = 0.25
 # Layers 0..FLOAT_LAYERS-1 keep a float cache in the int8-cache graph (see above).
 FLOAT_LAYERS = 1
+# An export whose cache precision is left to it ("auto") makes the int8 cache the bundle's default
+# only where, on the calibration conversations, its logits agree with the float cache's at least
+# this closely (mean cosine over each conversation's last answer positions). Why a check per bundle:
+# the agreement depends on the checkpoint (random 4B weights 0.9971-0.9989 before layer 0 stayed
+# float, the trained shapes model 1.00000), and a user who did not ask for int8 should not get a
+# cache measurably off the float one.
+AGREEMENT_BAR = 0.999
+
+
+class KVCalibrator(Protocol):
+    """What an export asks of calibration (``qwen3vl_onnx.calibration.Calibrator``; passed in because
+    measuring runs the runtime, a layer above the exporter)."""
+
+    def ranges(self, bundle: Path) -> np.ndarray:
+        """(layers, 2, kv_heads, head_dim) largest |key| / |value|, measured on the float cache."""
+        ...
+
+    def agreement(self, bundle: Path, graph_file: str) -> list[float]:
+        """Per calibration conversation, the logit cosine of int8-cache graph ``graph_file`` against the float cache."""
+        ...
+
+
+def agreement_entry(cosines: list[float]) -> dict[str, Any]:
+    """The manifest's record of an int8 cache's agreement check."""
+    return {"mean_cosine": round(float(np.mean(cosines)), 6), "min_cosine": round(float(np.min(cosines)), 6),
+            "conversations": len(cosines), "bar": AGREEMENT_BAR}  # fmt: skip
 
 
 def scales_from_ranges(ranges: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ above what streaming the export needs. A few layers at a time, each run's graph 
 A run's graph takes the residual stream where its first layer's ``input_layernorm`` reads it (one
 tensor, or the two a fused SkipSimplifiedLayerNormalization adds), the decoder inputs its nodes use
 (positions, DeepStack rows, the cache's lengths) and its layers' past keys and values; it returns
-their present keys and values and the residual stream entering the next run. The head is never
-part of one: the ranges need no logits.
+their present keys and values and the residual stream entering the next run (after the last
+layer: the final norm). The head (final norm and lm_head) is a graph of its own, ``head``: checking
+the int8 cache's logits loads it once, apart from any layer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ FINAL_NORM = "model.language_model.norm.weight"
 @dataclass(frozen=True)
 class Segment:
     """Layers ``first`` to ``stop - 1``: their graph, and the tensor names carrying the residual
-    stream in (``inputs``) and out to the next segment (``outputs``; empty for the last)."""
+    stream in (``inputs``) and out to the next segment (``outputs``; for the last, into the final norm)."""
 
     first: int
     stop: int
@@ -137,6 +138,21 @@ def segments(model: onnx.ModelProto, layers: int, budget: int) -> list[Segment]:
     carry = residual_inputs(model.graph, layers)
     out = []
     for first, stop in plan(layer_bytes(model.graph, layers), budget):
-        nxt = carry[stop] if stop < layers else ()
+        nxt = carry[stop] if stop < layers else final_inputs(model.graph)
         out.append(Segment(first, stop, extract(model, first, stop, carry[first], nxt), carry[first], nxt))
     return out
+
+
+def head(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The decoder ``model``'s final norm and lm_head: the residual stream leaving the last layer
+    (``final_inputs``) and the decoder inputs they read (``logits_to_keep``) to the logits."""
+    ins = final_inputs(model.graph)
+    g = model.graph
+    kept = upstream(g, [io.LOGITS], ins)
+    nodes = [n for i, n in enumerate(g.node) if i in kept]
+    read = {x for n in nodes for x in n.input}
+    residual = lambda t: helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", "seq", "hidden"])  # noqa: E731
+    inputs = [residual(t) for t in ins] + [v for v in g.input if v.name in read and v.name not in ins]
+    graph = helper.make_graph(nodes, "head", inputs, [v for v in g.output if v.name == io.LOGITS],
+                              [t for t in g.initializer if t.name in read])  # fmt: skip
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
