@@ -16,6 +16,7 @@ import shutil
 import threading
 
 import numpy as np
+import onnx
 import pytest
 
 from qwen3vl_onnx import Pipeline
@@ -28,7 +29,7 @@ from qwen3vl_onnx.export.options import ExportOptions
 from qwen3vl_onnx.runtime.cache import KVCache
 from qwen3vl_onnx.runtime.sampling import GenerationParams
 
-from .conftest import make_video, picture
+from .conftest import build_checkpoint, make_video, picture
 
 
 def test_scales_keep_headroom_and_a_floor_per_head():
@@ -218,6 +219,42 @@ def test_an_int8_cache_that_misses_the_bar_is_not_the_default(tiny_models, tmp_p
     kv = json.loads((asked / "manifest.json").read_text())["kv_cache"]
     assert kv["agreement"]["mean_cosine"] < AGREEMENT_BAR and kv["default"] == "int8"
     assert "below the bar, but the default as --kv-cache int8 asks" in capfd.readouterr().err
+
+
+class _Scripted(Calibrator):
+    """Measured ranges; an agreement scripted by how many first layers the int8 graph keeps float."""
+
+    def __init__(self, by_floats: dict[int, float]):
+        super().__init__()
+        self.by_floats, self.asked = by_floats, []
+
+    def agreement(self, bundle, graph_file):
+        inputs = onnx.load(str(bundle / graph_file), load_external_data=False).graph.input
+        floats = sum(v.name.startswith("past_key.") and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in inputs)
+        self.asked.append(floats)
+        return [self.by_floats[floats]] * 3
+
+
+def test_export_keeps_as_few_float_layers_as_meet_the_bar(tmp_path, tokenizer_files):
+    """One float layer first, then one more at a time up to an eighth of the layers (2 of 16): the
+    fewest that meet the bar are kept, and the runtime's cache follows the graph; where none does,
+    the most accurate graph tried stays and the float cache is the default."""
+    geometry = dict(tie=True, heads=4, kv=2, layers=16, depth=1, deepstack=[0])
+    ckpt = build_checkpoint(tmp_path / "ckpt", geometry, tokenizer_files)
+    cal = _Scripted({1: 0.998, 2: 0.9995})
+    met = export(ckpt, tmp_path / "met", ExportOptions("int4"), calibrator=cal)
+    kv = json.loads((met / "manifest.json").read_text())["kv_cache"]
+    assert cal.asked == [1, 2] and kv["float_layers"] == 2 and kv["default"] == "int8"
+    assert kv["agreement"]["float_layers_tried"] == {"1": 0.998, "2": 0.9995} and kv["agreement"]["mean_cosine"] == 0.9995
+    cache = Pipeline.from_bundle(met).model.new_cache(1, 32)
+    assert [k.dtype for k in cache.keys] == [np.float32] * 2 + [np.int8] * 14
+    cal = _Scripted({1: 0.99, 2: 0.995})
+    missed = export(ckpt, tmp_path / "missed", ExportOptions("int4"), calibrator=cal)
+    kv = json.loads((missed / "manifest.json").read_text())["kv_cache"]
+    assert cal.asked == [1, 2] and kv["float_layers"] == 2 and kv["default"] == "fp32"
+    cal = _Scripted({1: 0.9999})
+    first = export(ckpt, tmp_path / "first", ExportOptions("int4"), calibrator=cal)
+    assert cal.asked == [1] and json.loads((first / "manifest.json").read_text())["kv_cache"]["float_layers"] == 1
 
 
 def test_cli_chooses_the_cache_at_run_time(int4, run_cli):

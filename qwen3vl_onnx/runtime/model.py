@@ -109,7 +109,7 @@ def kv_cache_choice(path: Path, manifest: dict[str, Any], asked: str | None) -> 
 def cache_dtypes(manifest: dict[str, Any], kv: str) -> list[type[np.generic]]:
     """Per layer, the element type of the cache that the bundle's ``kv`` decoder graph keeps, read
     from that graph's inputs in the manifest: an int8-cache graph keeps its first layers float
-    (``export.kv_int8.FLOAT_LAYERS``)."""
+    (``export.kv_int8.FLOAT_LAYERS`` or more, as its export chose)."""
     layers = Qwen3VLConfig.from_manifest(manifest["config"]).text.num_hidden_layers
     inputs = manifest["graphs"]["decoder" + KV_GRAPH_SUFFIX[kv]]["inputs"]
     return [np.dtype(inputs[io.past_key(i)]["dtype"]).type if io.past_key(i) in inputs else CACHE_DTYPES[kv]
