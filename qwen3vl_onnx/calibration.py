@@ -55,12 +55,13 @@ ANSWER = (
     "triangle below it. The total is 4,512.07, about 4,151.10 euros; here it is as JSON: "
     '{"total": 4512.07, "eur": 4151.1}. 总之，图中有三个形状。'
 )
-# Weight bytes of decoder layers one calibration session holds at a time (the head is never
-# loaded). Dense decoders up to 4B int4 take one or two sessions; a 30B-A3B int4 decoder's layers
+# Weight bytes of decoder layers one calibration session holds at a time (the head, final norm and
+# lm_head, is a session of its own, after the layers). Dense decoders up to 4B int4 take one or two sessions; a 30B-A3B int4 decoder's layers
 # (0.335 GB each) take eight runs of six, keeping the peak under the export's own (~4 GB).
 SEGMENT_BYTES = 2 << 30
 # Answer positions per conversation whose logits the int8 cache's agreement check compares.
 KEEP = 8
+Feeds = dict[str, np.ndarray]  # a decoder call's inputs (or the residual stream it carries) by name
 
 
 def _pictures() -> list[Image.Image]:
@@ -108,7 +109,7 @@ def conversations(takes_video: bool) -> list[list[dict[str, Any]]]:
     return convs
 
 
-def _prompt_feeds(pipe: Pipeline, messages: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def _prompt_feeds(pipe: Pipeline, messages: list[dict[str, Any]]) -> Feeds:
     """The decoder's inputs for ``messages`` followed by ``ANSWER``, run as one prompt into an empty
     cache, keeping the logits of the answer's last ``KEEP`` positions."""
     m, cfg = pipe.model, pipe.config
@@ -139,9 +140,6 @@ def _segment_cache(seg: Segment, kv_heads: int, head_dim: int, n: int) -> KVCach
     cache = KVCache.empty(seg.stop - seg.first, 1, kv_heads, head_dim, n, True, dtypes)
     cache.ensure(n)
     return cache
-
-
-Feeds = dict[str, np.ndarray]
 
 
 def _run_layers(bundle: Path, graph_file: str, prompts: list[Feeds], segment_bytes: int,
@@ -179,7 +177,7 @@ def _run_layers(bundle: Path, graph_file: str, prompts: list[Feeds], segment_byt
     return carried
 
 
-def _logits(bundle: Path, prompts: list[dict[str, np.ndarray]], finals: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def _logits(bundle: Path, prompts: list[Feeds], finals: list[Feeds]) -> list[np.ndarray]:
     """Each prompt's last ``KEEP`` logits from its final residual stream, through the bundle's head alone."""
     graph = onnx.load(bundle / read_manifest(bundle)["graphs"]["decoder"]["file"], load_external_data=False)
     session = _session(bundle, head(graph), "head")
