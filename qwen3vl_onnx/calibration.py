@@ -56,8 +56,9 @@ ANSWER = (
     '{"total": 4512.07, "eur": 4151.1}. 总之，图中有三个形状。'
 )
 # Weight bytes of decoder layers one calibration session holds at a time (the head, final norm and
-# lm_head, is a session of its own, after the layers). Dense decoders up to 4B int4 take one or two sessions; a 30B-A3B int4 decoder's layers
-# (0.335 GB each) take eight runs of six, keeping the peak under the export's own (~4 GB).
+# lm_head, is a session of its own, after the layers). Dense decoders up to 4B int4 take one or two
+# sessions; a 30B-A3B int4 decoder's layers (0.335 GB each) take eight runs of six, keeping the
+# peak under the export's own (~4 GB).
 SEGMENT_BYTES = 2 << 30
 # Answer positions per conversation whose logits the int8 cache's agreement check compares.
 KEEP = 8
