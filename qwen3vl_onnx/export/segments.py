@@ -111,25 +111,25 @@ def upstream(graph: onnx.GraphProto, wanted: list[str], stop: tuple[str, ...]) -
     return kept
 
 
-def extract(model: onnx.ModelProto, first: int, stop: int, ins: tuple[str, ...], outs: tuple[str, ...]) -> onnx.ModelProto:
-    """The nodes computing layers ``first..stop-1``'s presents and ``outs`` from ``ins`` and the
-    decoder's inputs, in their original (topological) order, with the weights they read."""
+def cut(model: onnx.ModelProto, name: str, ins: tuple[str, ...], wanted: list[str]) -> onnx.ModelProto:
+    """The nodes computing the tensors ``wanted`` from ``ins`` and the decoder's inputs, in their
+    original (topological) order, with the weights they read: a graph of its own named ``name``."""
     g = model.graph
-    graph_inputs = {v.name: v for v in g.input}
-    wanted = [name for i in range(first, stop) for name in (io.present_key(i), io.present_value(i))] + list(outs)
     kept = upstream(g, wanted, ins)
     nodes = [n for i, n in enumerate(g.node) if i in kept]
     read = {x for n in nodes for x in n.input}
     residual = lambda t: helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", "seq", "hidden"])  # noqa: E731
-    inputs = [residual(t) for t in ins]
-    inputs += [v for name, v in graph_inputs.items() if name in read and name not in ins]
+    inputs = [residual(t) for t in ins] + [v for v in g.input if v.name in read and v.name not in ins]
     outputs = {v.name: v for v in g.output}
-    graph = helper.make_graph(
-        nodes, f"layers_{first}_{stop}", inputs,
-        [outputs.get(t) or residual(t) for t in wanted],
-        [t for t in g.initializer if t.name in read],
-    )  # fmt: skip
+    graph = helper.make_graph(nodes, name, inputs, [outputs.get(t) or residual(t) for t in wanted],
+                              [t for t in g.initializer if t.name in read])  # fmt: skip
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def extract(model: onnx.ModelProto, first: int, stop: int, ins: tuple[str, ...], outs: tuple[str, ...]) -> onnx.ModelProto:
+    """Layers ``first..stop-1``: their presents and ``outs`` from ``ins`` and the decoder's inputs."""
+    wanted = [name for i in range(first, stop) for name in (io.present_key(i), io.present_value(i))] + list(outs)
+    return cut(model, f"layers_{first}_{stop}", ins, wanted)
 
 
 def segments(model: onnx.ModelProto, layers: int, budget: int) -> list[Segment]:
@@ -146,13 +146,4 @@ def segments(model: onnx.ModelProto, layers: int, budget: int) -> list[Segment]:
 def head(model: onnx.ModelProto) -> onnx.ModelProto:
     """The decoder ``model``'s final norm and lm_head: the residual stream leaving the last layer
     (``final_inputs``) and the decoder inputs they read (``logits_to_keep``) to the logits."""
-    ins = final_inputs(model.graph)
-    g = model.graph
-    kept = upstream(g, [io.LOGITS], ins)
-    nodes = [n for i, n in enumerate(g.node) if i in kept]
-    read = {x for n in nodes for x in n.input}
-    residual = lambda t: helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", "seq", "hidden"])  # noqa: E731
-    inputs = [residual(t) for t in ins] + [v for v in g.input if v.name in read and v.name not in ins]
-    graph = helper.make_graph(nodes, "head", inputs, [v for v in g.output if v.name == io.LOGITS],
-                              [t for t in g.initializer if t.name in read])  # fmt: skip
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return cut(model, "head", final_inputs(model.graph), [io.LOGITS])
