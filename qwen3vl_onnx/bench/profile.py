@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from ..runtime.model import KV_GRAPH_SUFFIX, BundleModel
+from ..runtime.model import KV_GRAPH_SUFFIX, BundleModel, open_session
 
 ROWS, CACHED, STEPS = (1, 4), (100, 2000), 8
 WARMUP = 2  # rounds of every (rows, cached) pair not timed: first calls allocate and map pages
@@ -61,15 +60,6 @@ def node_kinds(graph: onnx.GraphProto, active_experts: float = 1.0) -> tuple[lis
     return kinds, weight_bytes
 
 
-def _profiled_session(path: Path, prefix: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = False  # as the runtime's sessions (runtime.model.open_session)
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(prefix)
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def _per_run(events: list[dict]) -> list[dict[int, float]]:
     """The profile's node times (microseconds) per ``model_run``, by node index, in call order."""
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
@@ -103,7 +93,7 @@ def profile_steps(bundle: Path, rows: Sequence[int] = ROWS, cached: Sequence[int
     views = {r: cache.rows(0, r) for r in rows}
     pairs = [(r, n) for n in cached for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
-        model.decoder = _profiled_session(path, Path(tmp) / "step")
+        model.decoder = open_session(path, None, None, profile_prefix=Path(tmp) / "step")
         order, wall = [], []
         for i in range(WARMUP + steps):
             for r, n in pairs:

@@ -38,8 +38,10 @@ KV_GRAPH_SUFFIX = {"fp32": "", "int8": "_int8kv"}
 CACHE_DTYPES: dict[str, type[np.generic]] = {"fp32": np.float32, "int8": np.int8}
 
 
-def open_session(path: Path, providers: Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
-    """An ONNX Runtime session without the CPU memory arena.
+def open_session(path: Path, providers: Sequence[str] | None, threads: int | None,
+                 profile_prefix: Path | None = None) -> ort.InferenceSession:  # fmt: skip
+    """An ONNX Runtime session without the CPU memory arena (``profile_prefix``: with ONNX Runtime's
+    per-node profiler on, writing there; ``bench --profile`` times the runtime's own sessions).
 
     Why no arena: it keeps every activation buffer it ever handed out (~0.1 GB per session after
     an 896x896 image), at no measurable speed gain.
@@ -48,6 +50,9 @@ def open_session(path: Path, providers: Sequence[str] | None, threads: int | Non
     opts.enable_cpu_mem_arena = False
     if threads:
         opts.intra_op_num_threads = threads
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     opts.log_severity_level = 3
     avail = ort.get_available_providers()
     chosen = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
