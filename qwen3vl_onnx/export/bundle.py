@@ -144,8 +144,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     Nothing is written at ``out`` unless the whole bundle is.
     """
     t0 = time.perf_counter()
-    kv_asked = (options or ExportOptions()).kv_cache
-    opts = (options or ExportOptions()).resolve()
+    asked = options or ExportOptions()
+    opts = asked.resolve()
     if opts.kv_cache == "int8" and calibrator is None:
         raise ValueError("an int8 KV cache needs a calibrator (qwen3vl_onnx.calibration.Calibrator())")
     out = Path(out).expanduser().resolve()
@@ -179,7 +179,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
             if opts.kv_cache == "int8":
                 assert calibrator is not None
-                _add_int8_cache(tmp, manifest, calibrator, forced=kv_asked == "int8")
+                _add_int8_cache(tmp, manifest, calibrator, forced=asked.kv_cache == "int8")
                 manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
             (tmp / OWNER).unlink()
             manifest["files"] = sorted(p.name for p in tmp.iterdir())  # manifest.json included: written above
