@@ -50,6 +50,25 @@ def _check_ours(res: dict, stem, prefill_int8: bool) -> None:
     assert stem.with_suffix(".png").stat().st_size > 1000
     assert "decode (tok/s)" in stem.with_suffix(".md").read_text()
     assert "second turn about a 448x448 picture: first token (s)" in stem.with_suffix(".md").read_text()
+    # the default cache as the export's agreement check chose it, named beside the figures
+    kv = res["kv_cache"]
+    assert kv["default"] == "int8" and kv["float_layers"] >= 1 and kv["agreement_mean_cosine"] >= 0.999, kv
+    assert f"int8 KV cache ({kv['float_layers']} float layers, logit cosine" in stem.with_suffix(".md").read_text()
+
+
+def test_bench_exports_with_the_options_as_asked(monkeypatch, tmp_path):
+    """The bench's export is asked what the user asked: a cache left to "auto" stays "auto", so the
+    export's agreement check picks the default cache the bench then measures (it was always int8)."""
+    from qwen3vl_onnx.bench import run
+    from qwen3vl_onnx.export.options import ExportOptions
+
+    commands = []
+    monkeypatch.setattr(run, "run_measured", lambda cmd, what: commands.append(cmd) or {})
+    run.export_measured(tmp_path / "ckpt", tmp_path / "b", ExportOptions(precision="int4"))
+    run.export_measured(tmp_path / "ckpt", tmp_path / "b", ExportOptions(precision="int4", kv_cache="int8", int8_projections=()))
+    auto, named = commands
+    assert auto[auto.index("--kv-cache") + 1] == "auto" and "--int8-projections" not in auto
+    assert named[named.index("--kv-cache") + 1] == "int8" and named[named.index("--int8-projections") + 1] == "none"
 
 
 def test_bench_tiny_prefill_int8_and_bundle(cli, tmp_path, bench_workdir):

@@ -27,6 +27,17 @@ def _given_bundle(bundle: Path) -> dict:
             "prefill_int8": bool(m.get("prefill_int8"))}  # fmt: skip
 
 
+def _kv_cache_of(bundle: Path) -> dict:
+    """The bundle's default KV cache as its export chose it (for int8: the float layers kept and the
+    agreement check's mean cosine), so each figure says which cache it was measured over."""
+    from ..runtime.model import read_manifest
+
+    kv = read_manifest(bundle).get("kv_cache") or {}
+    agreement = kv.get("agreement") or {}
+    return {"default": kv.get("default", "fp32"), "float_layers": kv.get("float_layers"),
+            "agreement_mean_cosine": agreement.get("mean_cosine")}  # fmt: skip
+
+
 def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
     """Export (or take ``--bundle``), measure ours in a child process, run the peers, write JSON/markdown/chart."""
     from ..config import Qwen3VLConfig, weight_shapes
@@ -36,7 +47,7 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
 
     if args.kernels:
         return _run_kernels(args)
-    opts = opts.resolve()
+    asked, opts = opts, opts.resolve()
     args.vision_precision, args.int8_projections = opts.vision_precision, opts.int8_projections
     work, out = Path(args.workdir).expanduser(), Path(args.out)
     if args.layers and args.bundle:
@@ -63,7 +74,8 @@ def run_bench(args: argparse.Namespace, opts: ExportOptions) -> int:
         tag = p8 if args.precision == "int4" else ""
         bundle = work / shape_key / f"bundle-{args.precision}-b{args.block_size}{tag}{pi8}-v{args.vision_precision}"
         print(f"exporting {bundle}", file=sys.stderr)
-        result.update(export_measured(ckpt, bundle, opts))
+        result.update(export_measured(ckpt, bundle, asked))
+    result["kv_cache"] = _kv_cache_of(bundle)
     if args.video:
         return _run_video(args, result, bundle, ckpt, work / name, out, name)
     if args.constrained:

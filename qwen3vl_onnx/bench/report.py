@@ -59,7 +59,7 @@ def markdown(result: dict) -> str:
         "",
         f"Shape {result['shape']}, {result['precision']}; {_export_figures(result)}; bundle {ours['bundle_gb']:.2f} GB"
         f"{text_part}; "
-        f"load {ours['load_s']:.2f} s; inference peak RSS {ours['peak_rss_gb']:.2f} GB.",
+        f"load {ours['load_s']:.2f} s; inference peak RSS {ours['peak_rss_gb']:.2f} GB{_kv_cache_figures(result)}.",
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU flags: {' '.join(m.get('cpu_flags', [])) or 'unknown'}, "
         f"onnxruntime {m['onnxruntime']}. Medians (min-max) of repeated runs; "
         "ratios > 1 mean qwen3vl-onnx is faster.",
@@ -118,6 +118,18 @@ def chart(result: dict, path: Path) -> None:
         d.text((28, y), name, fill="black")
         y += 20
     img.save(path)
+
+
+def _kv_cache_figures(result: dict) -> str:
+    """Which KV cache the figures ran over: the bundle's default, as its export chose it."""
+    kv = result.get("kv_cache")
+    if not kv:
+        return ""
+    if kv["default"] != "int8":
+        return f"; {kv['default']} KV cache"
+    mean = kv.get("agreement_mean_cosine")
+    check = f", logit cosine {mean:.5f} against the float cache" if mean is not None else ""
+    return f"; int8 KV cache ({kv.get('float_layers') or 0} float layers{check})"
 
 
 def _export_figures(result: dict) -> str:

@@ -60,8 +60,9 @@ def run_measured(cmd: list[str], what: str) -> dict:
 
 
 def export_measured(ckpt: Path, bundle: Path, options: ExportOptions) -> dict:
-    """Export in a child process so its time and peak memory are its own."""
-    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), *options.resolve().argv(), "--force"]
+    """Export in a child process so its time and peak memory are its own. ``options`` as the user
+    asked: what "auto" leaves to the export (the default KV cache) is decided there, as for them."""
+    cmd = [sys.executable, "-m", "qwen3vl_onnx.cli", "export", str(ckpt), str(bundle), *options.argv(), "--force"]
     return run_measured(cmd, "export")
 
 

@@ -99,9 +99,11 @@ class ExportOptions:
                               int8_projections=self.int8_projections or (), int8_rows=int8_rows)  # fmt: skip
 
     def argv(self) -> list[str]:
-        """The ``qwen3vl-onnx export`` flags that ask for these (resolved) options."""
+        """The ``qwen3vl-onnx export`` flags that ask for these options, resolved or as asked: an
+        "auto" choice stays "auto", so the export makes it (the int8 cache's agreement check decides
+        the default cache only when the cache is not named)."""
         args = ["--precision", self.precision, "--block-size", str(self.block_size), "--vision-precision", self.vision_precision]
-        if self.precision == "int4":
-            args += ["--int8-projections", ",".join(self.int8_projections or ()) or "none"]
+        if self.precision == "int4" and self.int8_projections is not None:
+            args += ["--int8-projections", ",".join(self.int8_projections) or "none"]
         args += ["--kv-cache", self.kv_cache]
         return args + ["--prefill-int8"] * self.prefill_int8 + ["--portable"] * self.portable
