@@ -58,7 +58,8 @@ def _check_ours(res: dict, stem, prefill_int8: bool) -> None:
 
 def test_bench_exports_with_the_options_as_asked(monkeypatch, tmp_path):
     """The bench's export is asked what the user asked: a cache left to "auto" stays "auto", so the
-    export's agreement check picks the default cache the bench then measures (it was always int8)."""
+    export's agreement check picks the default cache the bench then measures; resolved options
+    would name int8 and skip that choice."""
     from qwen3vl_onnx.bench import run
     from qwen3vl_onnx.export.options import ExportOptions
 
