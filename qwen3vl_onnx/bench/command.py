@@ -30,11 +30,12 @@ def _given_bundle(bundle: Path) -> dict:
 def _kv_cache_of(bundle: Path) -> dict:
     """The bundle's default KV cache as its export chose it (for int8: the float layers kept and the
     agreement check's mean cosine), so each figure says which cache it was measured over."""
-    from ..runtime.model import read_manifest
+    from ..runtime.model import kv_cache_choice, read_manifest
 
-    kv = read_manifest(bundle).get("kv_cache") or {}
+    manifest = read_manifest(bundle)
+    kv = manifest.get("kv_cache") or {}
     agreement = kv.get("agreement") or {}
-    return {"default": kv.get("default", "fp32"), "float_layers": kv.get("float_layers"),
+    return {"default": kv_cache_choice(bundle, manifest, None), "float_layers": kv.get("float_layers"),
             "agreement_mean_cosine": agreement.get("mean_cosine")}  # fmt: skip
 
 
