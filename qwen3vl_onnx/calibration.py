@@ -232,10 +232,3 @@ class Calibrator:
         finals = _run_layers(bundle, graph_file, self.prompts, self.segment_bytes)
         got = _logits(bundle, self.prompts, finals)
         return [_cosine(a, b) for a, b in zip(got, self.reference, strict=True)]
-
-
-def kv_ranges(bundle: Path, segment_bytes: int = SEGMENT_BYTES) -> np.ndarray:
-    """Largest |key| and |value| per (layer, kv head, channel) over the calibration conversations:
-    (layers, 2, kv_heads, head_dim) float32, measured with the bundle's float cache, at most
-    ``segment_bytes`` of decoder weights loaded at a time."""
-    return Calibrator(segment_bytes).ranges(bundle)

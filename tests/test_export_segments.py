@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from qwen3vl_onnx.calibration import Calibrator, kv_ranges
+from qwen3vl_onnx.calibration import Calibrator
 from qwen3vl_onnx.config import Qwen3VLConfig
 from qwen3vl_onnx.export.bundle import export
 from qwen3vl_onnx.export.options import ExportOptions
@@ -61,7 +61,7 @@ def test_every_layer_and_weight_is_in_exactly_one_run(cut_bundle):
 
 
 def test_ranges_a_layer_at_a_time_equal_the_whole_decoders(cut_bundle):
-    whole, layered = kv_ranges(cut_bundle, 1 << 40), kv_ranges(cut_bundle, 1)
+    whole, layered = Calibrator(1 << 40).ranges(cut_bundle), Calibrator(1).ranges(cut_bundle)
     assert (whole > 0).all()
     assert abs(layered - whole).max() <= 1e-6 * abs(whole).max()
     assert not list(cut_bundle.glob(".calibration-*"))  # the runs' graph files are gone
